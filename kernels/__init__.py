@@ -1,0 +1,1 @@
+"""Triton kernels for supermasks (installed as supermask.kernels)."""

@@ -1,0 +1,18 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="supermask",
+    version="0.1.0",
+    description="Edge-popup supermasks and lottery tickets (IMP) in PyTorch, with Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder installs as supermask.kernels: a bare "kernels" package would
+    # collide with an unrelated distribution of that name on PyPI.
+    packages=["supermask", "supermask.kernels"],
+    package_dir={"supermask": "supermask", "supermask.kernels": "kernels"},
+    install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,88 @@
+"""Turn an ordinary model into a supermask model, torch.nn.utils.prune style.
+
+``convert(model, k)`` replaces every nn.Linear / nn.Conv2d by a supermask layer of the same shape
+(stride, padding, dilation, groups kept; biases dropped) and every BatchNorm by a non-affine one.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .layers import BACKENDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
+from .mask import global_thresholds
+
+TOPK_SCOPES = ("layer", "global")
+
+
+def _replacement(name: str, m: nn.Module, k, init, scale_fan, seed):
+    kw = dict(k=k, init=init, scale_fan=scale_fan, seed=seed, name=name,
+              device=m.weight.device if hasattr(m, "weight") and m.weight is not None else None)
+    if isinstance(m, SupermaskLinear | SupermaskConv2d):
+        return None
+    if isinstance(m, nn.Linear):
+        return SupermaskLinear(m.in_features, m.out_features, **kw)
+    if isinstance(m, nn.Conv2d):
+        return SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                               m.dilation, m.groups, m.padding_mode, **kw)
+    if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and not isinstance(m, NonAffineBatchNorm):
+        return NonAffineBatchNorm(m.num_features, m.eps, m.momentum if m.momentum is not None else 0.1,
+                                  m.track_running_stats, device=kw["device"])
+    return None
+
+
+def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
+            seed: int | None = 0, topk: str = "layer", inplace: bool = False,
+            skip: tuple[str, ...] = ()) -> nn.Module:
+    """Make model a supermask model (a copy unless inplace). With a seed, weights and scores are
+    generated deterministically per layer name; seed=None draws from torch's global RNG.
+    Module names in ``skip`` are left as they are (e.g. a dense first layer)."""
+    if topk not in TOPK_SCOPES:
+        raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if full in skip:
+                continue
+            new = _replacement(full, child, k, init, scale_fan, seed)
+            if new is not None:
+                setattr(module, child_name, new)
+    if topk == "global":
+        use_global_topk(model, k)
+    return model
+
+
+class _GlobalTopK:
+    """Forward pre-hook: one threshold across all supermask layers, computed once per forward."""
+
+    def __init__(self, k: float):
+        self.k = k
+        self._key = None
+
+    def __call__(self, model, args):
+        layers = [m for _, m in supermask_layers(model)]
+        key = tuple((m.scores._version, m.scores.data_ptr()) for m in layers) + (self.k,)
+        if model.training or torch.is_grad_enabled() or key != self._key:
+            for m, t in zip(layers, global_thresholds([m.scores for m in layers], self.k)):
+                m.shared_threshold = t
+            self._key = key
+
+
+def use_global_topk(model: nn.Module, k: float) -> nn.Module:
+    """Switch model to one global top-k threshold over all its supermask layers."""
+    for _, m in supermask_layers(model):
+        m.k = k
+    hook = _GlobalTopK(k)
+    model._supermask_global_hook = model.register_forward_pre_hook(hook)
+    return model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for _, m in supermask_layers(model):
+        m.backend = backend
+    return model

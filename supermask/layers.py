@@ -1,0 +1,114 @@
+"""Supermask layers: a frozen random weight, a learned score per weight, no bias.
+
+Forward uses ``weight * mask`` where the mask keeps the top-k fraction of |scores|
+(``supermask.mask``); backward sends the gradient straight through to the scores.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .init import init_scores, init_weight, layer_generator
+from .mask import Threshold, mask_from_threshold, masked_weight, num_kept, topk_threshold
+
+BACKENDS = ("torch", "triton")
+
+
+class SupermaskMixin:
+    """Shared by SupermaskLinear and SupermaskConv2d (both keep nn's attribute names)."""
+
+    def _setup_supermask(self, k: float, init: str, scale_fan: bool, seed: int | None, name: str):
+        num_kept(self.weight.numel(), k)  # validates k
+        self.k = float(k)
+        self.backend = "torch"
+        # Set by a model-level hook for global top-k; None means per-layer top-k.
+        self.shared_threshold: Threshold | None = None
+        self._eval_cache = None
+        self.weight.requires_grad_(False)
+        self.scores = nn.Parameter(torch.empty_like(self.weight))
+        self.reinitialize(init, scale_fan, seed, name)
+
+    @torch.no_grad()
+    def reinitialize(self, init: str = "signed_constant", scale_fan: bool = False,
+                     seed: int | None = None, name: str = ""):
+        """Draw weight and scores again; with a seed the draw is deterministic (see init.py)."""
+        if seed is None:
+            gw = gs = torch.default_generator
+        else:
+            gw, gs = layer_generator(seed, name, "weight"), layer_generator(seed, name, "scores")
+        self.weight.copy_(init_weight(self.weight.shape, init, gw, self.k, scale_fan))
+        self.scores.copy_(init_scores(self.scores.shape, gs))
+
+    def threshold(self) -> Threshold:
+        if self.shared_threshold is not None:
+            return self.shared_threshold
+        return topk_threshold(self.scores.detach().abs(), num_kept(self.scores.numel(), self.k))
+
+    def mask(self) -> torch.Tensor:
+        """The boolean mask currently in use."""
+        return mask_from_threshold(self.scores.detach().abs(), self.threshold())
+
+    def effective_weight(self) -> torch.Tensor:
+        """weight * mask. In eval mode without grad it is computed once and cached until the
+        scores, the weight, k or the shared threshold change, so inference costs a dense layer."""
+        if self.training or torch.is_grad_enabled():
+            self._eval_cache = None
+            return masked_weight(self.weight, self.scores, self.threshold())
+        key = (self.scores._version, self.weight._version, self.scores.data_ptr(),
+               self.weight.data_ptr(), self.k, id(self.shared_threshold))
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            self._eval_cache = (key, masked_weight(self.weight, self.scores, self.threshold()))
+        return self._eval_cache[1]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.k}"
+
+
+class SupermaskLinear(SupermaskMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, k: float = 0.5,
+                 init: str = "signed_constant", scale_fan: bool = False, seed: int | None = None,
+                 name: str = "", device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=False, device=device, dtype=dtype)
+        self._setup_supermask(k, init, scale_fan, seed, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
+            return masked_linear(x, self.weight, self.scores, self.threshold())
+        return F.linear(x, self.effective_weight())
+
+
+class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, padding_mode: str = "zeros", k: float = 0.5,
+                 init: str = "signed_constant", scale_fan: bool = False, seed: int | None = None,
+                 name: str = "", device=None, dtype=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias=False, padding_mode=padding_mode, device=device, dtype=dtype)
+        self._setup_supermask(k, init, scale_fan, seed, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from .kernels import masked_weight_fused  # noqa: PLC0415
+            return self._conv_forward(x, masked_weight_fused(self.weight, self.scores, self.threshold()), None)
+        return self._conv_forward(x, self.effective_weight(), None)
+
+
+class NonAffineBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with no learned scale or shift (edge-popup learns nothing but scores).
+    Accepts (N, C), (N, C, L) and (N, C, H, W) inputs."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine=False,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (2, 3, 4):
+            raise ValueError(f"expected 2D, 3D or 4D input (got {input.dim()}D input)")
+
+
+def supermask_layers(model: nn.Module) -> list[tuple[str, SupermaskMixin]]:
+    """(name, layer) for every supermask layer of a model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SupermaskMixin)]
