@@ -55,3 +55,15 @@ def init_scores(shape, generator: torch.Generator) -> torch.Tensor:
     s = torch.empty(shape)
     torch.nn.init.kaiming_uniform_(s, a=math.sqrt(5), generator=generator)
     return s
+
+
+@torch.no_grad()
+def init_dense_(model: torch.nn.Module, init: str = "kaiming_normal", seed: int = 0) -> torch.nn.Module:
+    """Draw every nn.Linear / nn.Conv2d weight of a dense model with one of INITS, deterministically
+    per (seed, layer name), like the supermask layers."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            m.weight.copy_(init_weight(m.weight.shape, init, layer_generator(seed, name, "weight")))
+            if m.bias is not None:
+                m.bias.zero_()
+    return model

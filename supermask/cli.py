@@ -1,0 +1,62 @@
+"""What every command shares: one-line errors with exit code 2, device and backend choice."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .runs import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_main(prog: str, main, argv=None) -> int:
+    """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2."""
+    from .data import DataError  # noqa: PLC0415
+
+    try:
+        return main(argv) or 0
+    except (UsageError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last finished epoch is checkpointed (use --resume)", file=sys.stderr)
+        return 130
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible to torch")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' picks the Triton kernels on CUDA and the reference path elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name == "triton":
+        if not _triton_available():
+            raise UsageError("--backend triton but Triton is not installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("--backend triton needs a CUDA GPU; to run the kernels in Triton's interpreter "
+                             "on the CPU (slow, for testing) set TRITON_INTERPRET=1 and pass --device cpu")
+    return name

@@ -1,0 +1,200 @@
+"""Datasets held in memory as tensors; batches are slices, not per-sample PIL transforms.
+
+``load(name, data_dir)`` returns a ``Dataset`` with normalised float32 tensors for train, a held-out
+validation split taken from the training set (for early stopping) and test. MNIST-sized sets fit
+in a few hundred MB, so every epoch is a permutation and a loop of index slices.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_STATS = {  # per-channel mean and std of the training images
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class DataError(Exception):
+    """The dataset cannot be found or read; the message says what was tried and what to do."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    augment: bool = False  # random crop + flip (CIFAR)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (MNIST's format), gzip-compressed or not, as a uint8 tensor."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
+    if data.numel() != torch.Size(shape).numel():
+        raise DataError(f"{path} is truncated: expected {torch.Size(shape).numel()} values, found {data.numel()}")
+    return data.reshape(shape)
+
+
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _find_idx(folder: Path):
+    """The four IDX files in folder (plain or .gz), or None."""
+    found = []
+    for stem in _IDX_FILES:
+        hits = [folder / (stem + ext) for ext in ("", ".gz") if (folder / (stem + ext)).is_file()]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return found
+
+
+def _load_idx_dataset(name: str, data_dir: Path, download: bool):
+    torchvision_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
+    candidates = [data_dir / torchvision_name / "raw", data_dir / name, data_dir]
+    if name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    for folder in candidates:
+        files = _find_idx(folder)
+        if files:
+            return [read_idx(f) for f in files]
+    if download:
+        import torchvision  # noqa: PLC0415 (only needed to download)
+        cls = getattr(torchvision.datasets, torchvision_name)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every mirror it tries
+                for train in (True, False):
+                    cls(str(data_dir), train=train, download=True)
+        except Exception as e:  # noqa: BLE001 (offline: any network error)
+            reason = "no network?" if isinstance(e, RuntimeError | OSError) else type(e).__name__
+            tried = ", ".join(str(c) for c in candidates)
+            hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or copy the four IDX "
+                    f"files into {data_dir / name}" if name == "fashion-mnist" else
+                    f"copy the four IDX files ({', '.join(s + '.gz' for s in _IDX_FILES)}) into {data_dir / name}, "
+                    "or train offline on Fashion-MNIST: apt-get install dataset-fashion-mnist, then --dataset fashion-mnist")
+            raise DataError(f"{name} not found in {tried} and the download failed ({reason}); {hint}") from None
+        files = _find_idx(candidates[0])
+        if files:
+            return [read_idx(f) for f in files]
+    raise DataError(f"{name} not found in {', '.join(str(c) for c in candidates)} (downloads disabled)")
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool):
+    import torchvision  # noqa: PLC0415
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train, test = (cls(str(data_dir), train=t, download=download) for t in (True, False))
+    except Exception as e:  # noqa: BLE001
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name} not found in {data_dir} and could not be downloaded ({reason}); "
+                        f"on a machine with internet run once with --data-dir {data_dir} to fetch it") from None
+    as_tensor = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return (as_tensor(train), torch.tensor(train.targets, dtype=torch.uint8 if name == "cifar10" else torch.int64),
+            as_tensor(test), torch.tensor(test.targets))
+
+
+def synthetic(n_train: int = 3000, n_test: int = 1000, shape=(1, 28, 28), num_classes: int = 10, seed: int = 0):
+    """A small deterministic learnable task: each class is a fixed random image, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand((num_classes, *shape), generator=g)
+
+    def draw(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        x = prototypes[y] + 0.5 * torch.randn((n, *shape), generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return (*draw(n_train), *draw(n_test))
+
+
+def _normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    if images.dim() == 3:  # (N, H, W) -> (N, 1, H, W)
+        images = images.unsqueeze(1)
+    x = images.to(torch.float32).div_(255)
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def load(name: str, data_dir: str | os.PathLike = "data", val_size: int = 5000, download: bool = True) -> Dataset:
+    """Load a dataset into memory. The validation split is the same for every run (fixed seed)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    data_dir = Path(data_dir)
+    if name == "synthetic":
+        train_x, train_y, test_x, test_y = synthetic()
+        mean, std = (0.5,), (0.5,)
+        val_size = min(val_size, 500)
+    elif name in ("mnist", "fashion-mnist"):
+        train_x, train_y, test_x, test_y = _load_idx_dataset(name, data_dir, download)
+        mean, std = _STATS[name]
+    else:
+        train_x, train_y, test_x, test_y = _load_cifar(name, data_dir, download)
+        mean, std = _STATS[name]
+    if not 0 <= val_size < len(train_y):
+        raise DataError(f"--val-size must be in [0, {len(train_y) - 1}], got {val_size}")
+    train_x, test_x = _normalise(train_x, mean, std), _normalise(test_x, mean, std)
+    train_y, test_y = train_y.long(), test_y.long()
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    num_classes = 100 if name == "cifar100" else 10
+    return Dataset(name, train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
+                   test_x, test_y, num_classes, augment=name.startswith("cifar"))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch; depends only on (seed, epoch), so resume is exact."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole batch at once."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    out = padded[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, augment: bool = False):
+    """Yield (x, y) slices of batch_size in the given order (None: in order, for evaluation)."""
+    n = len(y)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        xb, yb = x[idx], y[idx]
+        if augment:
+            xb = augment_batch(xb, generator)
+        yield xb, yb

@@ -1,0 +1,97 @@
+"""Run directories: named after their configuration, written atomically, never overwritten.
+
+A run lives in one folder holding config.json, checkpoint.pt (every epoch), metrics.jsonl and,
+once finished, results.json. The default folder name is derived from the hyperparameters (as in
+open_lth), so the same command finds its finished run instead of recomputing it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def config_hash(config: dict, ignore=()) -> str:
+    relevant = {k: v for k, v in sorted(config.items()) if k not in ignore}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(path: Path, state: dict):
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise UsageError(f"no checkpoint to resume from at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (any unreadable file is a user-facing error)
+        raise UsageError(f"checkpoint {path} is corrupted or unreadable ({type(e).__name__}); "
+                         "delete the run folder or choose another --out") from None
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
+    """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
+    a new run. Raises UsageError instead of overwriting anything."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        try:
+            stored = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{cfg_path} is corrupted; choose another --out") from None
+        if stored != config:
+            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            raise UsageError(f"{out} holds a run with another configuration ({', '.join(changed)} differ); "
+                             "choose another --out")
+        if (out / "results.json").is_file():
+            return "done"
+        if not resume:
+            raise UsageError(f"{out} holds an unfinished run of this configuration; pass --resume to continue it")
+        load_checkpoint(out / "checkpoint.pt")  # fail now, with one line, if it is unreadable
+        return "resume"
+    if resume:
+        raise UsageError(f"--resume given but {out} holds no run (no config.json)")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty folder that holds no run of this tool; choose another")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg_path, config)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return "new"

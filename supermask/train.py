@@ -1,0 +1,141 @@
+"""Train a supermask (edge-popup) or, with --dense, the same network's weights.
+
+    python -m supermask.train --width 2.5 --k 0.5            # MNIST, LeNet-300-100 x 2.5, keep 50%
+    python -m supermask.train --dataset fashion-mnist --dense # the dense baseline
+
+Every run lives in its own folder (--out, default runs/<name from the hyperparameters>) holding
+config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for all flags.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .cli import Parser, resolve_backend, resolve_device, run_main
+from .convert import TOPK_SCOPES, convert, set_backend
+from .init import INITS, init_dense_
+from .models import MODELS, build
+from .runs import UsageError, load_checkpoint, prepare_run_dir
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig, train
+
+# Flags that say where and how fast a run happens, not what it computes: not part of its identity.
+NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress")
+
+
+def add_model_args(p):
+    p.add_argument("--model", default="fc", help=f"architecture: {', '.join(MODELS)} (default fc)")
+    p.add_argument("--width", type=float, default=1.0, help="multiply every layer's channels/units (default 1)")
+    p.add_argument("--dataset", default="mnist", help=f"{', '.join(data_mod.DATASETS)} (default mnist)")
+    p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
+    p.add_argument("--val-size", type=int, default=5000, help="training examples held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, scores and data order")
+
+
+def add_training_args(p):
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="per-iteration cosine to 0, or constant")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m supermask.train", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--k", type=float, default=0.5, help="fraction of weights kept, in (0, 1] (default 0.5)")
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="weight init (default signed_constant; kaiming_normal with --dense)")
+    p.add_argument("--scale-fan", action="store_true", help="init with fan_in * k (the 'scaled' variants)")
+    p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="top-k per layer or one global threshold")
+    p.add_argument("--dense", action="store_true", help="train the weights of the same network (no mask)")
+    add_training_args(p)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="mask implementation: reference torch path or the Triton kernels (auto: triton on CUDA)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<name derived from the flags>)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    return p
+
+
+def validate(args):
+    if args.model not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    if args.dataset not in data_mod.DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data_mod.DATASETS)}")
+    if not 0 < args.k <= 1:
+        raise UsageError(f"--k must be in (0, 1], got {args.k}")
+    if not args.width > 0:
+        raise UsageError(f"--width must be > 0, got {args.width}")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.init is None:
+        args.init = "kaiming_normal" if args.dense else "signed_constant"
+
+
+def run_config(args) -> dict:
+    config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    if config["dense"]:  # mask flags mean nothing for a dense run: keep them out of its identity
+        for key in ("k", "scale_fan", "topk"):
+            config.pop(key, None)
+    return {"command": "train", **config}
+
+
+def run_name(config: dict) -> str:
+    from .runs import config_hash  # noqa: PLC0415
+    kind = "dense" if config["dense"] else f"k{config['k']:g}"
+    return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}_{config_hash(config)}"
+
+
+def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
+    """The network a run config describes, freshly initialised from its seed."""
+    model = build(config["model"], input_shape, num_classes, config["width"])
+    if config["dense"]:
+        return init_dense_(model, config["init"], config["seed"])
+    return convert(model, config["k"], config["init"], config["scale_fan"], config["seed"], config["topk"])
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    validate(args)
+    device = resolve_device(args.device)
+    backend = resolve_backend(args.backend, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = run_config(args)
+    out = Path(args.out) if args.out else Path("runs") / run_name(config)
+    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    state = prepare_run_dir(out, config, args.resume)
+    if state == "done":
+        results = json.loads((out / "results.json").read_text())
+        print(f"{out} already holds this finished run: test accuracy {results['test_acc']:.2f}% "
+              "(nothing recomputed)")
+        return 0
+    torch.manual_seed(args.seed)
+    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    set_backend(model, backend)
+    resume = load_checkpoint(out / "checkpoint.pt") if state == "resume" else None
+    kind = "dense" if args.dense else f"supermask k={args.k}"
+    print(f"{args.model} x{args.width:g} ({kind}) on {args.dataset}, {device}, backend {backend} -> {out}")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                      momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                      seed=args.seed)
+    results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
+    print(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%), "
+          f"{results['params_kept']}/{results['params_total']} weights kept, "
+          f"{results['seconds_per_epoch']:.2f} s/epoch; results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main("python -m supermask.train", main))

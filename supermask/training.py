@@ -1,0 +1,178 @@
+"""The training loop shared by edge-popup, dense and IMP runs.
+
+Data are in-memory tensors (supermask.data); each epoch's order depends only on (seed, epoch) and
+every piece of state lives in the checkpoint, so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .layers import supermask_layers
+from .runs import save_checkpoint, write_json
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "none")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    val_every: int = 0  # also evaluate validation loss every this many iterations (0: per epoch)
+    extra: dict = field(default_factory=dict)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate at an iteration: constant, or cosine annealed to 0 over all iterations."""
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Mean loss, top-1 and top-5 accuracy (%) of model on (x, y)."""
+    if len(y) == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "acc5": float("nan")}
+    was_training = model.training
+    model.eval()
+    loss = correct = correct5 = 0.0
+    for xb, yb in data_mod.batches(x, y, batch_size):
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum").item()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct += (top[:, 0] == yb).sum().item()
+        correct5 += (top == yb[:, None]).any(1).sum().item()
+    model.train(was_training)
+    n = len(y)
+    return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(weights of all Linear/Conv2d layers, how many of them are in use): supermask layers count
+    their mask, ordinary layers count their nonzero weights."""
+    total = kept = 0
+    masked = {id(m) for _, m in supermask_layers(model)}
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            total += m.weight.numel()
+            kept += int(m.mask().sum()) if id(m) in masked else int((m.weight != 0).sum())
+    return total, kept
+
+
+def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
+          out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
+          desc: str = "", log=print) -> dict:
+    """Train model; returns the results dict (also written to out/results.json when out is given).
+
+    after_step(model) runs after every optimiser step (IMP uses it to keep pruned weights at zero).
+    resume is a checkpoint dict written by an earlier call with the same arguments.
+    """
+    model.to(device)
+    tensors = {k: getattr(dataset, k).to(device) for k in
+               ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    optimizer = make_optimizer(model, cfg)
+    n_train = len(tensors["train_y"])
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    metrics, epoch_seconds, start_epoch = [], [], 0
+    val_curve = []  # (iteration, val loss) for the early-stop iteration
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        metrics, epoch_seconds = resume["metrics"], resume["epoch_seconds"]
+        val_curve, start_epoch = [tuple(v) for v in resume["val_curve"]], resume["epoch"]
+    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if out else None  # noqa: SIM115
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = data_mod.epoch_order(n_train, cfg.seed, epoch).to(device)
+            bar = tqdm(data_mod.batches(tensors["train_x"], tensors["train_y"], cfg.batch_size, order, gen,
+                                        dataset.augment), total=steps_per_epoch, leave=False,
+                       desc=f"{desc}epoch {epoch + 1}/{cfg.epochs}", disable=not progress, dynamic_ncols=True)
+            seen = loss_sum = correct = eval_seconds = 0.0
+            timer = time.perf_counter()
+            for i, (xb, yb) in enumerate(bar):
+                step = epoch * steps_per_epoch + i
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step, total_steps)
+                out_b = model(xb)
+                loss = F.cross_entropy(out_b, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step(model)
+                seen += len(yb)
+                loss_sum += loss.item() * len(yb)
+                correct += (out_b.argmax(1) == yb).sum().item()
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+                if cfg.val_every and (step + 1) % cfg.val_every == 0 and len(tensors["val_y"]):
+                    eval_start = time.perf_counter()
+                    val_curve.append((step + 1, evaluate(model, tensors["val_x"], tensors["val_y"])["loss"]))
+                    eval_seconds += time.perf_counter() - eval_start
+            epoch_seconds.append(time.perf_counter() - timer - eval_seconds)
+            bar.close()
+            val = evaluate(model, tensors["val_x"], tensors["val_y"])
+            test = evaluate(model, tensors["test_x"], tensors["test_y"])
+            iteration = (epoch + 1) * steps_per_epoch
+            if not cfg.val_every and len(tensors["val_y"]):
+                val_curve.append((iteration, val["loss"]))
+            row = {"epoch": epoch + 1, "iteration": iteration, "lr": learning_rate(cfg, iteration, total_steps),
+                   "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
+                   "val_loss": val["loss"], "val_acc": val["acc"], "test_loss": test["loss"],
+                   "test_acc": test["acc"], "test_acc5": test["acc5"], "seconds": epoch_seconds[-1]}
+            metrics.append(row)
+            log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
+                f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
+            if out:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                save_checkpoint(out / "checkpoint.pt", {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                    "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve})
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    total, kept = count_params(model)
+    last = metrics[-1] if metrics else {}
+    early = min(val_curve, key=lambda v: v[1]) if val_curve else (None, None)
+    results = {
+        "test_acc": last.get("test_acc"), "test_acc5": last.get("test_acc5"),
+        "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
+        "val_acc": last.get("val_acc"), "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+        "early_stop_iteration": early[0], "early_stop_val_loss": early[1],
+        "epochs": len(metrics), "iterations": len(metrics) * steps_per_epoch,
+        "params_total": total, "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
+        "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
+        "train_config": asdict(cfg),
+    }
+    if out:
+        write_json(out / "results.json", results)
+    return results
