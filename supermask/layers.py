@@ -43,6 +43,9 @@ class SupermaskMixin:
     def threshold(self) -> Threshold:
         if self.shared_threshold is not None:
             return self.shared_threshold
+        if self.backend == "triton":
+            from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
+            return radix_topk_threshold(self.scores.detach(), num_kept(self.scores.numel(), self.k))
         return topk_threshold(self.scores.detach().abs(), num_kept(self.scores.numel(), self.k))
 
     def mask(self) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""Fused masked linear layer: Y = X @ (W * mask)^T without ever writing W * mask.
+
+Two kernels, both blocked GEMMs in the style of Triton's matmul tutorial (grouped program order
+for L2 reuse, fp32 accumulator, tl.dot on tensor cores):
+
+* ``_masked_matmul_kernel``: C = (W ⊙ [|S| >= v]) @ B. Each K-step loads a tile of W and the
+  matching tile of S, zeroes the dropped weights in registers and feeds the tile to tl.dot. The
+  masked operand is the *left* one on purpose: Hopper's wgmma may take its A operand from
+  registers, while B must come from shared memory. Used for the forward (C = Y^T, B = X^T) and for
+  dX (C = dX^T, B = dY^T, W read transposed), purely through strides, so transposed or otherwise
+  strided W, S, X and dY cost no copy.
+* ``_matmul_ste_kernel``: C = (A @ B) ⊙ W ⊙ sign(S). The straight-through gradient of the scores,
+  dS = (dY^T @ X) * W * sign(S), with the product fused into the epilogue: neither the masked
+  weight nor dW is ever written.
+
+The mask |s| >= v is the reference mask whenever ``threshold.split`` is False (every entry equal
+to v is kept). When it is True, which entries equal to v survive depends on how many equal entries
+precede them in flat order, a prefix count over the whole tensor that one tile cannot know; the
+forward and dX then use a masked weight built by the reference ``mask_from_threshold`` (one
+extra W-sized buffer, for that call only) with the in-register mask switched off. dS does not
+depend on the mask at all, so it is always fused.
+
+fp32 operands use TF32 tensor cores by default (``set_fp32_precision``); fp16/bf16 accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from supermask.mask import Threshold, mask_from_threshold
+
+from . import _common
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Ampere (A100: 164 KB shared memory per block) / Hopper (H100: 227 KB) configurations.
+MATMUL_CONFIGS = [
+    _cfg(128, 256, 32, 8, 3),
+    _cfg(256, 128, 32, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(32, 64, 32, 2, 5),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4)
+
+
+def smem_estimate(cfg_kwargs, num_stages, a_bytes, b_bytes, extra_bytes=0) -> int:
+    """Shared memory the software pipeline needs: num_stages copies of the A, B (and mask) tiles."""
+    bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
+    return num_stages * (bm * bk * (a_bytes + extra_bytes) + bk * bn * b_bytes)
+
+
+def _prune_masked(configs, named_args, **kwargs):
+    w, s, b = named_args["w_ptr"], named_args["s_ptr"], named_args["b_ptr"]
+    extra = s.element_size() if kwargs.get("APPLY_MASK", True) else 0
+    limit = _common.max_shared_memory(w.device)
+    ok = [c for c in configs if smem_estimate(c.kwargs, c.num_stages, w.element_size(),
+                                              b.element_size(), extra) <= limit]
+    return ok or configs[-1:]
+
+
+def _prune_ste(configs, named_args, **kwargs):
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
+    limit = _common.max_shared_memory(a.device)
+    ok = [c for c in configs if smem_estimate(c.kwargs, c.num_stages, a.element_size(),
+                                              b.element_size()) <= limit]
+    return ok or configs[-1:]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row-blocks share their B column-blocks while they sit in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _masked_matmul_kernel(
+    w_ptr, s_ptr, v_ptr, b_ptr, c_ptr, M, N, K,
+    stride_wm, stride_wk, stride_sm, stride_sk, stride_bk, stride_bn, stride_cm, stride_cn,
+    APPLY_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = (W ⊙ [|S| >= v])[M, K] @ B[K, N]; v = *v_ptr."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge wrap around (valid memory, results discarded by the store mask),
+    # so the only load mask in the loop is the K tail.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    w_ptrs = w_ptr + rows[:, None] * stride_wm + offs_k[None, :] * stride_wk
+    s_ptrs = s_ptr + rows[:, None] * stride_sm + offs_k[None, :] * stride_sk
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    if APPLY_MASK:
+        v = tl.load(v_ptr).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_in = offs_k < K - kb * BLOCK_K
+        w = tl.load(w_ptrs, mask=k_in[None, :], other=0.0)
+        if APPLY_MASK:
+            s = tl.load(s_ptrs, mask=k_in[None, :], other=0.0)
+            w = tl.where(tl.abs(s).to(tl.float32) >= v, w, tl.zeros_like(w))
+        b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(w.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, b, acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        s_ptrs += BLOCK_K * stride_sk
+        b_ptrs += BLOCK_K * stride_bk
+    c = acc.to(c_ptr.dtype.element_ty)
+    offs_m64 = offs_m.to(tl.int64)
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _matmul_ste_kernel(
+    a_ptr, b_ptr, w_ptr, s_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_wm, stride_wn, stride_sm, stride_sn,
+    stride_cm, stride_cn,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = (A[M, K] @ B[K, N]) ⊙ W[M, N] ⊙ sign(S[M, N])."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_in = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    # Epilogue: the straight-through product, in fp32, one rounding at the store.
+    offs_m64 = offs_m.to(tl.int64)
+    out = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    w = tl.load(w_ptr + offs_m64[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=out, other=0.0)
+    s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=out, other=0.0)
+    sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+    c = acc * w.to(tl.float32) * sign
+    tl.store(c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             c.to(c_ptr.dtype.element_ty), mask=out)
+
+
+_masked_matmul_tuned = triton.autotune(
+    configs=MATMUL_CONFIGS, key=["M", "N", "K", "APPLY_MASK", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_masked})(_masked_matmul_kernel)
+_matmul_ste_tuned = triton.autotune(
+    configs=MATMUL_CONFIGS, key=["M", "N", "K", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_ste})(_matmul_ste_kernel)
+
+
+def _launch(kernel, tuned, M, N, args, **constexprs):
+    if _common.interpreting():
+        grid = (triton.cdiv(M, INTERPRET_CONFIG["BLOCK_M"]) * triton.cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)
+        kernel[grid](*args, **constexprs, **INTERPRET_CONFIG, num_warps=1)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tuned[grid](*args, **constexprs)
+
+
+def masked_matmul(w: torch.Tensor, s: torch.Tensor | None, value: torch.Tensor | None,
+                  b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """C = (w ⊙ [|s| >= value]) @ b for 2-D w (M, K), s like w, b (K, N); any strides. s=None:
+    plain w @ b. Returns C (M, N) (or writes the given out, which may be a transposed view)."""
+    M, K = w.shape
+    K2, N = b.shape
+    if K2 != K:
+        raise ValueError(f"shape mismatch: {tuple(w.shape)} @ {tuple(b.shape)}")
+    if w.dtype != b.dtype:
+        raise TypeError(f"dtype mismatch: {w.dtype} and {b.dtype}")
+    apply = s is not None
+    if apply and s.shape != w.shape:
+        raise ValueError(f"scores shape {tuple(s.shape)} != weight shape {tuple(w.shape)}")
+    _common.check_device(w, b, *((s, value) if apply else ()))
+    if out is None:
+        out = _common.empty((M, N), w.dtype, w.device)
+    elif _common._POISON:
+        out.fill_(float("nan"))
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    if apply:
+        v = value.detach().to(device=w.device, dtype=torch.float32).reshape(1)
+    else:
+        s, v = w, w  # unused (APPLY_MASK=False)
+    args = (w, s, v, b, out, M, N, K, w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+            b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    _launch(_masked_matmul_kernel, _masked_matmul_tuned, M, N, args, APPLY_MASK=apply,
+            INPUT_PRECISION=_common.dot_precision(w.dtype), UPCAST=_common.upcast_dot(w.dtype))
+    return out
+
+
+def matmul_ste(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """C = (a @ b) ⊙ w ⊙ sign(s) for a (M, K), b (K, N), w and s (M, N); any strides."""
+    M, K = a.shape
+    K2, N = b.shape
+    if K2 != K or w.shape != (M, N) or s.shape != (M, N):
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} @ {tuple(b.shape)} vs {tuple(w.shape)}, {tuple(s.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"dtype mismatch: {a.dtype} and {b.dtype}")
+    _common.check_device(a, b, w, s)
+    out = _common.empty((M, N), out_dtype or s.dtype, a.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    args = (a, b, w, s, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0), out.stride(1))
+    _launch(_matmul_ste_kernel, _matmul_ste_tuned, M, N, args,
+            INPUT_PRECISION=_common.dot_precision(a.dtype), UPCAST=_common.upcast_dot(a.dtype))
+    return out
+
+
+class MaskedLinear(torch.autograd.Function):
+    """y = x @ (weight * mask)^T; dx = dy @ (weight * mask); d scores = (dy^T @ x) * weight *
+    sign(scores) (edge-popup's straight-through estimator); the frozen weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, threshold: Threshold):
+        value, _, split = threshold
+        N, K = weight.shape
+        if x.shape[-1] != K:
+            raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
+        if scores.shape != weight.shape:
+            raise ValueError(f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+        x2 = x.reshape(-1, K)
+        if split:
+            # Ties broken by flat index: a prefix count the tiles cannot see (module docstring).
+            keep = mask_from_threshold(scores.detach().abs(), threshold)
+            w_eff = torch.where(keep, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
+            s_use, v_use = None, None
+        else:
+            w_eff, s_use, v_use = weight.detach(), scores.detach(), value
+        y = _common.empty((x2.shape[0], N), x.dtype, x.device)
+        # Y^T (N, M) = Wm (N, K) @ X^T (K, M): the masked operand on the left (see docstring).
+        masked_matmul(w_eff, s_use, v_use, x2.detach().t(), out=y.t())
+        ctx.save_for_backward(x, weight, scores, w_eff, v_use if v_use is not None else w_eff)
+        ctx.split = split
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, scores, w_eff, v = ctx.saved_tensors
+        N, K = weight.shape
+        gy2 = gy.reshape(-1, N)
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = _common.empty((gy2.shape[0], K), x.dtype, x.device)
+            # dX^T (K, M) = Wm^T (K, N) @ dY^T (N, M)
+            if ctx.split:
+                masked_matmul(w_eff.t(), None, None, gy2.t(), out=gx.t())
+            else:
+                masked_matmul(weight.detach().t(), scores.detach().t(), v, gy2.t(), out=gx.t())
+            gx = gx.reshape(x.shape)
+        if ctx.needs_input_grad[2]:
+            # dS (N, K) = (dY^T (N, M) @ X (M, K)) * W * sign(S)
+            gs = matmul_ste(gy2.t(), x.detach().reshape(-1, K), weight.detach(), scores.detach(),
+                            out_dtype=scores.dtype)
+        return gx, None, gs, None
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                  threshold: Threshold) -> torch.Tensor:
+    """F.linear(x, masked_weight(weight, scores, threshold)) in fused Triton kernels."""
+    return MaskedLinear.apply(x, weight, scores, threshold)
