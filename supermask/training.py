@@ -86,11 +86,12 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
-          desc: str = "", log=print) -> dict:
+          desc: str = "", log=print, checkpoint_extra: dict | None = None) -> dict:
     """Train model; returns the results dict (also written to out/results.json when out is given).
 
     after_step(model) runs after every optimiser step (IMP uses it to keep pruned weights at zero).
     resume is a checkpoint dict written by an earlier call with the same arguments.
+    checkpoint_extra: more entries stored in every checkpoint.pt (IMP stores its masks there).
     """
     model.to(device)
     tensors = {k: getattr(dataset, k).to(device) for k in
@@ -156,7 +157,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                 metrics_file.flush()
                 save_checkpoint(out / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve})
+                    "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve,
+                    **(checkpoint_extra or {})})
     finally:
         if metrics_file:
             metrics_file.close()
