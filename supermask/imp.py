@@ -1,0 +1,335 @@
+"""Lottery tickets by iterative magnitude pruning (Frankle & Carbin), with rewinding and controls.
+
+    python -m supermask.imp --dataset fashion-mnist --rounds 8 --epochs 10    # LeNet-300-100
+    python -m supermask.imp --dataset fashion-mnist --rounds 8 --epochs 10 --control reinit
+
+Round 0 trains the dense network; every later round prunes --prune-rate of the surviving weights
+of smallest magnitude (the output layer at half that rate), resets the survivors to their initial
+values (or, with --rewind-iter K, to their values after K iterations of round 0) and trains again.
+Pruned weights stay exactly zero: their gradients are masked and they are re-zeroed after every
+step. Controls train on the ticket's masks: --control reinit (same masks, fresh random weights,
+Liu et al.) and --control random-mask (random masks of the same per-layer sparsity, original
+weights); they need the ticket run, which is run or reused first (--ticket, default beside --out).
+
+OUT (default runs/imp_<name derived from the flags>) holds config.json, init.pt (rewind.pt),
+round_00 ... round_NN (each a training run folder whose checkpoint.pt also holds the round's
+"masks") and results.json with one row per round. Re-running the same command recomputes
+nothing; an interrupted round resumes from its last epoch; a larger --rounds extends the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import training
+from .cli import Parser, resolve_device, run_main
+from .init import INITS
+from .models import MODELS
+from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
+                      sparsity)
+from .runs import UsageError, config_hash, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from .train import NOT_CONFIG, add_model_args, add_training_args, build_model
+
+PROG = "python -m supermask.imp"
+CONTROLS = ("reinit", "random-mask")
+# Not part of a run's identity: where it lives, how fast it runs, and how many rounds were asked
+# for (a run with more rounds extends the one with fewer).
+NOT_IDENTITY = (*NOT_CONFIG, "ticket", "rounds")
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--init", choices=INITS, default="kaiming_normal", help="weight init (default kaiming_normal)")
+    p.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0 (default 5)")
+    p.add_argument("--prune-rate", type=float, default=0.2,
+                   help="fraction of the surviving weights pruned per round (default 0.2)")
+    p.add_argument("--output-prune-rate", type=float, default=None,
+                   help="the same for the output layer (default: half of --prune-rate)")
+    p.add_argument("--scope", choices=SCOPES, default="layer",
+                   help="prune each layer by the rate, or all but the output layer under one threshold")
+    p.add_argument("--rewind-iter", type=int, default=0,
+                   help="reset survivors to their values after this many iterations of round 0 (default 0: init)")
+    p.add_argument("--control", choices=CONTROLS, default=None,
+                   help="train the ticket's masks with fresh weights (reinit) or random masks of the same "
+                        "per-layer sparsity (random-mask)")
+    p.add_argument("--val-every", type=int, default=100,
+                   help="evaluate the validation loss every this many iterations, for the early-stop "
+                        "iteration (default 100; 0: once per epoch)")
+    add_training_args(p)
+    p.add_argument("--out", default=None, help="run folder (default runs/<name derived from the flags>)")
+    p.add_argument("--ticket", default=None,
+                   help="with --control: the ticket run folder (default: beside --out, named from the flags)")
+    return p
+
+
+def validate(args):
+    if args.model not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    if args.dataset not in data_mod.DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data_mod.DATASETS)}")
+    if not args.width > 0:
+        raise UsageError(f"--width must be > 0, got {args.width}")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("rounds", "rewind_iter", "val_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.prune_rate < 1:
+        raise UsageError(f"--prune-rate must be in (0, 1), got {args.prune_rate}")
+    if args.output_prune_rate is None:
+        args.output_prune_rate = args.prune_rate / 2
+    if not 0 <= args.output_prune_rate < 1:
+        raise UsageError(f"--output-prune-rate must be in [0, 1), got {args.output_prune_rate}")
+    if args.ticket is not None and args.control is None:
+        raise UsageError("--ticket only makes sense with --control")
+
+
+def imp_config(args) -> dict:
+    """The run's identity: every flag that changes what is computed, except --rounds."""
+    return {"command": "imp", **{k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}}
+
+
+def run_name(config: dict) -> str:
+    ident = {k: v for k, v in config.items() if k != "rounds"}
+    control = f"_{config['control']}" if config.get("control") else ""
+    return (f"imp_{config['model']}_w{config['width']:g}_{config['dataset']}{control}_s{config['seed']}_"
+            f"{config_hash(ident)}")
+
+
+def ticket_config(config: dict) -> dict:
+    return {**config, "control": None}
+
+
+def default_out(config: dict, runs_dir: str | Path = "runs") -> Path:
+    return Path(runs_dir) / run_name(config)
+
+
+def train_config(config: dict) -> training.TrainConfig:
+    return training.TrainConfig(
+        epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"], optimizer=config["optimizer"],
+        momentum=config["momentum"], weight_decay=config["weight_decay"], schedule=config["schedule"],
+        seed=config["seed"], val_every=config["val_every"])
+
+
+def _dense_model(config: dict, dataset) -> torch.nn.Module:
+    dense = {"model": config["model"], "width": config["width"], "dense": True, "init": config["init"],
+             "seed": config["seed"]}
+    return build_model(dense, dataset.input_shape, dataset.num_classes)
+
+
+def _load_state(path: Path) -> dict:
+    return load_checkpoint(path)
+
+
+def check_imp_dir(out: Path, config: dict) -> int:
+    """Check that out may hold this IMP run (the same identity, or nothing at all); returns the
+    number of rounds its config.json records. Raises UsageError, writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    cfg_path = out / "config.json"
+    stored_rounds = 0
+    if cfg_path.is_file():
+        try:
+            stored = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{cfg_path} is corrupted; choose another --out") from None
+        stored_rounds = stored.pop("rounds", 0) if isinstance(stored, dict) else 0
+        if stored != config:
+            keys = set(stored) | set(config) if isinstance(stored, dict) else set(config)
+            changed = sorted(k for k in keys if not isinstance(stored, dict) or stored.get(k) != config.get(k))
+            raise UsageError(f"{out} holds a run with another configuration ({', '.join(changed)} differ); "
+                             "choose another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty folder that holds no IMP run; choose another")
+    return stored_rounds
+
+
+def prepare_imp_dir(out: Path, config: dict, rounds: int) -> None:
+    """check_imp_dir, then create out and write (or extend) config.json."""
+    out = Path(out)
+    stored_rounds = check_imp_dir(out, config)
+    cfg_path = out / "config.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg_path.is_file() or rounds > stored_rounds:
+            write_json(cfg_path, {**config, "rounds": max(rounds, stored_rounds)})
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def _round_row(r: int, masks: dict, results: dict) -> dict:
+    sp = sparsity(masks)
+    keys = ("test_acc", "best_test_acc", "val_acc", "best_val_acc", "early_stop_iteration", "early_stop_val_loss",
+            "seconds_per_epoch", "epochs", "iterations")
+    return {"round": r, "dir": f"round_{r:02d}", "weights_remaining": sp["weights_remaining"],
+            "weights_kept": sp["kept"], "weights_total": sp["total"], "layers": sp["layers"],
+            **{k: results.get(k) for k in keys}}
+
+
+def _finished_rows(out: Path) -> list[dict]:
+    rows = []
+    for rdir in sorted(out.glob("round_[0-9][0-9]")):
+        if (rdir / "results.json").is_file():
+            masks = load_checkpoint(rdir / "checkpoint.pt")["masks"]
+            rows.append(_round_row(int(rdir.name[6:]), masks, json.loads((rdir / "results.json").read_text())))
+    return rows
+
+
+def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device, ticket: Path | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Run (or resume, or just read) rounds 0..rounds of an IMP run or control; returns results.json's dict.
+
+    config is imp_config's dict; a control needs ticket, the finished-or-not ticket folder (the
+    ticket's rounds are run first by main / compare)."""
+    out = Path(out)
+    control = config.get("control")
+    cfg = train_config(config)
+    steps_per_epoch = math.ceil(len(dataset.train_y) / cfg.batch_size)
+    if config["rewind_iter"] > cfg.epochs * steps_per_epoch:
+        raise UsageError(f"--rewind-iter {config['rewind_iter']} is beyond the end of training "
+                         f"({cfg.epochs * steps_per_epoch} iterations)")
+    if control and (ticket is None or not (Path(ticket) / "config.json").is_file()):
+        raise UsageError(f"--control {control} needs the ticket run, not found at {ticket}")
+    prepare_imp_dir(out, config, rounds)
+
+    # The weights every round starts from (the state at initialisation, init.pt).
+    init_path = out / "init.pt"
+    if not init_path.is_file():
+        model = _dense_model(config, dataset)
+        if control == "reinit":
+            reinit_(model, config["init"], config["seed"])
+        save_checkpoint(init_path, model.state_dict())
+    init_state = _load_state(init_path)
+    rewind_path = out / "rewind.pt"
+    if control == "random-mask" and config["rewind_iter"] and not rewind_path.is_file():
+        shutil.copyfile(Path(ticket) / "rewind.pt", rewind_path)
+
+    label = f"{control} " if control else ""
+    prev = None  # (final weights, masks) of the previous ticket round
+    for r in range(1 if control else 0, rounds + 1):
+        rdir = out / f"round_{r:02d}"
+        round_config = {"command": "imp-round", "round": r, **config}
+        if (rdir / "results.json").is_file():
+            prepare_run_dir(rdir, round_config, resume=True)  # checks the config (finished: "done")
+            ckpt = load_checkpoint(rdir / "checkpoint.pt")
+            prev = (ckpt["model"], ckpt["masks"])
+            continue
+        # Masks of this round.
+        if control:
+            ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
+            if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
+                raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
+            masks = load_checkpoint(ticket_ckpt)["masks"]
+            if control == "random-mask":
+                masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
+        elif r == 0:
+            masks = full_masks(_dense_model(config, dataset))
+        else:
+            if prev is None:
+                ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt")
+                prev = (ckpt["model"], ckpt["masks"])
+            trained = _dense_model(config, dataset)
+            trained.load_state_dict(prev[0])
+            masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
+                                    config["output_prune_rate"])
+        # Weights it starts from.
+        if r == 0 or control == "reinit" or not config["rewind_iter"]:
+            start = init_state
+        else:
+            if not rewind_path.is_file():
+                raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
+            start = _load_state(rewind_path)
+        has_cfg = (rdir / "config.json").is_file()
+        if has_cfg and not (rdir / "checkpoint.pt").is_file():
+            if json.loads((rdir / "config.json").read_text()) != round_config:
+                raise UsageError(f"{rdir} holds a round of another configuration; choose another --out")
+            state = "new"  # interrupted before its first epoch ended: start it again
+        else:
+            state = prepare_run_dir(rdir, round_config, resume=has_cfg)
+        resume = load_checkpoint(rdir / "checkpoint.pt") if state == "resume" else None
+
+        model = _dense_model(config, dataset).to(device)
+        rewind_(model, start, masks)
+        keeper = MaskKeeper(model, masks)
+        after_step = keeper
+        if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
+            step = [resume["epoch"] * steps_per_epoch if resume else 0]
+
+            def after_step(m, step=step):
+                keeper(m)
+                step[0] += 1
+                if step[0] == config["rewind_iter"] and not rewind_path.is_file():
+                    save_checkpoint(rewind_path, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+
+        sp = sparsity(masks)
+        log(f"{label}round {r}/{rounds}: {sp['weights_remaining']:.2f}% of weights remaining -> {rdir}")
+        results = training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
+                                 desc=f"{label}round {r}/{rounds} ", log=log,
+                                 checkpoint_extra={"masks": masks, "round": r})
+        keeper.remove()
+        if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
+            raise UsageError(f"round 0 ended without reaching --rewind-iter {config['rewind_iter']}")
+        prev = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, masks)
+        _write_results(out, config, rounds, ticket)
+    return _write_results(out, config, rounds, ticket)
+
+
+def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
+    stored = json.loads((out / "config.json").read_text())
+    results = {"config": stored, "rounds": _finished_rows(out)}
+    if ticket is not None:
+        results["ticket"] = str(ticket)
+    write_json(out / "results.json", results)
+    return results
+
+
+def format_rounds(rows: list[dict]) -> str:
+    lines = ["round  weights%   test%   best%    val%  early-stop it  s/epoch"]
+    for row in rows:
+        it = row["early_stop_iteration"]
+        lines.append(f"{row['round']:5d}  {row['weights_remaining']:8.2f}  {row['test_acc']:6.2f}  "
+                     f"{row['best_test_acc']:6.2f}  {row['val_acc']:6.2f}  {it if it is not None else '-':>13}  "
+                     f"{row['seconds_per_epoch']:7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    validate(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = imp_config(args)
+    out = Path(args.out) if args.out else default_out(config)
+    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    progress = not args.no_progress
+    ticket = None
+    if args.control:
+        tconfig = ticket_config(config)
+        ticket = Path(args.ticket) if args.ticket else out.parent / run_name(tconfig)
+        check_imp_dir(ticket, tconfig)
+        check_imp_dir(out, config)  # fail before training the ticket, not after
+        print(f"ticket run: {ticket}")
+        run_imp(tconfig, ticket, args.rounds, dataset, device, progress=progress)
+    kind = f"control {args.control}" if args.control else "ticket"
+    print(f"IMP {args.model} x{args.width:g} ({kind}) on {args.dataset}, {device} -> {out}")
+    results = run_imp(config, out, args.rounds, dataset, device, ticket, progress=progress)
+    rows = [row for row in results["rounds"] if row["round"] <= args.rounds]
+    print(format_rounds(rows))
+    print(f"results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(PROG, main))
