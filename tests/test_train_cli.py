@@ -1,0 +1,190 @@
+"""python -m supermask.train end to end on synthetic data, resume, and every bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from supermask import data as data_mod
+from supermask import train as train_mod
+from supermask.cli import run_main
+from supermask.mask import num_kept
+
+FAST = ["--dataset", "synthetic", "--epochs", "2", "--no-progress", "--width", "0.5"]
+
+
+def run(argv):
+    return run_main("python -m supermask.train", train_mod.main, argv)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+def test_end_to_end_on_synthetic_writes_results(tmp_path):
+    out = tmp_path / "run"
+    assert run(FAST + ["--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("test_acc", "best_test_acc", "val_acc", "epochs", "params_total", "params_kept",
+                "seconds_per_epoch", "early_stop_iteration"):
+        assert results[key] is not None, key
+    assert results["epochs"] == 2 and results["test_acc"] > 60  # synthetic is learnable
+    assert results["params_kept"] == sum(num_kept(n, 0.5) for n in (784 * 150, 150 * 50, 50 * 10))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["k"] == 0.5
+    # the same command again finds the finished run and recomputes nothing
+    before = snapshot(out)
+    assert run(FAST + ["--out", str(out)]) == 0
+    assert snapshot(out) == before
+
+
+def test_default_out_is_named_after_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(FAST + ["--epochs", "1"]) == 0
+    assert run(FAST + ["--epochs", "1", "--k", "0.3"]) == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(names) == 2 and names[0].startswith("fc_w0.5_synthetic_k0.3_s0_")
+
+
+def test_same_seed_same_results_and_dense_trains_weights(tmp_path):
+    a, b, d = tmp_path / "a", tmp_path / "b", tmp_path / "d"
+    for out in (a, b):
+        assert run(FAST + ["--out", str(out)]) == 0
+    ma, mb = ([{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in
+               (o / "metrics.jsonl").read_text().splitlines()] for o in (a, b))
+    assert ma == mb
+    assert run(FAST + ["--dense", "--out", str(d)]) == 0
+    res = json.loads((d / "results.json").read_text())
+    assert res["params_kept"] == res["params_total"] and res["test_acc"] > 60
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = FAST + ["--epochs", "3"]
+    assert run(args + ["--out", str(full)]) == 0
+    import supermask.training as training
+    real_save, saves = training.save_checkpoint, []
+
+    def interrupted_save(path, state):
+        real_save(path, state)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupted_save)
+    assert run(args + ["--out", str(part)]) == 130
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert not (part / "results.json").exists()
+    assert run(args + ["--out", str(part)]) == 2  # unfinished run needs --resume
+    assert run(args + ["--out", str(part), "--resume"]) == 0
+    strip = lambda o: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                       for x in (o / "metrics.jsonl").read_text().splitlines()]
+    assert strip(full) == strip(part) and len(strip(part)) == 3
+    sf, sp = (torch.load(o / "checkpoint.pt", weights_only=True)["model"] for o in (full, part))
+    assert all(torch.equal(sf[k], sp[k]) for k in sf)
+
+
+BAD_INPUTS = [
+    (["--k", "0"], "--k must be in (0, 1]"),
+    (["--k", "1.5"], "--k must be in (0, 1]"),
+    (["--width", "0"], "--width must be > 0"),
+    (["--width", "-1"], "--width must be > 0"),
+    (["--model", "vgg99"], "unknown model"),
+    (["--dataset", "imagenet1k"], "unknown dataset"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--k", "abc"], "invalid float value"),
+    (["--optimizer", "lion"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) if message.startswith("invalid") else _nullcontext() as exc:
+        code = run(FAST + ["--out", str(out)] + extra)
+    code = exc.value.code if message.startswith("invalid") else code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_missing_data_offline_names_paths_and_what_to_do(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    out = tmp_path / "run"
+    assert run(["--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(tmp_path / "nodata" / "MNIST" / "raw") in err and "dataset-fashion-mnist" in err
+    assert not out.exists()
+
+
+def test_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run(FAST + ["--out", str(blocker / "run")]) == 2
+    assert "cannot write to --out" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_out_holding_another_run_or_other_files_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(FAST + ["--epochs", "1", "--out", str(out)]) == 0
+    before = snapshot(out)
+    assert run(FAST + ["--epochs", "1", "--k", "0.3", "--out", str(out)]) == 2
+    assert "another configuration (k differ)" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert run(FAST + ["--out", str(other)]) == 2
+    assert snapshot(out) == before and (other / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_or_with_corrupted_checkpoint(tmp_path, capsys):
+    assert run(FAST + ["--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert run(FAST + ["--out", str(out)]) == 0
+    (out / "results.json").unlink()
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    assert run(FAST + ["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoint.pt").read_bytes() == b"garbage"
+
+
+def test_triton_backend_without_gpu_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "supermask.train", *FAST, "--backend", "triton",
+                           "--device", "cpu", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "TRITON_INTERPRET=1" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not data_mod._find_idx(data_mod.DEBIAN_FASHION_MNIST),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_one_epoch_reaches_a_sensible_accuracy(tmp_path):
+    out = tmp_path / "fm"
+    assert run(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--width", "2.5", "--k", "0.5",
+                "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_acc"] > 80.0, results["test_acc"]  # chance is 10%; 15 epochs reach ~88%
