@@ -49,7 +49,7 @@ MATMUL_CONFIGS = [
     _cfg(64, 64, 64, 4, 3),
     _cfg(32, 64, 32, 2, 5),
 ]
-INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4)
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # few, larger programs: the interpreter pays per op
 
 
 def smem_estimate(cfg_kwargs, num_stages, a_bytes, b_bytes, extra_bytes=0) -> int:
