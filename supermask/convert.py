@@ -10,7 +10,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .layers import BACKENDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
+from .layers import BACKENDS, MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
 from .mask import global_thresholds
 
 TOPK_SCOPES = ("layer", "global")
@@ -34,12 +34,15 @@ def _replacement(name: str, m: nn.Module, k, init, scale_fan, seed):
 
 def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
-            skip: tuple[str, ...] = ()) -> nn.Module:
+            skip: tuple[str, ...] = (), mask: str = "topk") -> nn.Module:
     """Make model a supermask model (a copy unless inplace). With a seed, weights and scores are
     generated deterministically per layer name; seed=None draws from torch's global RNG.
-    Module names in ``skip`` are left as they are (e.g. a dense first layer)."""
+    Module names in ``skip`` are left as they are (e.g. a dense first layer). mask="sampled" gives
+    Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k."""
     if topk not in TOPK_SCOPES:
         raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
+    if mask not in MASK_KINDS:
+        raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
     if not inplace:
         model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
@@ -50,7 +53,9 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
             new = _replacement(full, child, k, init, scale_fan, seed)
             if new is not None:
                 setattr(module, child_name, new)
-    if topk == "global":
+    for _, layer in supermask_layers(model):
+        layer.mask_kind = mask
+    if topk == "global" and mask == "topk":
         use_global_topk(model, k)
     return model
 

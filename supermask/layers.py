@@ -10,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .init import init_scores, init_weight, layer_generator
-from .mask import Threshold, mask_from_threshold, masked_weight, num_kept, topk_threshold
+from .mask import (Threshold, mask_from_threshold, masked_weight, num_kept, sampled_masked_weight,
+                   topk_threshold)
 
 BACKENDS = ("torch", "triton")
+MASK_KINDS = ("topk", "sampled")
 
 
 class SupermaskMixin:
@@ -24,6 +26,10 @@ class SupermaskMixin:
         self.backend = "torch"
         # Set by a model-level hook for global top-k; None means per-layer top-k.
         self.shared_threshold: Threshold | None = None
+        # "topk" (edge-popup) or "sampled" (Bernoulli(sigmoid(score)) masks, Zhou et al. 2019), which
+        # evaluates with the expected mask or the thresholded one (sampled_eval).
+        self.mask_kind = "topk"
+        self.sampled_eval = "expected"
         self._eval_cache = None
         self.weight.requires_grad_(False)
         self.scores = nn.Parameter(torch.empty_like(self.weight))
@@ -49,23 +55,31 @@ class SupermaskMixin:
         return topk_threshold(self.scores.detach().abs(), num_kept(self.scores.numel(), self.k))
 
     def mask(self) -> torch.Tensor:
-        """The boolean mask currently in use."""
+        """The boolean mask currently in use (sampled masks: where sigmoid(score) > 0.5)."""
+        if self.mask_kind == "sampled":
+            return self.scores.detach() > 0
         return mask_from_threshold(self.scores.detach().abs(), self.threshold())
+
+    def _masked_weight(self) -> torch.Tensor:
+        if self.mask_kind == "sampled":
+            return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
+        return masked_weight(self.weight, self.scores, self.threshold())
 
     def effective_weight(self) -> torch.Tensor:
         """weight * mask. In eval mode without grad it is computed once and cached until the
         scores, the weight, k or the shared threshold change, so inference costs a dense layer."""
         if self.training or torch.is_grad_enabled():
             self._eval_cache = None
-            return masked_weight(self.weight, self.scores, self.threshold())
+            return self._masked_weight()
         key = (self.scores._version, self.weight._version, self.scores.data_ptr(),
-               self.weight.data_ptr(), self.k, id(self.shared_threshold))
+               self.weight.data_ptr(), self.k, id(self.shared_threshold), self.mask_kind, self.sampled_eval)
         if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, masked_weight(self.weight, self.scores, self.threshold()))
+            self._eval_cache = (key, self._masked_weight())
         return self._eval_cache[1]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", k={self.k}"
+        mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
+        return super().extra_repr() + ", " + mask
 
 
 class SupermaskLinear(SupermaskMixin, nn.Linear):
@@ -76,7 +90,7 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
+        if self.backend == "triton" and self.mask_kind == "topk":
             from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
             return masked_linear(x, self.weight, self.scores, self.threshold())
         return F.linear(x, self.effective_weight())
@@ -92,7 +106,7 @@ class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
+        if self.backend == "triton" and self.mask_kind == "topk":
             from .kernels import masked_weight_fused  # noqa: PLC0415
             return self._conv_forward(x, masked_weight_fused(self.weight, self.scores, self.threshold()), None)
         return self._conv_forward(x, self.effective_weight(), None)

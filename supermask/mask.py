@@ -107,3 +107,34 @@ class MaskedWeight(torch.autograd.Function):
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     return MaskedWeight.apply(weight, scores, threshold)
+
+
+# --- Sampled supermasks (Zhou et al. 2019, "Deconstructing lottery tickets") ----------------------
+SAMPLED_EVAL = ("expected", "threshold")
+
+
+class SampledMaskedWeight(torch.autograd.Function):
+    """weight * m with m ~ Bernoulli(sigmoid(scores)); straight through the sampling, so
+    d loss / d scores = (d loss / d masked weight) * weight * sigmoid'(scores)."""
+
+    @staticmethod
+    def forward(ctx, weight, scores):
+        p = torch.sigmoid(scores)
+        ctx.save_for_backward(weight, p)
+        return weight * torch.bernoulli(p)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, p = ctx.saved_tensors
+        return None, grad_out * weight * p * (1 - p)
+
+
+def sampled_masked_weight(weight: torch.Tensor, scores: torch.Tensor, training: bool,
+                          eval_mode: str = "expected") -> torch.Tensor:
+    """Training: a fresh Bernoulli(sigmoid(score)) mask per call. Evaluation: the expected mask
+    (weight * sigmoid(score)) or the thresholded one (keep where sigmoid(score) > 0.5)."""
+    if training:
+        return SampledMaskedWeight.apply(weight, scores)
+    if eval_mode == "expected":
+        return weight * torch.sigmoid(scores)
+    return torch.where(scores > 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))

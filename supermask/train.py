@@ -8,6 +8,7 @@ config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for al
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,13 +18,15 @@ import torch
 from . import data as data_mod
 from .cli import Parser, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, convert, set_backend
+from .layers import MASK_KINDS, supermask_layers
+from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
 from .runs import UsageError, load_checkpoint, prepare_run_dir
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig, train
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
-NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress")
+NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate")
 
 
 def add_model_args(p):
@@ -42,10 +45,24 @@ def add_training_args(p):
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="per-iteration cosine to 0, or constant")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="per-iteration cosine to 0, multistep (--milestones, --gamma) or constant (none)")
+    p.add_argument("--milestones", type=_int_list, default=(), help="multistep: epochs, e.g. 30,60")
+    p.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up (default 0)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    p.add_argument("--no-bn-decay", action="store_true", help="no weight decay on BatchNorm parameters")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def parser() -> Parser:
@@ -57,6 +74,17 @@ def parser() -> Parser:
     p.add_argument("--scale-fan", action="store_true", help="init with fan_in * k (the 'scaled' variants)")
     p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="top-k per layer or one global threshold")
     p.add_argument("--dense", action="store_true", help="train the weights of the same network (no mask)")
+    p.add_argument("--first-layer-dense", action="store_true", help="first layer: ordinary trainable weights")
+    p.add_argument("--last-layer-dense", action="store_true", help="last layer: ordinary trainable weights")
+    p.add_argument("--mask", choices=MASK_KINDS, default="topk",
+                   help="topk (edge-popup) or sampled: Bernoulli(sigmoid(score)) masks (Zhou et al. 2019)")
+    p.add_argument("--sampled-eval", choices=SAMPLED_EVAL, default="expected",
+                   help="sampled masks at evaluation: expected mask or thresholded at sigmoid 0.5")
+    p.add_argument("--score-init-constant", type=float, default=None, help="initialise every score to this")
+    p.add_argument("--random-subnet", action="store_true",
+                   help="no training: evaluate the fixed random subnetwork that keeps k of the weights")
+    p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
+                   help="evaluate a saved run on the test set (top-1, top-5) without training")
     add_training_args(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="mask implementation: reference torch path or the Triton kernels (auto: triton on CUDA)")
@@ -81,32 +109,82 @@ def validate(args):
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.init is None:
         args.init = "kaiming_normal" if args.dense else "signed_constant"
+    if args.dense and (args.random_subnet or args.mask != "topk"):
+        raise UsageError("--dense trains weights: it does not combine with --random-subnet or --mask")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
+    if args.schedule == "multistep" and not args.milestones:
+        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
 
 
 def run_config(args) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     if config["dense"]:  # mask flags mean nothing for a dense run: keep them out of its identity
-        for key in ("k", "scale_fan", "topk"):
+        for key in ("k", "scale_fan", "topk", "mask", "sampled_eval", "score_init_constant", "random_subnet",
+                    "first_layer_dense", "last_layer_dense"):
             config.pop(key, None)
+    config["milestones"] = list(config["milestones"])
     return {"command": "train", **config}
 
 
 def run_name(config: dict) -> str:
     from .runs import config_hash  # noqa: PLC0415
-    kind = "dense" if config["dense"] else f"k{config['k']:g}"
+    kind = "dense" if config["dense"] else "sampled" if config.get("mask") == "sampled" else f"k{config['k']:g}"
+    if config.get("random_subnet"):
+        kind = f"random{config['k']:g}"
     return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}_{config_hash(config)}"
 
 
 def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
     """The network a run config describes, freshly initialised from its seed."""
     model = build(config["model"], input_shape, num_classes, config["width"])
+    init_dense_(model, config["init"], config["seed"])
     if config["dense"]:
-        return init_dense_(model, config["init"], config["seed"])
-    return convert(model, config["k"], config["init"], config["scale_fan"], config["seed"], config["topk"])
+        return model
+    prunable = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    skip = ((prunable[0],) if config.get("first_layer_dense") else ()) + \
+           ((prunable[-1],) if config.get("last_layer_dense") else ())
+    model = convert(model, config["k"], config["init"], config["scale_fan"], config["seed"], config["topk"],
+                    inplace=True, skip=skip, mask=config.get("mask", "topk"))
+    for _, layer in supermask_layers(model):
+        layer.sampled_eval = config.get("sampled_eval", "expected")
+        if config.get("score_init_constant") is not None:
+            layer.scores.data.fill_(config["score_init_constant"])
+        if config.get("random_subnet"):
+            layer.scores.requires_grad_(False)
+    return model
+
+
+def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device) -> int:
+    """--evaluate: rebuild a finished or checkpointed run and report its test accuracy."""
+    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not cfg_path.is_file():
+        raise UsageError(f"--evaluate {run_dir}: no config.json there (not a run folder of supermask.train)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("command") != "train":
+        raise UsageError(f"--evaluate {run_dir}: not a supermask.train run")
+    dataset = data_mod.load(config["dataset"], data_dir, config["val_size"])
+    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    if ckpt_path.is_file():
+        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+    elif not config.get("random_subnet"):
+        raise UsageError(f"--evaluate {run_dir}: no checkpoint.pt to evaluate")
+    model.to(device)
+    test = evaluate(model, dataset.test_x.to(device), dataset.test_y.to(device))
+    stored = run_dir / "results.json"
+    note = ""
+    if stored.is_file():
+        note = f" (stored: {json.loads(stored.read_text())['test_acc']:.2f}%)"
+    print(f"{run_dir}: test top-1 {test['acc']:.2f}%{note}, top-5 {test['acc5']:.2f}%, loss {test['loss']:.4f}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.evaluate:
+        return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device))
     validate(args)
     device = resolve_device(args.device)
     backend = resolve_backend(args.backend, device)
@@ -129,11 +207,17 @@ def main(argv=None) -> int:
     print(f"{args.model} x{args.width:g} ({kind}) on {args.dataset}, {device}, backend {backend} -> {out}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                      seed=args.seed)
-    results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
-    print(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%), "
-          f"{results['params_kept']}/{results['params_total']} weights kept, "
-          f"{results['seconds_per_epoch']:.2f} s/epoch; results in {out / 'results.json'}")
+                      seed=args.seed, warmup_epochs=args.warmup_epochs, milestones=args.milestones,
+                      gamma=args.gamma, label_smoothing=args.label_smoothing, nesterov=args.nesterov,
+                      no_bn_decay=args.no_bn_decay)
+    if args.random_subnet:
+        results = evaluate_untrained(model, dataset, cfg, device, out)
+    else:
+        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
+    speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
+    print(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
+          f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "
+          f"{speed}; results in {out / 'results.json'}")
     return 0
 
 

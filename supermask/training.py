@@ -22,7 +22,7 @@ from .layers import supermask_layers
 from .runs import save_checkpoint, write_json
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "none")
+SCHEDULES = ("cosine", "multistep", "none")
 
 
 @dataclass
@@ -36,21 +36,40 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     val_every: int = 0  # also evaluate validation loss every this many iterations (0: per epoch)
+    warmup_epochs: float = 0.0  # linear warm-up from lr/warmup_steps to lr, then the schedule
+    milestones: tuple = ()  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+    no_bn_decay: bool = False  # no weight decay on BatchNorm parameters
     extra: dict = field(default_factory=dict)
 
 
-def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Learning rate at an iteration: constant, or cosine annealed to 0 over all iterations."""
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int = 1) -> float:
+    """Learning rate at an iteration (0-based). Warm-up: lr * (step + 1) / warmup_steps for the
+    first warmup_steps iterations; then cosine (annealed to 0 over the remaining iterations),
+    multistep (times gamma at each milestone epoch) or constant."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
     return cfg.lr
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if not (cfg.no_bn_decay and id(p) in bn_params)]},
+              {"params": [p for p in params if cfg.no_bn_decay and id(p) in bn_params], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 @torch.no_grad()
@@ -107,6 +126,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         optimizer.load_state_dict(resume["optimizer"])
         metrics, epoch_seconds = resume["metrics"], resume["epoch_seconds"]
         val_curve, start_epoch = [tuple(v) for v in resume["val_curve"]], resume["epoch"]
+        if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
+            torch.set_rng_state(resume["rng"])
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if out else None  # noqa: SIM115
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -121,9 +142,9 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             for i, (xb, yb) in enumerate(bar):
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, total_steps)
+                    group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
                 out_b = model(xb)
-                loss = F.cross_entropy(out_b, yb)
+                loss = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -145,7 +166,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             iteration = (epoch + 1) * steps_per_epoch
             if not cfg.val_every and len(tensors["val_y"]):
                 val_curve.append((iteration, val["loss"]))
-            row = {"epoch": epoch + 1, "iteration": iteration, "lr": learning_rate(cfg, iteration, total_steps),
+            row = {"epoch": epoch + 1, "iteration": iteration, "lr": learning_rate(cfg, iteration - 1, total_steps, steps_per_epoch),
                    "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                    "val_loss": val["loss"], "val_acc": val["acc"], "test_loss": test["loss"],
                    "test_acc": test["acc"], "test_acc5": test["acc5"], "seconds": epoch_seconds[-1]}
@@ -158,6 +179,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                 save_checkpoint(out / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                     "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve,
+                    "rng": torch.get_rng_state(),
                     **(checkpoint_extra or {})})
     finally:
         if metrics_file:
@@ -176,5 +198,34 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "train_config": asdict(cfg),
     }
     if out:
+        write_json(out / "results.json", results)
+    return results
+
+
+@torch.no_grad()
+def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
+                       out: Path | None = None) -> dict:
+    """Results of a model that is not trained (the random-subnetwork baseline). BatchNorm running
+    statistics, which are buffers, not parameters, are first estimated over one pass of the
+    training set; no parameter changes."""
+    model.to(device)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+        model.train()
+        for xb, _ in data_mod.batches(dataset.train_x.to(device), dataset.train_y.to(device), cfg.batch_size):
+            model(xb)
+    val = evaluate(model, dataset.val_x.to(device), dataset.val_y.to(device))
+    test = evaluate(model, dataset.test_x.to(device), dataset.test_y.to(device))
+    total, kept = count_params(model)
+    results = {"test_acc": test["acc"], "test_acc5": test["acc5"], "best_test_acc": test["acc"],
+               "val_acc": val["acc"], "best_val_acc": val["acc"], "early_stop_iteration": 0,
+               "early_stop_val_loss": val["loss"], "epochs": 0, "iterations": 0, "params_total": total,
+               "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
+               "seconds_per_epoch": None, "train_config": asdict(cfg)}
+    if out:
+        save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "epoch": 0})
         write_json(out / "results.json", results)
     return results
