@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic", "imagenet")
+STREAMED = ("imagenet",)  # read from disk batch by batch (ImageFolderData), not held in memory
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _STATS = {  # per-channel mean and std of the training images
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
@@ -45,6 +47,61 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+
+@dataclass
+class ImageFolderData:
+    """A dataset too large for memory (ImageNet): torchvision ImageFolder datasets read through a
+    DataLoader with workers. train (augmented), val (held out from DATA_DIR/train, evaluation
+    transform) and test (DATA_DIR/val) are torch Datasets of (image tensor, label)."""
+    name: str
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    input_shape: tuple
+    workers: int = 8
+    augment: bool = True
+    streaming: bool = True
+
+
+def load_image_folder(name: str, data_dir: str | os.PathLike, val_size: int = 5000, workers: int = 8,
+                      image_size: int = 224) -> ImageFolderData:
+    """The standard ImageFolder layout: data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.
+
+    Training images: RandomResizedCrop(image_size) + horizontal flip; evaluation: Resize(image_size
+    * 8/7, i.e. 256 for 224) + CenterCrop(image_size); both normalised with ImageNet's statistics.
+    val_size training images (a fixed random choice) are held out for validation.
+    """
+    import copy  # noqa: PLC0415
+
+    from torchvision import datasets, transforms  # noqa: PLC0415
+
+    root = Path(data_dir)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{name}: no folder {root / split}; expected the ImageFolder layout "
+                            f"{root}/train/<class>/*.JPEG and {root}/val/<class>/* (pass --data-dir)")
+    mean, std = _STATS.get(name, _STATS["imagenet"])
+    norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *norm])
+    eval_tf = transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+                                  *norm])
+    try:
+        train_all = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+        test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"{name}: cannot read {root}: {e}") from None
+    if test.classes != train_all.classes:
+        raise DataError(f"{name}: {root / 'val'} and {root / 'train'} hold different class folders")
+    if not 0 <= val_size < len(train_all):
+        raise DataError(f"--val-size must be in [0, {len(train_all) - 1}], got {val_size}")
+    eval_all = copy.copy(train_all)  # the same file list (scanned once), the evaluation transform
+    eval_all.transform = eval_tf
+    order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(0))
+    subset = torch.utils.data.Subset
+    return ImageFolderData(name, subset(train_all, order[val_size:].tolist()), subset(eval_all, order[:val_size].tolist()),
+                           test, len(train_all.classes), (3, image_size, image_size), workers)
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -142,10 +199,15 @@ def _normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def load(name: str, data_dir: str | os.PathLike = "data", val_size: int = 5000, download: bool = True) -> Dataset:
-    """Load a dataset into memory. The validation split is the same for every run (fixed seed)."""
+def load(name: str, data_dir: str | os.PathLike = "data", val_size: int = 5000, download: bool = True,
+         **streamed) -> Dataset | ImageFolderData:
+    """Load a dataset into memory. The validation split is the same for every run (fixed seed).
+    Datasets in STREAMED (imagenet) are not loaded but opened for reading (load_image_folder,
+    which takes the keyword arguments workers and image_size)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name in STREAMED:
+        return load_image_folder(name, data_dir, val_size, **streamed)
     data_dir = Path(data_dir)
     if name == "synthetic":
         train_x, train_y, test_x, test_y = synthetic()

@@ -10,7 +10,7 @@ import math
 
 import torch.nn as nn
 
-MODELS = ("fc", "conv2", "conv4", "conv6", "conv8", "resnet18")
+MODELS = ("fc", "conv2", "conv4", "conv6", "conv8", "resnet18", "resnet50", "wide_resnet50_2")
 
 
 def scaled(channels: int, width: float) -> int:
@@ -39,10 +39,14 @@ def conv(depth: int, input_shape, num_classes: int = 10, width: float = 1.0) -> 
     return nn.Sequential(*layers)
 
 
-def resnet18(input_shape, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """torchvision's ResNet-18 with every channel count times width and a bias-free classifier; on
-    small images (<= 64 px) the CIFAR stem: a 3x3 stride-1 first conv and no max pool."""
-    from torchvision.models.resnet import BasicBlock, ResNet  # noqa: PLC0415
+def resnet18(input_shape, num_classes: int = 10, width: float = 1.0, depth: int = 18,
+             width_per_group: int = 64) -> nn.Module:
+    """torchvision's ResNet-18 (depth 50: ResNet-50, with width_per_group 128: Wide ResNet-50-2)
+    with every channel count times width and a bias-free classifier; on small images (<= 64 px)
+    the CIFAR stem: a 3x3 stride-1 first conv and no max pool."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: PLC0415
+
+    block, layers = (BasicBlock, [2, 2, 2, 2]) if depth == 18 else (Bottleneck, [3, 4, 6, 3])
 
     class ScaledResNet(ResNet):
         def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
@@ -50,14 +54,14 @@ def resnet18(input_shape, num_classes: int = 10, width: float = 1.0) -> nn.Modul
                 self.inplanes = scaled(64, width)
             return super()._make_layer(block, scaled(planes, width), blocks, stride, dilate)
 
-    model = ScaledResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    model = ScaledResNet(block, layers, num_classes=num_classes, width_per_group=width_per_group)
     stem, small = scaled(64, width), input_shape[-1] <= 64
     model.conv1 = nn.Conv2d(input_shape[0], stem, 3 if small else 7, 1 if small else 2,
                             1 if small else 3, bias=False)
     model.bn1 = nn.BatchNorm2d(stem)
     if small:
         model.maxpool = nn.Identity()
-    model.fc = nn.Linear(scaled(512, width), num_classes, bias=False)
+    model.fc = nn.Linear(scaled(512, width) * block.expansion, num_classes, bias=False)
     return model
 
 
@@ -70,4 +74,8 @@ def build(name: str, input_shape, num_classes: int = 10, width: float = 1.0) -> 
         return fc(input_shape, num_classes, width)
     if name == "resnet18":
         return resnet18(input_shape, num_classes, width)
+    if name == "resnet50":
+        return resnet18(input_shape, num_classes, width, depth=50)
+    if name == "wide_resnet50_2":
+        return resnet18(input_shape, num_classes, width, depth=50, width_per_group=128)
     return conv(int(name[4:]), input_shape, num_classes, width)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .cli import Parser, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, convert, set_backend
 from .layers import MASK_KINDS, supermask_layers
@@ -23,10 +24,10 @@ from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
 from .runs import UsageError, load_checkpoint, prepare_run_dir
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_untrained, train
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
-NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate")
+NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers")
 
 
 def add_model_args(p):
@@ -56,6 +57,8 @@ def add_training_args(p):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
+    p.add_argument("--workers", type=int, default=8,
+                   help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8)")
 
 
 def _int_list(text: str) -> tuple:
@@ -115,6 +118,8 @@ def validate(args):
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
+    if args.random_subnet and args.dataset in data_mod.STREAMED:
+        raise UsageError(f"--random-subnet needs an in-memory dataset, not {args.dataset}")
     if args.schedule == "multistep" and not args.milestones:
         raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
 
@@ -172,7 +177,10 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device) -> in
     elif not config.get("random_subnet"):
         raise UsageError(f"--evaluate {run_dir}: no checkpoint.pt to evaluate")
     model.to(device)
-    test = evaluate(model, dataset.test_x.to(device), dataset.test_y.to(device))
+    if getattr(dataset, "streaming", False):
+        test = evaluate_streamed(model, dataset.test, device, config["batch_size"], dataset.workers)
+    else:
+        test = evaluate(model, dataset.test_x.to(device), dataset.test_y.to(device))
     stored = run_dir / "results.json"
     note = ""
     if stored.is_file():
@@ -186,25 +194,36 @@ def main(argv=None) -> int:
     if args.evaluate:
         return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device))
     validate(args)
-    device = resolve_device(args.device)
+    # Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise a no-op.
+    with distributed.session(resolve_device(args.device)) as device:
+        return _train_main(args, device)
+
+
+def _train_main(args, device: torch.device) -> int:
+    say = print if distributed.is_main() else (lambda *_a, **_k: None)
     backend = resolve_backend(args.backend, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = run_config(args)
     out = Path(args.out) if args.out else Path("runs") / run_name(config)
-    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
-    state = prepare_run_dir(out, config, args.resume)
+    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size, **_load_options(args))  # fail on missing data first
+    if distributed.world_size() > 1 and args.batch_size < distributed.world_size():
+        raise UsageError(f"--batch-size is the global batch: it must be at least the number of processes "
+                         f"({distributed.world_size()}), got {args.batch_size}")
+    # Only rank 0 looks at and writes the run folder; the others get its answer (and the checkpoint
+    # it read, so that resuming works without a shared file system).
+    state, resume = distributed.run_on_main(_open_run_dir, out, config, args.resume)
     if state == "done":
-        results = json.loads((out / "results.json").read_text())
-        print(f"{out} already holds this finished run: test accuracy {results['test_acc']:.2f}% "
-              "(nothing recomputed)")
+        results = json.loads((out / "results.json").read_text()) if distributed.is_main() else {}
+        say(f"{out} already holds this finished run: test accuracy {results.get('test_acc', 0):.2f}% "
+            "(nothing recomputed)")
         return 0
     torch.manual_seed(args.seed)
     model = build_model(config, dataset.input_shape, dataset.num_classes)
     set_backend(model, backend)
-    resume = load_checkpoint(out / "checkpoint.pt") if state == "resume" else None
     kind = "dense" if args.dense else f"supermask k={args.k}"
-    print(f"{args.model} x{args.width:g} ({kind}) on {args.dataset}, {device}, backend {backend} -> {out}")
+    ranks = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    say(f"{args.model} x{args.width:g} ({kind}) on {args.dataset}, {device}{ranks}, backend {backend} -> {out}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       seed=args.seed, warmup_epochs=args.warmup_epochs, milestones=args.milestones,
@@ -215,10 +234,20 @@ def main(argv=None) -> int:
     else:
         results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
     speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
-    print(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
+    say(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
           f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "
           f"{speed}; results in {out / 'results.json'}")
     return 0
+
+
+def _load_options(args) -> dict:
+    return {"workers": args.workers} if args.dataset in data_mod.STREAMED else {}
+
+
+def _open_run_dir(out: Path, config: dict, resume: bool):
+    """prepare_run_dir, and the checkpoint to resume from (None for a new run)."""
+    state = prepare_run_dir(out, config, resume)
+    return state, (load_checkpoint(out / "checkpoint.pt") if state == "resume" else None)
 
 
 if __name__ == "__main__":

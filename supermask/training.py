@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from .layers import supermask_layers
 from .runs import save_checkpoint, write_json
 
@@ -91,6 +92,91 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
 
 
+@torch.no_grad()
+def evaluate_streamed(model: nn.Module, subset, device: torch.device, batch_size: int = 256,
+                      workers: int = 0) -> dict:
+    """evaluate() for a dataset read from disk (e.g. ImageNet's ImageFolder): under torchrun each
+    rank evaluates its contiguous share and the sums are all-reduced, so every rank gets the
+    result over the whole set."""
+    n = len(subset)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "acc5": float("nan")}
+    lo, hi = dist_mod.shard_bounds(n)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(subset, range(lo, hi)), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    loss = correct = correct5 = 0.0
+    for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum").item()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct += (top[:, 0] == yb).sum().item()
+        correct5 += (top == yb[:, None]).any(1).sum().item()
+    model.train(was_training)
+    loss, correct, correct5 = dist_mod.sum_all([loss, correct, correct5])
+    return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
+
+
+def _evaluate_split(model, dataset, tensors, split: str, device, cfg: TrainConfig) -> dict:
+    """Evaluate on "val" or "test": in memory on every rank (the whole set: identical), or
+    streamed and sharded across ranks."""
+    if getattr(dataset, "streaming", False):
+        per_rank = max(1, math.ceil(cfg.batch_size / dist_mod.world_size()))
+        return evaluate_streamed(model, getattr(dataset, split), device, per_rank, dataset.workers)
+    return evaluate(model, tensors[f"{split}_x"], tensors[f"{split}_y"])
+
+
+def _split_len(dataset, tensors, split: str) -> int:
+    if getattr(dataset, "streaming", False):
+        return len(getattr(dataset, split))
+    return len(tensors[f"{split}_y"])
+
+
+def _epoch_batches(dataset, tensors, cfg: TrainConfig, epoch: int, device: torch.device):
+    """Yield (x, y, global batch size) of this rank, in the epoch's order.
+
+    The global batches are exactly those of a single-process run (epoch_order, then slices of
+    batch_size); under torchrun rank r takes the r-th contiguous share of every global batch
+    (shard_bounds), so --batch-size stays the global batch. In memory, augmentation is applied to
+    the global batch before it is split, so its random stream is that of one process as well.
+    """
+    world = dist_mod.world_size()
+    if getattr(dataset, "streaming", False):
+        n = len(dataset.train)
+        order = data_mod.epoch_order(n, cfg.seed, epoch)
+        sizes = [len(order[s:s + cfg.batch_size]) for s in range(0, n, cfg.batch_size)]
+        shards = []
+        for i, size in enumerate(sizes):
+            lo, hi = dist_mod.shard_bounds(size)
+            shards.append(order[i * cfg.batch_size + lo:i * cfg.batch_size + hi].tolist())
+        # The workers' augmentation seeds come from this generator, not from torch's global RNG
+        # (which sampled masks use): deterministic per (seed, epoch, rank), so resume is exact.
+        gen = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1_000 + dist_mod.rank())
+        loader = torch.utils.data.DataLoader(dataset.train, batch_sampler=[s for s in shards if s],
+                                             num_workers=dataset.workers, generator=gen,
+                                             pin_memory=device.type == "cuda")
+        batches = iter(loader)
+        for shard, size in zip(shards, sizes):
+            if not shard:  # fewer samples than ranks in the last global batch: an empty share
+                yield (torch.empty((0, *dataset.input_shape), device=device),
+                       torch.empty(0, dtype=torch.long, device=device), size)
+                continue
+            xb, yb = next(batches)
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), size
+        return
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = data_mod.epoch_order(len(tensors["train_y"]), cfg.seed, epoch).to(device)
+    for xb, yb in data_mod.batches(tensors["train_x"], tensors["train_y"], cfg.batch_size, order, gen,
+                                   dataset.augment):
+        if world == 1:
+            yield xb, yb, len(yb)
+        else:
+            lo, hi = dist_mod.shard_bounds(len(yb))
+            yield xb[lo:hi], yb[lo:hi], len(yb)
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(weights of all Linear/Conv2d layers, how many of them are in use): supermask layers count
     their mask, ordinary layers count their nonzero weights."""
@@ -111,12 +197,24 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     after_step(model) runs after every optimiser step (IMP uses it to keep pruned weights at zero).
     resume is a checkpoint dict written by an earlier call with the same arguments.
     checkpoint_extra: more entries stored in every checkpoint.pt (IMP stores its masks there).
+
+    Under torchrun (supermask.distributed.setup called first) the model is wrapped in
+    DistributedDataParallel, each rank trains on its share of every global batch, masks and
+    weights are checked to be identical on every rank after each epoch, and only rank 0 logs,
+    shows progress and writes into out; resume must then be the same dict on every rank.
     """
     model.to(device)
-    tensors = {k: getattr(dataset, k).to(device) for k in
-               ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    world, main = dist_mod.world_size(), dist_mod.is_main()
+    if not main:
+        out, progress, log = None, False, lambda *_a, **_k: None
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"the global batch size ({cfg.batch_size}) must be at least the number of processes ({world})")
+    streaming = getattr(dataset, "streaming", False)
+    tensors = {} if streaming else {k: getattr(dataset, k).to(device) for k in
+                                    ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
     optimizer = make_optimizer(model, cfg)
-    n_train = len(tensors["train_y"])
+    n_train = len(dataset.train) if streaming else len(tensors["train_y"])
+    n_val = _split_len(dataset, tensors, "val")
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     metrics, epoch_seconds, start_epoch = [], [], 0
@@ -128,43 +226,56 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         val_curve, start_epoch = [tuple(v) for v in resume["val_curve"]], resume["epoch"]
         if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
             torch.set_rng_state(resume["rng"])
+    net = model
+    if world > 1:
+        dist_mod.verify_identical(model, "before training")  # DDP would hide it: it copies rank 0's
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if out else None  # noqa: SIM115
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = data_mod.epoch_order(n_train, cfg.seed, epoch).to(device)
-            bar = tqdm(data_mod.batches(tensors["train_x"], tensors["train_y"], cfg.batch_size, order, gen,
-                                        dataset.augment), total=steps_per_epoch, leave=False,
+            bar = tqdm(_epoch_batches(dataset, tensors, cfg, epoch, device), total=steps_per_epoch, leave=False,
                        desc=f"{desc}epoch {epoch + 1}/{cfg.epochs}", disable=not progress, dynamic_ncols=True)
             seen = loss_sum = correct = eval_seconds = 0.0
             timer = time.perf_counter()
-            for i, (xb, yb) in enumerate(bar):
+            for i, (xb, yb, global_n) in enumerate(bar):
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
-                out_b = model(xb)
-                loss = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing)
+                out_b = net(xb)
+                if world == 1:
+                    loss = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing)
+                    batch_loss = loss.item() * len(yb)
+                else:  # DDP averages gradients over ranks: scale so that it is the global batch's mean
+                    local = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing, reduction="sum")
+                    loss = local * (world / global_n)
+                    batch_loss = local.item()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if after_step is not None:
                     after_step(model)
                 seen += len(yb)
-                loss_sum += loss.item() * len(yb)
+                loss_sum += batch_loss
                 correct += (out_b.argmax(1) == yb).sum().item()
-                if i % 20 == 0:
+                if progress and i % 20 == 0 and seen:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-                if cfg.val_every and (step + 1) % cfg.val_every == 0 and len(tensors["val_y"]):
+                if cfg.val_every and (step + 1) % cfg.val_every == 0 and n_val:
                     eval_start = time.perf_counter()
-                    val_curve.append((step + 1, evaluate(model, tensors["val_x"], tensors["val_y"])["loss"]))
+                    dist_mod.broadcast_buffers(model)
+                    val_curve.append((step + 1, _evaluate_split(model, dataset, tensors, "val", device, cfg)["loss"]))
                     eval_seconds += time.perf_counter() - eval_start
             epoch_seconds.append(time.perf_counter() - timer - eval_seconds)
             bar.close()
-            val = evaluate(model, tensors["val_x"], tensors["val_y"])
-            test = evaluate(model, tensors["test_x"], tensors["test_y"])
+            if world > 1:
+                dist_mod.broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank
+                seen, loss_sum, correct = dist_mod.sum_all([seen, loss_sum, correct])
+                dist_mod.verify_identical(model, f"after epoch {epoch + 1}")
+            val = _evaluate_split(model, dataset, tensors, "val", device, cfg)
+            test = _evaluate_split(model, dataset, tensors, "test", device, cfg)
             iteration = (epoch + 1) * steps_per_epoch
-            if not cfg.val_every and len(tensors["val_y"]):
+            if not cfg.val_every and n_val:
                 val_curve.append((iteration, val["loss"]))
             row = {"epoch": epoch + 1, "iteration": iteration, "lr": learning_rate(cfg, iteration - 1, total_steps, steps_per_epoch),
                    "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
@@ -199,6 +310,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     }
     if out:
         write_json(out / "results.json", results)
+    dist_mod.barrier()  # rank 0's files are complete before any rank goes on
     return results
 
 
@@ -207,7 +319,12 @@ def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainCo
                        out: Path | None = None) -> dict:
     """Results of a model that is not trained (the random-subnetwork baseline). BatchNorm running
     statistics, which are buffers, not parameters, are first estimated over one pass of the
-    training set; no parameter changes."""
+    training set; no parameter changes. Under torchrun every rank does the same pass (identical
+    results) and only rank 0 writes."""
+    if getattr(dataset, "streaming", False):
+        raise ValueError(f"evaluating an untrained network is only supported on in-memory datasets, not {dataset.name}")
+    if not dist_mod.is_main():
+        out = None
     model.to(device)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if bns:
