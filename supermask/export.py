@@ -153,6 +153,17 @@ def from_safetensors_bytes(data: bytes, what: str = "file") -> tuple[dict[str, t
 # Runs
 
 
+def run_kind(config) -> str | None:
+    """'train', 'imp' (a whole IMP run) or 'imp-round' (one round folder of it), or None. A round's
+    config.json is the IMP run's config plus "round" (its "command" may read "imp")."""
+    if not isinstance(config, dict):
+        return None
+    command = config.get("command")
+    if command == "imp-round" or (command == "imp" and "round" in config):
+        return "imp-round"
+    return command if command in ("train", "imp") else None
+
+
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """(config, checkpoint) of a training run folder or IMP round folder; UsageError otherwise."""
     run_dir = Path(run_dir)
@@ -165,7 +176,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError):
         raise UsageError(f"{cfg_path} is corrupted") from None
-    command = config.get("command") if isinstance(config, dict) else None
+    command = run_kind(config)
     if command == "imp":
         rounds = sorted(p.name for p in run_dir.glob("round_[0-9][0-9]") if (p / "results.json").is_file())
         hint = f", e.g. {run_dir / rounds[-1]}" if rounds else ""
@@ -202,7 +213,7 @@ def build_run_model(config: dict, checkpoint: dict, input_shape, num_classes: in
     from .train import build_model  # noqa: PLC0415
 
     masks = None
-    if config["command"] == "imp-round":
+    if run_kind(config) == "imp-round":
         model = build_model(dense_config(config), input_shape, num_classes)
         masks = checkpoint.get("masks")
         if not isinstance(masks, dict):
@@ -306,7 +317,13 @@ def read_compact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 def load_compact(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """The supermask model of a compact file, in eval mode on device: weights regenerated from the
-    seed, each layer's scores set to its mask (1.0 kept, 0.0 dropped)."""
+    seed, each layer's scores set to its mask (1.0 kept, 0.0 dropped). A file that is not a valid
+    compact file raises CompactFileError (a UsageError) with a one-line message."""
+    return load_compact_run(path, device)[0]
+
+
+def load_compact_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict, tuple, int]:
+    """(model, config, input_shape, num_classes) of a compact file; see load_compact."""
     from .train import build_model  # noqa: PLC0415
 
     config, masks, state, input_shape, num_classes = read_compact(path)
@@ -333,7 +350,7 @@ def load_compact(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     got = supermask_masks(model)
     if any(not torch.equal(got[n], masks[n]) for n in masks):
         raise CompactFileError(f"{path}: its masks do not keep the fraction k its config names")
-    return model
+    return model, config, input_shape, num_classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +439,8 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a supermask.train run folder or an IMP round folder")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a supermask.train run folder, an IMP round folder, or a compact file (to make it deployable)")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--compact", action="store_true",
                    help="write the compact supermask file (config + seed + 1 bit per weight) instead of a "
@@ -442,9 +460,14 @@ def main(argv=None) -> int:
                          else f"--out {out} is a folder")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    config, checkpoint = read_run(Path(args.run_dir))
-    input_shape, num_classes = shapes_of(config, args.data_dir)
-    model, masks = build_run_model(config, checkpoint, input_shape, num_classes)
+    source = Path(args.run_dir)
+    if source.is_file():  # a compact file
+        model, config, input_shape, num_classes = load_compact_run(source)
+        masks = None
+    else:
+        config, checkpoint = read_run(source)
+        input_shape, num_classes = shapes_of(config, args.data_dir)
+        model, masks = build_run_model(config, checkpoint, input_shape, num_classes)
     baked = bake(model, masks)
     dense_bytes = fp32_state_dict_bytes(baked)
     n_weights = sum(m.weight.numel() for m in baked.modules() if isinstance(m, nn.Linear | nn.Conv2d))
