@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .init import init_scores, init_weight, layer_generator
-from .mask import (Threshold, mask_from_threshold, masked_weight, num_kept, sampled_masked_weight,
-                   topk_threshold)
+from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
+                   sampled_masked_weight, topk_threshold, warm_topk_threshold)  # noqa: F401
 
 BACKENDS = ("torch", "triton")
 MASK_KINDS = ("topk", "sampled")
@@ -52,7 +52,13 @@ class SupermaskMixin:
         if self.backend == "triton":
             from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
             return radix_topk_threshold(self.scores.detach(), num_kept(self.scores.numel(), self.k))
-        return topk_threshold(self.scores.detach().abs(), num_kept(self.scores.numel(), self.k))
+        # Warm start: the exact selection starts from the entries near the previous threshold
+        # (state kept per layer, outside state_dict); the result equals topk_threshold's.
+        warm = self.__dict__.get("_topk_warm")
+        if warm is None:
+            warm = self.__dict__["_topk_warm"] = TopKWarmStart()
+        return warm_topk_threshold(self.scores, num_kept(self.scores.numel(), self.k), warm,
+                                   stash=True)
 
     def mask(self) -> torch.Tensor:
         """The boolean mask currently in use (sampled masks: where sigmoid(score) > 0.5)."""

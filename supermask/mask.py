@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .select import kth_largest
+from .select import _GROUP, KTH_DIRECT_MAX, _scratch, kth_largest, select_counts  # noqa: F401
 
 
 def num_kept(n: int, k: float) -> int:
@@ -33,16 +33,21 @@ class Threshold(NamedTuple):
 
 
 def _threshold_from_value(magnitudes: torch.Tensor, value: torch.Tensor, n_keep: int) -> Threshold:
-    above = int((magnitudes > value).sum())
-    equal = int((magnitudes == value).sum())
+    above = int(torch.count_nonzero(magnitudes > value))
+    equal = int(torch.count_nonzero(magnitudes == value))
+    ties = n_keep - above
+    return Threshold(value, ties, ties != equal)
+
+
+def _threshold_from_counts(value: torch.Tensor, above: int, equal: int, n_keep: int) -> Threshold:
     ties = n_keep - above
     return Threshold(value, ties, ties != equal)
 
 
 def topk_threshold(magnitudes: torch.Tensor, n_keep: int) -> Threshold:
     """Threshold keeping the n_keep largest entries of magnitudes (any shape, flattened)."""
-    flat = magnitudes.reshape(-1)
-    return _threshold_from_value(flat, kth_largest(flat, n_keep), n_keep)
+    sel = select_counts(magnitudes, n_keep)  # the counts above/equal come with the selection
+    return _threshold_from_counts(sel.value, sel.above, sel.equal, n_keep)
 
 
 def mask_from_threshold(magnitudes: torch.Tensor, threshold: Threshold) -> torch.Tensor:
@@ -53,6 +58,167 @@ def mask_from_threshold(magnitudes: torch.Tensor, threshold: Threshold) -> torch
     # Deterministic tie-break: the first `ties` equal entries in flat order survive.
     first_ties = equal.reshape(-1).cumsum(0).reshape(magnitudes.shape) <= threshold.ties
     return (magnitudes > threshold.value) | (equal & first_ties)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start. Between two training steps the threshold moves little (typically by a few hundred
+# ranks), so a step counts, with two compare passes over |s|, the entries above a narrow value band
+# [lo, hi] around the previous threshold and at or above lo. The counts prove whether the new
+# threshold lies in the band; the band's few entries are then gathered (per-column counts of the
+# (16, n/16) view pick the columns holding them) and the exact selection runs on them alone.
+# The pass for `> hi` runs in place in the buffer of |s|; that 0/1 buffer, plus the band entries
+# that are kept, is the mask, and MaskedWeight turns it into the masked weight in place: a step
+# allocates one weight-sized tensor. A band that misses is widened (once), then the exact cold
+# selection runs. Every answer is exact; the band only decides the speed.
+# ---------------------------------------------------------------------------------------------
+WARM_MIN = KTH_DIRECT_MAX  # smaller layers use the plain cold selection (it is cheap there)
+_WARM_DTYPES = (torch.float32, torch.float64)
+_BAND_TARGET = 600  # entries the band aims to hold
+_BAND_SHIFT = 4.0  # the band also covers this many times the last threshold move
+
+
+class TopKWarmStart:
+    """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
+    magnitudes around it and its last move (plain floats; outside any state_dict)."""
+
+    __slots__ = ("key", "value", "density", "shift", "warm", "widened", "cold")
+
+    def __init__(self):
+        self.key = None
+        self.value = 0.0
+        self.density = 0.0  # entries per unit of magnitude near the threshold
+        self.shift = 0.0  # |last threshold move|
+        self.warm = self.widened = self.cold = 0  # statistics: how each step was answered
+
+    def reset(self):
+        self.key = None
+
+
+class _StashedThreshold(Threshold):
+    """A Threshold that also carries, for one MaskedWeight call, the float 0/1 mask it implies."""
+
+    def __new__(cls, value, ties, split, mask=None, scores=None):
+        self = super().__new__(cls, value, ties, split)
+        self._stash = None if mask is None else (mask, scores, scores._version)
+        return self
+
+
+def _take_stash(threshold, scores: torch.Tensor, weight: torch.Tensor):
+    stash = getattr(threshold, "_stash", None)
+    if stash is None:
+        return None
+    mask, owner, version = stash
+    threshold._stash = None  # single use: the buffer becomes the masked weight
+    if (owner is not scores or version != scores._version or mask.dtype != weight.dtype
+            or mask.shape != weight.shape or mask.device != weight.device):
+        return None
+    return mask
+
+
+def _as_dtype(x: float, dtype: torch.dtype) -> float:
+    """x rounded to dtype (so a Python-scalar compare uses exactly this bound)."""
+    return float(torch.tensor(x, dtype=dtype)) if dtype != torch.float64 else x
+
+
+def _band_pass(m: torch.Tensor, s_flat: torch.Tensor, n_keep: int, lo: float, hi: float):
+    """Counts and band of |s| for [lo, hi]; on success m holds (|s| > hi) as 0/1.
+
+    Returns (c_hi, c_lo, band_values, band_index) or (c_hi, c_lo, None, None) when the band does not
+    contain the n_keep-th largest (m then no longer holds |s|)."""
+    n = m.numel()
+    g = _GROUP
+    n0 = n - n % g
+    scratch = _scratch(n, m.device)
+    torch.ge(m, lo, out=scratch)
+    cols_lo = scratch[:n0].view(g, -1).sum(0)
+    tail_lo = scratch[n0:].clone()
+    torch.gt(m, hi, out=m)
+    cols_hi = m[:n0].view(g, -1).sum(0)
+    tail_hi = m[n0:]
+    c_lo = int(cols_lo.sum().item()) + (int(tail_lo.sum().item()) if n0 < n else 0)
+    c_hi = int(cols_hi.sum().item()) + (int(tail_hi.sum().item()) if n0 < n else 0)
+    if not c_hi < n_keep <= c_lo:
+        return c_hi, c_lo, None, None
+    cidx = torch.nonzero(cols_lo.sub_(cols_hi)).squeeze(1)
+    block = s_flat[:n0].view(g, -1).index_select(1, cidx).abs_()
+    keep = (block >= lo) & (block <= hi)
+    band = block[keep]
+    index = (torch.arange(g, device=m.device).unsqueeze(1) * (n0 // g) + cidx)[keep]
+    if n0 < n:
+        tkeep = (tail_lo - tail_hi).bool()
+        band = torch.cat([band, s_flat[n0:][tkeep].abs()])
+        index = torch.cat([index, torch.arange(n0, n, device=m.device)[tkeep]])
+    if band.numel() != c_lo - c_hi:  # cannot happen without NaN
+        return c_hi, c_lo, None, None
+    return c_hi, c_lo, band, index
+
+
+def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
+                        stash: bool = False) -> Threshold:
+    """``topk_threshold(scores.abs(), n_keep)`` (the very same Threshold), warm-started from state.
+
+    With ``stash`` the returned Threshold also carries the float 0/1 mask for the next
+    ``masked_weight`` call on these scores, so the mask is not computed twice."""
+    s = scores.detach()
+    n = s.numel()
+    if (n <= WARM_MIN or s.dtype not in _WARM_DTYPES or not s.is_contiguous()
+            or (s.dtype == torch.float32 and n >= 1 << 24)):
+        return topk_threshold(s.abs(), n_keep)
+    key = (n, n_keep, s.dtype, s.device)
+    s_flat = s.view(-1)
+    m = s.abs()
+    flat = m.view(-1)
+    if state.key == key and state.density > 0:
+        half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
+        v0 = state.value
+        lo, hi = _as_dtype(v0 - half, s.dtype), _as_dtype(v0 + half, s.dtype)
+        for attempt in range(2):
+            if attempt:
+                torch.abs(s_flat, out=flat)
+            c_hi, c_lo, band, index = _band_pass(flat, s_flat, n_keep, lo, hi)
+            if band is not None:
+                break
+            # Missed: widen towards the side the counts point to (by 8x the half width).
+            if c_hi >= n_keep:
+                lo, hi = hi, _as_dtype(hi + 8 * half, s.dtype)
+            else:
+                lo, hi = _as_dtype(max(lo - 8 * half, 0.0), s.dtype), lo
+        if band is not None:
+            if attempt:
+                state.widened += 1
+            else:
+                state.warm += 1
+            sel = select_counts(band, n_keep - c_hi)
+            v = sel.value
+            vf = float(v)
+            state.shift = abs(vf - v0)
+            if hi > lo:
+                state.density = 0.5 * state.density + 0.5 * max(band.numel(), 1) / (hi - lo)
+            state.value = vf
+            th = _threshold_from_counts(v, c_hi + sel.above, sel.equal, n_keep)
+            if th.split:  # m holds (|s| > hi); the tie-break needs the general path
+                return th
+            flat[index[band >= v]] = 1.0
+            return _StashedThreshold(v, th.ties, th.split, m, scores) if stash else th
+        torch.abs(s_flat, out=flat)
+    # Cold: exact selection from scratch, then a density estimate for the next step's band.
+    state.cold += 1
+    sel = select_counts(flat, n_keep)
+    v = sel.value
+    vf = float(v)
+    q = min(n_keep, n - n_keep, 64)
+    if q >= 1:
+        near = [float(select_counts(flat, n_keep - q).value), float(select_counts(flat, n_keep + q).value)]
+        width = near[0] - near[1]
+        state.density = 2 * q / width if width > 0 else 0.0
+    else:
+        state.density = 0.0
+    state.key, state.value, state.shift = key, vf, 0.0
+    th = _threshold_from_counts(v, sel.above, sel.equal, n_keep)
+    if not stash or th.split:
+        return th
+    torch.ge(m, v, out=m)
+    return _StashedThreshold(v, th.ties, th.split, m, scores)
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
@@ -70,16 +236,30 @@ def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshol
     magnitudes = [s.detach().abs().reshape(-1) for s in scores]
     flat = torch.cat([m.to(torch.float32) if m.dtype != magnitudes[0].dtype else m for m in magnitudes])
     n_keep = num_kept(flat.numel(), k)
-    value = kth_largest(flat, n_keep)
-    ties_left = n_keep - int((flat > value).sum())
+    sel = select_counts(flat, n_keep)
+    value = sel.value
+    ties_left = n_keep - sel.above
     out = []
     for m in magnitudes:
         v = value.to(m.dtype)
-        equal = int((m == v).sum())
+        equal = int(torch.count_nonzero(m == v))
         ties = min(ties_left, equal)
         ties_left -= ties
         out.append(Threshold(v, ties, ties != equal))
     return out
+
+
+def _masked(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """weight * mask in as few passes as eager torch allows (no bool tensor, no torch.where: on
+    CPU a compare with float output and an in-place multiply are the fastest kernels)."""
+    value = threshold.value
+    if (not threshold.split and scores.dtype == weight.dtype and value.dtype == scores.dtype
+            and scores.shape == weight.shape and weight.dtype.is_floating_point):
+        m = scores.abs()
+        torch.ge(m, value, out=m)  # 0/1 in |s|'s buffer
+        return m.mul_(weight)
+    mask = mask_from_threshold(scores.detach().abs(), threshold)
+    return weight * mask
 
 
 class MaskedWeight(torch.autograd.Function):
@@ -88,20 +268,30 @@ class MaskedWeight(torch.autograd.Function):
     d loss / d scores = (d loss / d masked weight) * weight * sign(scores), for every entry, kept or
     not: the mask is treated as the identity (edge-popup's straight-through estimator through |s|).
     The frozen weight gets no gradient.
+
+    Saved for backward: weight and scores themselves (no copies); the only weight-sized tensor a
+    call allocates is the masked weight it returns (built in the buffer of |scores|, or in the
+    buffer a warm-started Threshold carries).
     """
 
     @staticmethod
     def forward(ctx, weight, scores, threshold: Threshold):
         ctx.save_for_backward(weight, scores)
-        mask = mask_from_threshold(scores.detach().abs(), threshold)
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        stashed = _take_stash(threshold, scores, weight)
+        if stashed is not None:
+            return stashed.mul_(weight)
+        return _masked(weight, scores, threshold)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scores = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = grad_out * weight * torch.sign(scores)
+            if grad_out.dtype == weight.dtype == scores.dtype:
+                # sign(s) * w * g with one allocation (sign(0) = 0).
+                grad_scores = torch.sign(scores).mul_(weight).mul_(grad_out)
+            else:
+                grad_scores = (grad_out * weight * torch.sign(scores)).to(scores.dtype)
         return None, grad_scores, None
 
 
