@@ -381,16 +381,23 @@ def fig_overlap_vs_rounds(rows, path):
     plt = _plt()
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for (a, imp) in dict.fromkeys((r["a"], r["imp"]) for r in rows):
         rs = sorted((r for r in rows if r["a"] == a and r["imp"] == imp), key=lambda r: -r["imp_density"])
         xs = [100 * r["imp_density"] for r in rs]
-        line, = ax.plot(xs, [r["iou"] for r in rs], marker="o", label=f"{a} vs {Path(imp).name[:24]}")
-        ax.plot(xs, [r["chance"] for r in rs], ls=":", color=line.get_color())
-    ax.invert_xaxis()
-    ax.set_xlabel("IMP weights remaining (%) in the compared layers")
-    ax.set_ylabel("IoU (dotted: chance)")
-    ax.legend(fontsize=7)
+        label = f"{a} vs {rs[0]['b'].rsplit(' r', 1)[0]}"
+        line, = axes[0].plot(xs, [r["iou"] for r in rs], marker="o", label=label)
+        axes[0].plot(xs, [r["chance"] for r in rs], ls=":", color="black", lw=0.8)
+        axes[1].plot(xs, [r["iou"] / r["chance"] for r in rs], marker="o", label=label, color=line.get_color())
+    axes[1].axhline(1, color="black", ls=":", lw=0.8)
+    for ax in axes:
+        ax.invert_xaxis()
+        ax.set_xlabel("IMP weights remaining (%) in the compared layers")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("IoU (dotted: chance)")
+    axes[1].set_ylabel("IoU / chance (1: independent)")
+    axes[1].set_title("Overlap relative to chance")
+    ax = axes[0]
     ax.set_title("Edge-popup mask vs every IMP round")
     _save(fig, path)
     return True
@@ -469,11 +476,15 @@ def fig_kept_weights(tickets, path):
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3), squeeze=False)
     for j, n in enumerate(names):
         ax = axes[0][j]
-        for t in shown:
-            if n in t.masks:
-                w = t.weights[n][t.masks[n]].abs()
-                if w.numel():
-                    ax.hist(w.numpy(), bins=60, density=True, histtype="step", label=t.label)
+        kept = {t.label: t.weights[n][t.masks[n]].abs() for t in shown if n in t.masks and t.masks[n].any()}
+        hi = max((w.max().item() for w in kept.values()), default=1.0) or 1.0
+        for i, (label, w) in enumerate(kept.items()):
+            color = f"C{i}"
+            if w.max() == w.min():  # signed constant: every kept weight has the same magnitude
+                ax.axvline(w[0].item(), color=color, ls="--", lw=1.2 + 0.8 * (i % 2), label=f"{label} (all one value)")
+            else:
+                ax.hist(w.numpy(), bins=torch.linspace(0, hi, 60).tolist(), density=True, histtype="step",
+                        color=color, label=label)
         ax.set_title(f"layer {n}", fontsize=9)
         ax.set_xlabel("|w| of kept weights", fontsize=8)
         ax.tick_params(labelsize=7)
