@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import training
+from . import distributed, training
 from .cli import Parser, resolve_device, run_main
 from .init import INITS
 from .models import MODELS
@@ -90,6 +90,8 @@ def validate(args):
         args.output_prune_rate = args.prune_rate / 2
     if not 0 <= args.output_prune_rate < 1:
         raise UsageError(f"--output-prune-rate must be in [0, 1), got {args.output_prune_rate}")
+    if args.dataset in data_mod.STREAMED:
+        raise UsageError(f"IMP needs an in-memory dataset; {args.dataset} is read from disk (use supermask.train)")
     if args.ticket is not None and args.control is None:
         raise UsageError("--ticket only makes sense with --control")
 
@@ -201,19 +203,27 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
                          f"({cfg.epochs * steps_per_epoch} iterations)")
     if control and (ticket is None or not (Path(ticket) / "config.json").is_file()):
         raise UsageError(f"--control {control} needs the ticket run, not found at {ticket}")
-    prepare_imp_dir(out, config, rounds)
+    # Under torchrun, rank 0 writes the run's files and the other ranks read them after it (the
+    # run_on_main calls synchronise): --out must be on a file system every node sees.
+    if not distributed.is_main():
+        log = lambda *_a, **_k: None  # noqa: E731
+    distributed.run_on_main(prepare_imp_dir, out, config, rounds)
 
     # The weights every round starts from (the state at initialisation, init.pt).
     init_path = out / "init.pt"
-    if not init_path.is_file():
-        model = _dense_model(config, dataset)
-        if control == "reinit":
-            reinit_(model, config["init"], config["seed"])
-        save_checkpoint(init_path, model.state_dict())
-    init_state = _load_state(init_path)
     rewind_path = out / "rewind.pt"
-    if control == "random-mask" and config["rewind_iter"] and not rewind_path.is_file():
-        shutil.copyfile(Path(ticket) / "rewind.pt", rewind_path)
+
+    def write_start_files():
+        if not init_path.is_file():
+            model = _dense_model(config, dataset)
+            if control == "reinit":
+                reinit_(model, config["init"], config["seed"])
+            save_checkpoint(init_path, model.state_dict())
+        if control == "random-mask" and config["rewind_iter"] and not rewind_path.is_file():
+            shutil.copyfile(Path(ticket) / "rewind.pt", rewind_path)
+
+    distributed.run_on_main(write_start_files)
+    init_state = _load_state(init_path)
 
     label = f"{control} " if control else ""
     prev = None  # (final weights, masks) of the previous ticket round
@@ -221,7 +231,7 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
         rdir = out / f"round_{r:02d}"
         round_config = {"command": "imp-round", "round": r, **config}
         if (rdir / "results.json").is_file():
-            prepare_run_dir(rdir, round_config, resume=True)  # checks the config (finished: "done")
+            distributed.run_on_main(prepare_run_dir, rdir, round_config, True)  # checks the config ("done")
             ckpt = load_checkpoint(rdir / "checkpoint.pt")
             prev = (ckpt["model"], ckpt["masks"])
             continue
@@ -250,14 +260,17 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
             if not rewind_path.is_file():
                 raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
             start = _load_state(rewind_path)
-        has_cfg = (rdir / "config.json").is_file()
-        if has_cfg and not (rdir / "checkpoint.pt").is_file():
-            if json.loads((rdir / "config.json").read_text()) != round_config:
-                raise UsageError(f"{rdir} holds a round of another configuration; choose another --out")
-            state = "new"  # interrupted before its first epoch ended: start it again
-        else:
-            state = prepare_run_dir(rdir, round_config, resume=has_cfg)
-        resume = load_checkpoint(rdir / "checkpoint.pt") if state == "resume" else None
+        def open_round(rdir=rdir, round_config=round_config):
+            has_cfg = (rdir / "config.json").is_file()
+            if has_cfg and not (rdir / "checkpoint.pt").is_file():
+                if json.loads((rdir / "config.json").read_text()) != round_config:
+                    raise UsageError(f"{rdir} holds a round of another configuration; choose another --out")
+                state = "new"  # interrupted before its first epoch ended: start it again
+            else:
+                state = prepare_run_dir(rdir, round_config, resume=has_cfg)
+            return load_checkpoint(rdir / "checkpoint.pt") if state == "resume" else None
+
+        resume = distributed.run_on_main(open_round)
 
         model = _dense_model(config, dataset).to(device)
         rewind_(model, start, masks)
@@ -269,7 +282,7 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
             def after_step(m, step=step):
                 keeper(m)
                 step[0] += 1
-                if step[0] == config["rewind_iter"] and not rewind_path.is_file():
+                if step[0] == config["rewind_iter"] and distributed.is_main() and not rewind_path.is_file():
                     save_checkpoint(rewind_path, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
 
         sp = sparsity(masks)
@@ -278,6 +291,7 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
                                  desc=f"{label}round {r}/{rounds} ", log=log,
                                  checkpoint_extra={"masks": masks, "round": r})
         keeper.remove()
+        distributed.barrier()  # rank 0's files (rewind.pt, the round's results) exist before any rank looks
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
             raise UsageError(f"round 0 ended without reaching --rewind-iter {config['rewind_iter']}")
         prev = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, masks)
@@ -290,7 +304,8 @@ def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
     results = {"config": stored, "rounds": _finished_rows(out)}
     if ticket is not None:
         results["ticket"] = str(ticket)
-    write_json(out / "results.json", results)
+    if distributed.is_main():
+        write_json(out / "results.json", results)
     return results
 
 
@@ -307,7 +322,13 @@ def format_rounds(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     validate(args)
-    device = resolve_device(args.device)
+    # Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise a no-op.
+    with distributed.session(resolve_device(args.device)) as device:
+        return _imp_main(args, device)
+
+
+def _imp_main(args, device: torch.device) -> int:
+    say = print if distributed.is_main() else (lambda *_a, **_k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = imp_config(args)
@@ -320,14 +341,14 @@ def main(argv=None) -> int:
         ticket = Path(args.ticket) if args.ticket else out.parent / run_name(tconfig)
         check_imp_dir(ticket, tconfig)
         check_imp_dir(out, config)  # fail before training the ticket, not after
-        print(f"ticket run: {ticket}")
+        say(f"ticket run: {ticket}")
         run_imp(tconfig, ticket, args.rounds, dataset, device, progress=progress)
     kind = f"control {args.control}" if args.control else "ticket"
-    print(f"IMP {args.model} x{args.width:g} ({kind}) on {args.dataset}, {device} -> {out}")
+    say(f"IMP {args.model} x{args.width:g} ({kind}) on {args.dataset}, {device} -> {out}")
     results = run_imp(config, out, args.rounds, dataset, device, ticket, progress=progress)
     rows = [row for row in results["rounds"] if row["round"] <= args.rounds]
-    print(format_rounds(rows))
-    print(f"results in {out / 'results.json'}")
+    say(format_rounds(rows))
+    say(f"results in {out / 'results.json'}")
     return 0
 
 

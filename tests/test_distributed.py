@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from supermask import data as data_mod
 from supermask import distributed
+from supermask import imp as imp_cli
 from supermask import train as train_cli
 from supermask import training
 
@@ -30,6 +31,8 @@ WORLD = 2
 EPOCHS = 2
 STOP_AT = 25  # iterations; synthetic has 20 per epoch at batch 128: interrupted in epoch 2
 RUN = ["--dataset", "synthetic", "--epochs", str(EPOCHS), "--no-progress", "--device", "cpu"]
+IMP = ["--dataset", "synthetic", "--width", "0.5", "--rounds", "1", "--epochs", "1", "--rewind-iter", "5",
+       "--no-progress", "--device", "cpu"]
 
 
 def _free_port() -> int:
@@ -113,6 +116,8 @@ def _worker(rank: int, port: int, tmp: str):
     distributed.barrier()
     report["folder"] = training.train(model, folder, cfg, torch.device("cpu"), out, progress=False, log=lambda *_: None)
     report["folder_test"] = training.evaluate_streamed(model, folder.test, torch.device("cpu"), 3)
+    # 6. IMP (dense weights synchronised, masks from magnitudes, rewind.pt written by rank 0).
+    imp_cli.main([*IMP, "--out", str(tmp / "imp_dist")])
     active[0] = False
     report["writes"] = writes
     (tmp / f"report{rank}.pkl").write_bytes(pickle.dumps(report))
@@ -140,6 +145,7 @@ def runs(tmp_path_factory):
     mp.start_processes(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, start_method="spawn", join=True)
     reports = [pickle.loads((tmp / f"report{r}.pkl").read_bytes()) for r in range(WORLD)]
     assert train_cli.main([*RUN, "--out", str(tmp / "single")]) == 0
+    assert imp_cli.main([*IMP, "--out", str(tmp / "imp_single")]) == 0
     return tmp, reports
 
 
@@ -267,6 +273,23 @@ def test_models_match_torchvision_weight_counts():
 
     assert count(build("resnet50", (3, 224, 224), 1000)) == count(torchvision.models.resnet50())
     assert count(build("wide_resnet50_2", (3, 224, 224), 1000)) == count(torchvision.models.wide_resnet50_2())
+
+
+def test_imp_two_processes_match_one(runs):
+    tmp, _ = runs
+    for name in ("rewind.pt", "init.pt"):
+        a, b = (torch.load(tmp / d / name, weights_only=True) for d in ("imp_dist", "imp_single"))
+        a, b = a.get("model", a), b.get("model", b)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for r in ("round_00", "round_01"):
+        dist, single = _ckpt(tmp / "imp_dist" / r), _ckpt(tmp / "imp_single" / r)
+        for key in single["masks"]:
+            assert torch.equal(dist["masks"][key], single["masks"][key]), (r, key)
+        for key in single["model"]:
+            torch.testing.assert_close(dist["model"][key], single["model"][key], rtol=1e-5, atol=1e-6)
+    rows = [json.loads((tmp / d / "results.json").read_text())["rounds"] for d in ("imp_dist", "imp_single")]
+    assert [r["weights_kept"] for r in rows[0]] == [r["weights_kept"] for r in rows[1]]
 
 
 @pytest.mark.slow
