@@ -30,7 +30,6 @@ def cli(*argv):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert train_mod.main([*TINY, "--seed", "3", "--out", str(root / "ep")]) == 0
-    assert train_mod.main([*TINY, "--dense", "--out", str(root / "dense")]) == 0
     assert imp_mod.main([*TINY, "--rounds", "1", "--val-every", "0", "--out", str(root / "imp")]) == 0
     return root
 
@@ -201,7 +200,6 @@ def test_bad_inputs_one_line_exit_2_nothing_overwritten(runs, tmp_path, capsys):
     one_line_error(capsys, cli(runs / "ep", "--compact", "--out", existing), "--force")
     assert existing.read_bytes() == b"keep me"
     one_line_error(capsys, cli(runs / "imp", "--out", tmp_path / "a.pt2"), "round folders", "round_01")
-    one_line_error(capsys, cli(runs / "dense", "--compact", "--out", tmp_path / "b.smask"), "--compact")
     one_line_error(capsys, cli(runs / "imp" / "round_01", "--compact", "--out", tmp_path / "b.smask"), "--compact")
     one_line_error(capsys, cli(tmp_path / "nope", "--out", tmp_path / "c.pt2"), "nope")
     one_line_error(capsys, cli(runs / "ep", "--out", tmp_path / "no" / "dir.pt2"), "does not exist")
