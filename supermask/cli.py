@@ -24,7 +24,8 @@ def run_main(prog: str, main, argv=None) -> int:
     try:
         return main(argv) or 0
     except (UsageError, DataError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last finished epoch is checkpointed (use --resume)", file=sys.stderr)
