@@ -12,6 +12,7 @@ selection (``supermask.select``), never a full sort. The same description serves
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -81,10 +82,13 @@ class TopKWarmStart:
     """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
     magnitudes around it and its last move (plain floats; outside any state_dict)."""
 
-    __slots__ = ("key", "value", "density", "shift", "warm", "widened", "cold")
+    __slots__ = ("key", "value", "density", "shift", "warm", "widened", "cold", "buf", "last",
+                 "__weakref__")
 
     def __init__(self):
         self.key = None
+        self.buf: torch.Tensor | None = None  # storage of the layer's masked weight, reused
+        self.last = None  # weakref to the masked weight last handed out from buf
         self.value = 0.0
         self.density = 0.0  # entries per unit of magnitude near the threshold
         self.shift = 0.0  # |last threshold move|
@@ -92,6 +96,26 @@ class TopKWarmStart:
 
     def reset(self):
         self.key = None
+        self.buf = self.last = None
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "warm", "widened", "cold")}
+
+    def __setstate__(self, state):
+        self.__init__()
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _layer_buffer(state: TopKWarmStart, s: torch.Tensor) -> torch.Tensor:
+    """The layer's masked-weight buffer: reused once the masked weight handed out last step is gone
+    (its graph freed), else a fresh one. Keeps a step from faulting in a new weight-sized buffer."""
+    base, last = state.buf, state.last
+    state.last = None
+    if (base is None or base.numel() != s.numel() or base.dtype != s.dtype or base.device != s.device
+            or (last is not None and last() is not None)):
+        base = state.buf = torch.empty(s.numel(), dtype=s.dtype, device=s.device)
+    return base.view(s.shape)
 
 
 class _StashedThreshold(Threshold):
@@ -166,7 +190,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
         return topk_threshold(s.abs(), n_keep)
     key = (n, n_keep, s.dtype, s.device)
     s_flat = s.view(-1)
-    m = s.abs()
+    m = torch.abs(s, out=_layer_buffer(state, s)) if stash else s.abs()
     flat = m.view(-1)
     if state.key == key and state.density > 0:
         half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
@@ -199,7 +223,10 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             if th.split:  # m holds (|s| > hi); the tie-break needs the general path
                 return th
             flat[index[band >= v]] = 1.0
-            return _StashedThreshold(v, th.ties, th.split, m, scores) if stash else th
+            if not stash:
+                return th
+            state.last = weakref.ref(m)
+            return _StashedThreshold(v, th.ties, th.split, m, scores)
         torch.abs(s_flat, out=flat)
     # Cold: exact selection from scratch, then a density estimate for the next step's band.
     state.cold += 1
@@ -218,6 +245,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     if not stash or th.split:
         return th
     torch.ge(m, v, out=m)
+    state.last = weakref.ref(m)
     return _StashedThreshold(v, th.ties, th.split, m, scores)
 
 
@@ -287,9 +315,13 @@ class MaskedWeight(torch.autograd.Function):
         weight, scores = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            if grad_out.dtype == weight.dtype == scores.dtype:
-                # sign(s) * w * g with one allocation (sign(0) = 0).
-                grad_scores = torch.sign(scores).mul_(weight).mul_(grad_out)
+            if (grad_out.dtype == weight.dtype == scores.dtype and scores.is_contiguous()
+                    and grad_out.shape == scores.shape):
+                # g * w * sign(s) (sign(0) = 0): sign into a reused scratch buffer, so the
+                # returned gradient is the only weight-sized allocation.
+                sign = torch.sign(scores, out=_scratch(scores.numel(), scores.device, scores.dtype)
+                                  .view(scores.shape))
+                grad_scores = torch.mul(grad_out, weight).mul_(sign)
             else:
                 grad_scores = (grad_out * weight * torch.sign(scores)).to(scores.dtype)
         return None, grad_scores, None

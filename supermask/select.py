@@ -20,6 +20,7 @@ Plain torch only (no NumPy), so it runs unchanged on any device torch supports.
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -118,21 +119,24 @@ def _order_stat_bounds(sample: torch.Tensor, k: int, n: int):
     return lo, hi
 
 
-_scratches: dict[str, torch.Tensor] = {}
+_local = threading.local()  # per-thread scratch buffers (autograd may run on several threads)
 # Scratch buffers up to this many elements are kept between calls (fresh multi-megabyte buffers
 # cost page faults on every call); larger ones are allocated per call.
 _SCRATCH_KEEP = 1 << 22
 
 
-def _scratch(n: int, device: torch.device) -> torch.Tensor:
-    """A float32 scratch vector of n elements (contents undefined), reused between calls."""
+def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scratch vector of n elements (contents undefined), reused between calls on this thread."""
     if n > _SCRATCH_KEEP:
-        return torch.empty(n, dtype=torch.float32, device=device)
-    key = str(device)
-    buf = _scratches.get(key)
+        return torch.empty(n, dtype=dtype, device=device)
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    key = (str(device), dtype)
+    buf = cache.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, 1 << 16), dtype=torch.float32, device=device)
-        _scratches[key] = buf
+        buf = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+        cache[key] = buf
     return buf[:n]
 
 

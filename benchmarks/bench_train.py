@@ -1,0 +1,370 @@
+"""Supermask training speed vs dense training, on the CPU reference path (and Triton when CUDA is there).
+
+One process trains the same fully connected network (784 -> 300w -> 100w -> 10, no biases, ReLU)
+for one epoch (after a warm-up) five ways:
+
+  dense        plain nn.Linear training (the baseline; ratios are to this)
+  sort         GetSubnet as in the official hidden-networks code: |scores| sorted every step, an
+               autograd.Function returns the 0/1 mask, out = weight * mask
+  kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
+  supermask    this library's reference path (supermask.convert): exact top-k without sorting,
+               warm-started from the previous step's threshold
+  triton       supermask.set_backend(model, "triton"), only when torch.cuda.is_available()
+
+SGD lr 0.1, momentum 0.9, weight decay 1e-4 everywhere. Data: Fashion-MNIST from
+/usr/share/datasets/fashion-mnist when present (IDX gz read with gzip + torch.frombuffer), else
+synthetic data of the same shape; kept in memory as tensors and sliced into batches.
+
+Then a selection micro-benchmark: the k-th largest (k = n/2) of n random values, this library's
+kth_largest (cold) and warm-started layer threshold vs torch.sort, torch.kthvalue, torch.topk.
+
+    python benchmarks/bench_train.py                  # defaults: fc, width 2.5, k 0.5, 2 threads
+    python benchmarks/bench_train.py --skip-slow      # no sort / kthvalue GetSubnet epochs
+
+Prints tables and writes benchmarks/results/train_<model>.json and .md and select_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import supermask  # noqa: E402
+from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa: E402
+from supermask.select import kth_largest  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def _read_idx_gz(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
+    images, labels = FASHION / "train-images-idx3-ubyte.gz", FASHION / "train-labels-idx1-ubyte.gz"
+    if images.exists() and labels.exists():
+        x = _read_idx_gz(images).unsqueeze(1).float().div_(255.0)
+        x = (x - 0.2860) / 0.3530
+        return x, _read_idx_gz(labels).long(), "fashion-mnist"
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g), "synthetic"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: dense, the official GetSubnet (sort / kthvalue), this library
+# ---------------------------------------------------------------------------------------------
+def fc(width: float) -> nn.Sequential:
+    h1, h2 = int(300 * width), int(100 * width)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, h1, bias=False), nn.ReLU(),
+                         nn.Linear(h1, h2, bias=False), nn.ReLU(), nn.Linear(h2, 10, bias=False))
+
+
+class GetSubnetSort(torch.autograd.Function):
+    """hidden-networks' GetSubnet: sort the scores, zero the bottom (1 - k), one the top k."""
+
+    @staticmethod
+    def forward(ctx, scores, k):
+        out = scores.clone()
+        _, idx = scores.flatten().sort()
+        j = int((1 - k) * scores.numel())
+        flat_out = out.flatten()
+        flat_out[idx[:j]] = 0
+        flat_out[idx[j:]] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class GetSubnetKth(torch.autograd.Function):
+    """The README's faster variant: one torch.kthvalue instead of the sort."""
+
+    @staticmethod
+    def forward(ctx, scores, k):
+        j = int((1 - k) * scores.numel())
+        if j < 1:
+            return torch.ones_like(scores)
+        thr = torch.kthvalue(scores.flatten(), j).values
+        return (scores > thr).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class SubnetLinear(nn.Linear):
+    def __init__(self, linear: nn.Linear, k: float, fn):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.k, self.fn = k, fn
+        self.scores = nn.Parameter(torch.empty_like(self.weight))
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        self.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.fn.apply(self.scores.abs(), self.k))
+
+
+def official(model: nn.Sequential, k: float, fn) -> nn.Sequential:
+    return nn.Sequential(*[SubnetLinear(m, k, fn) if isinstance(m, nn.Linear) else m for m in model])
+
+
+def build(method: str, width: float, k: float) -> nn.Module:
+    torch.manual_seed(0)
+    if method == "dense":
+        return fc(width)
+    if method == "sort":
+        return official(fc(width), k, GetSubnetSort)
+    if method == "kthvalue":
+        return official(fc(width), k, GetSubnetKth)
+    model = supermask.convert(fc(width), k)
+    if method == "triton":
+        model = supermask.set_backend(model.cuda(), "triton")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training timing
+# ---------------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x, y = x.to(device), y.to(device)
+    n = x.shape[0]
+    steps = (n + batch_size - 1) // batch_size
+
+    def step(i):
+        xb, yb = x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    model.train()
+    for i in range(warmup_steps):
+        step(i % steps)
+    sync(device)
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = step(i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, float(loss)
+
+
+def bench_training(args, x, y):
+    methods = ["dense", "supermask"]
+    if not args.skip_slow:
+        methods += ["kthvalue", "sort"]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        methods.append("triton")
+    # The fast ways are timed `repeats` times, interleaved (dense, supermask, dense, ...), so a
+    # load change on a shared machine hits both alike; the best epoch of each is reported.
+    order = []
+    for r in range(args.repeats):
+        order += ["dense", "supermask"]
+        if r == 0:
+            order += [m for m in methods if m not in ("dense", "supermask")]
+    models = {}
+    rows: dict[str, dict] = {}
+    for method in order:
+        device = torch.device("cuda" if method == "triton" else "cpu")
+        if method not in models:
+            try:
+                models[method] = build(method, args.width, args.k)
+            except Exception as e:  # e.g. Triton kernels not available
+                rows[method] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{method:10s} skipped: {rows[method]['error']}", flush=True)
+                continue
+        if "error" in rows.get(method, {}):
+            continue
+        try:
+            times, loss = run_epochs(models[method], x, y, args.batch_size, args.warmup_steps,
+                                     args.epochs_measured, device)
+        except Exception as e:
+            rows[method] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{method:10s} failed: {rows[method]['error']}", flush=True)
+            continue
+        row = rows.setdefault(method, {"epoch_s": [], "device": str(device)})
+        row["epoch_s"] += times
+        row["final_loss"] = loss
+        print(f"{method:10s} epoch {min(times):7.3f} s  (loss {loss:.3f})", flush=True)
+    dense = min(rows["dense"]["epoch_s"])
+    for method, row in rows.items():
+        if "epoch_s" in row:
+            row["best_epoch_s"] = min(row["epoch_s"])
+            row["ratio_to_dense"] = row["best_epoch_s"] / dense
+    if "supermask" in models:
+        stats = {}
+        for name, layer in supermask.supermask_layers(models["supermask"]):
+            st = layer.__dict__.get("_topk_warm")
+            if st is not None and st.key is not None:
+                stats[name] = {"numel": layer.scores.numel(), "warm": st.warm, "widened": st.widened,
+                               "cold": st.cold}
+        rows["supermask"]["warm_start"] = stats
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection micro-benchmark
+# ---------------------------------------------------------------------------------------------
+def _time(fn, budget_s=1.0, max_reps=50, min_reps=3):
+    fn()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_select(sizes, device):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in sizes:
+        x = torch.randn(n, generator=g).to(device)
+        k = n // 2
+        state = TopKWarmStart()
+        scores = x.clone()
+        warm_topk_threshold(scores, k, state)
+        drift = torch.randn(n, generator=g).to(device) * 1e-4
+        flip = [1.0]
+
+        def warm():
+            # one training-like step: scores move a little, the threshold is found again
+            scores.add_(drift, alpha=flip[0])
+            flip[0] = -flip[0]
+            warm_topk_threshold(scores, k, state)
+
+        def sync_fn(f):
+            def run():
+                f()
+                sync(torch.device(device))
+            return run
+
+        budget = 1.5 if n >= 10**6 else 0.5
+        t = {
+            "kth_largest": _time(sync_fn(lambda: kth_largest(x, k)), budget),
+            "warm_layer_threshold": _time(sync_fn(warm), budget) if n > 16384 else None,
+            "torch.kthvalue": _time(sync_fn(lambda: torch.kthvalue(x, n - k + 1)), budget),
+            "torch.sort": _time(sync_fn(lambda: torch.sort(x, descending=True, stable=True)), budget,
+                                max_reps=5 if n >= 10**7 else 50),
+            "torch.topk": _time(sync_fn(lambda: torch.topk(x, k, sorted=False)), budget,
+                                max_reps=5 if n >= 10**7 else 50),
+        }
+        row = {"n": n, "seconds": t,
+               "elements_per_s": {m: (n / s if s else None) for m, s in t.items()},
+               "speedup_vs_kthvalue": {m: (t["torch.kthvalue"] / s if s else None) for m, s in t.items()}}
+        rows.append(row)
+        print(f"n={n:>9,d}  " + "  ".join(f"{m} {s * 1e3:8.3f} ms" for m, s in t.items() if s is not None),
+              flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+def markdown(args, data_name, rows, sel_rows) -> str:
+    lines = [f"## Training speed: {args.model}, width {args.width}, k {args.k}, batch {args.batch_size}, "
+             f"{args.threads} CPU threads ({data_name})", "",
+             "| method | epoch (s) | ratio to dense |", "|---|---:|---:|"]
+    label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
+             "supermask": "supermask reference path", "triton": "supermask Triton backend"}
+    for method in ("dense", "sort", "kthvalue", "supermask", "triton"):
+        row = rows.get(method)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"| {label[method]} | n/a | ({row['error'][:60]}) |")
+        else:
+            lines.append(f"| {label[method]} | {row['best_epoch_s']:.2f} | {row['ratio_to_dense']:.2f}x |")
+    if sel_rows:
+        lines += ["", "## Selection: k-th largest of n (k = n/2), median time", "",
+                  "| n | kth_largest | warm layer threshold | torch.kthvalue | torch.sort | torch.topk | kth_largest vs kthvalue |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sel_rows:
+            t = r["seconds"]
+
+            def ms(v):
+                return "n/a" if v is None else f"{v * 1e3:.3f} ms"
+
+            lines.append(f"| {r['n']:,} | {ms(t['kth_largest'])} | {ms(t['warm_layer_threshold'])} | "
+                         f"{ms(t['torch.kthvalue'])} | {ms(t['torch.sort'])} | {ms(t['torch.topk'])} | "
+                         f"{r['speedup_vs_kthvalue']['kth_largest']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fc", choices=["fc"])
+    p.add_argument("--width", type=float, default=2.5)
+    p.add_argument("--k", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epochs-measured", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=2, help="timed epochs of dense and supermask (interleaved)")
+    p.add_argument("--skip-slow", action="store_true", help="skip the sort and kthvalue GetSubnet epochs")
+    p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
+    p.add_argument("--no-select", action="store_true")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()}
+
+    rows, data_name = {}, "n/a"
+    if not args.no_train:
+        x, y, data_name = load_data()
+        print(f"training {args.model} width {args.width} k {args.k} batch {args.batch_size} on {data_name}, "
+              f"{torch.get_num_threads()} threads", flush=True)
+        rows = bench_training(args, x, y)
+        (out / f"train_{args.model}.json").write_text(json.dumps(
+            {"meta": meta, "args": vars(args), "data": data_name, "results": rows}, indent=2))
+    sel_rows = []
+    if not args.no_select:
+        sizes = [int(float(s)) for s in args.select_sizes.split(",")]
+        print(f"selection micro-benchmark ({torch.get_num_threads()} threads)", flush=True)
+        sel_rows = bench_select(sizes, "cpu")
+        (out / "select_cpu.json").write_text(json.dumps({"meta": meta, "results": sel_rows}, indent=2))
+    md = markdown(args, data_name, rows, sel_rows)
+    print()
+    print(md)
+    if not args.no_train:
+        (out / f"train_{args.model}.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()
