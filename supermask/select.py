@@ -70,7 +70,12 @@ def _check(n: int, k: int) -> None:
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of x (flattened), 1 <= k <= x.numel(), as a 0-dim tensor of x's dtype."""
-    return select_counts(x, k).value
+    flat = x.reshape(-1)
+    n = flat.numel()
+    _check(n, k)
+    if n <= KTH_DIRECT_MAX or flat.dtype not in _FAST_DTYPES:
+        return torch.kthvalue(flat, n - k + 1).values  # small: no counts needed
+    return select_counts(flat, k).value
 
 
 def kth_largest_kthvalue(x: torch.Tensor, k: int) -> torch.Tensor:
