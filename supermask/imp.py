@@ -18,6 +18,7 @@ nothing; an interrupted round resumes from its last epoch; a larger --rounds ext
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -92,13 +93,32 @@ def validate(args):
         raise UsageError(f"--output-prune-rate must be in [0, 1), got {args.output_prune_rate}")
     if args.dataset in data_mod.STREAMED:
         raise UsageError(f"IMP needs an in-memory dataset; {args.dataset} is read from disk (use supermask.train)")
+    if args.schedule == "multistep" and not args.milestones:
+        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.ticket is not None and args.control is None:
         raise UsageError("--ticket only makes sense with --control")
 
 
+# The identity of the first IMP runs. A flag added since (e.g. train's --warmup-epochs) joins a
+# run's identity only when it is set away from its default, so existing runs keep their names.
+CORE_KEYS = ("batch_size", "control", "dataset", "epochs", "init", "lr", "model", "momentum", "optimizer",
+             "output_prune_rate", "prune_rate", "rewind_iter", "schedule", "scope", "seed", "val_every",
+             "val_size", "weight_decay", "width")
+
+
 def imp_config(args) -> dict:
-    """The run's identity: every flag that changes what is computed, except --rounds."""
-    return {"command": "imp", **{k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}}
+    """The run's identity: every flag that changes what is computed, except --rounds (JSON types)."""
+    defaults = vars(parser().parse_args([]))
+    config = {}
+    for k, v in vars(args).items():
+        if k in NOT_IDENTITY or (k not in CORE_KEYS and v == defaults.get(k, object())):
+            continue
+        config[k] = list(v) if isinstance(v, tuple) else v
+    return {"command": "imp", **config}
 
 
 def run_name(config: dict) -> str:
@@ -117,10 +137,11 @@ def default_out(config: dict, runs_dir: str | Path = "runs") -> Path:
 
 
 def train_config(config: dict) -> training.TrainConfig:
-    return training.TrainConfig(
-        epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"], optimizer=config["optimizer"],
-        momentum=config["momentum"], weight_decay=config["weight_decay"], schedule=config["schedule"],
-        seed=config["seed"], val_every=config["val_every"])
+    """TrainConfig from the run config: every TrainConfig field the config sets (the others at
+    their defaults, which is what an absent optional flag means)."""
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"extra"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+    return training.TrainConfig(**kwargs)
 
 
 def _dense_model(config: dict, dataset) -> torch.nn.Module:

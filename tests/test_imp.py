@@ -1,0 +1,220 @@
+"""python -m supermask.imp: the storage contract, exact rewinding, controls, resume, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from supermask import data as data_mod
+from supermask import imp, pruning, training
+from supermask.cli import run_main
+
+BASE = ["--dataset", "synthetic", "--width", "0.05", "--epochs", "2", "--rounds", "2", "--val-every", "5",
+        "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every training.train call imp makes: (round folder, resume epoch or None, starting weights)."""
+    real = training.train
+    seen = []
+
+    def spy(model, dataset, cfg, device, out=None, resume=None, *args, **kwargs):
+        seen.append((out.name if out else None, resume["epoch"] if resume else None,
+                     {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real(model, dataset, cfg, device, out, resume, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    return seen
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_storage_contract_and_nothing_recomputed(tmp_path, calls):
+    out = tmp_path / "ticket"
+    assert imp.main([*BASE, "--out", str(out)]) == 0
+    assert [c[0] for c in calls] == ["round_00", "round_01", "round_02"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "imp" and config["rounds"] == 2 and config["init"] == "kaiming_normal"
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for key in ("weights_remaining", "test_acc", "best_test_acc", "val_acc", "early_stop_iteration",
+                "seconds_per_epoch"):
+        assert all(r[key] is not None for r in rows), key
+    assert rows[0]["weights_remaining"] == 100.0
+    assert 79 < rows[1]["weights_remaining"] < 81 and 63 < rows[2]["weights_remaining"] < 65
+    assert rows[0]["early_stop_iteration"] % 5 == 0  # validation every 5 iterations, not per epoch
+    init = ckpt(out / "init.pt")
+    prev = None
+    for r in range(3):
+        rdir = out / f"round_{r:02d}"
+        for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json"):
+            assert (rdir / name).is_file()
+        c = ckpt(rdir / "checkpoint.pt")
+        masks = c["masks"]
+        assert set(masks) == {n for n, _ in pruning.prunable_layers(imp._dense_model(config, data_mod.load("synthetic")))}
+        for name, m in masks.items():
+            assert m.dtype == torch.bool
+            assert (c["model"][f"{name}.weight"][~m] == 0).all(), "a pruned weight is not zero after training"
+            if prev is not None:
+                assert not (m & ~prev[name]).any(), "masks must be nested"
+        # Round r starts from the initial weights, masked, bit for bit (no rewind iteration).
+        start = calls[r][2]
+        for name, m in masks.items():
+            w0 = init[f"{name}.weight"]
+            assert torch.equal(start[f"{name}.weight"], torch.where(m, w0, torch.zeros_like(w0)))
+        prev = masks
+    # The pruned weights of round 1 are the smallest-magnitude survivors of round 0's trained weights.
+    trained = imp._dense_model(config, data_mod.load("synthetic"))
+    trained.load_state_dict(ckpt(out / "round_00" / "checkpoint.pt")["model"])
+    expected = pruning.magnitude_masks(trained, None, 0.2, "layer")
+    for name, m in ckpt(out / "round_01" / "checkpoint.pt")["masks"].items():
+        assert torch.equal(m, expected[name])
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    calls.clear()
+    assert imp.main([*BASE, "--out", str(out)]) == 0
+    assert calls == [], "a finished round was recomputed"
+    after = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    assert all(before.get(k) == v for k, v in after.items() if k != "results.json")
+    # A larger --rounds extends the same run by exactly the missing round.
+    argv = list(BASE)
+    argv[argv.index("--rounds") + 1] = "3"
+    assert imp.main([*argv, "--out", str(out)]) == 0
+    assert [c[0] for c in calls] == ["round_03"]
+    assert len(json.loads((out / "results.json").read_text())["rounds"]) == 4
+
+
+def test_interrupted_round_resumes_and_matches(tmp_path, calls, monkeypatch):
+    ref = tmp_path / "ref"
+    assert imp.main([*BASE, "--rounds", "1", "--out", str(ref)]) == 0
+    real = training.train  # the fixture's spy around the real one
+    steps_per_epoch = 20  # 2500 synthetic training examples / 128
+
+    def crash_in_second_epoch(model, dataset, cfg, device, out=None, resume=None, after_step=None, *a, **k):
+        count = [0]
+
+        def step(m):
+            after_step(m)
+            count[0] += 1
+            if out.name == "round_01" and count[0] == steps_per_epoch + 3:
+                raise KeyboardInterrupt
+
+        return real(model, dataset, cfg, device, out, resume, step, *a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "train", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        imp.main([*BASE, "--rounds", "1", "--out", str(out)])
+    assert not (out / "round_01" / "results.json").exists()
+    monkeypatch.setattr(training, "train", real)  # the fixture's spy
+    calls.clear()
+    assert imp.main([*BASE, "--rounds", "1", "--out", str(out)]) == 0
+    assert [(c[0], c[1]) for c in calls] == [("round_01", 1)], "round 0 redone or round 1 not resumed"
+    for r in ("round_00", "round_01"):
+        a, b = ckpt(ref / r / "checkpoint.pt")["model"], ckpt(out / r / "checkpoint.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{r} differs from an uninterrupted run"
+
+
+def test_rewind_iteration_is_exact(tmp_path, calls):
+    out = tmp_path / "late"
+    assert imp.main([*BASE, "--rounds", "1", "--rewind-iter", "7", "--out", str(out)]) == 0
+    rewind = ckpt(out / "rewind.pt")
+    # Replay round 0 alone and capture the weights after 7 iterations.
+    config = json.loads((out / "config.json").read_text())
+    ds = data_mod.load("synthetic")
+    model = imp._dense_model(config, ds)
+    captured, count = {}, [0]
+
+    def after_step(m):
+        count[0] += 1
+        if count[0] == 7:
+            captured.update({k: v.detach().clone() for k, v in m.state_dict().items()})
+
+    training.train(model, ds, imp.train_config(config), torch.device("cpu"), progress=False,
+                   after_step=after_step, log=lambda *_: None)
+    assert all(torch.equal(rewind[k], captured[k]) for k in captured)
+    assert not all(torch.equal(rewind[k], ckpt(out / "init.pt")[k]) for k in rewind)
+    masks = ckpt(out / "round_01" / "checkpoint.pt")["masks"]
+    start = calls[1][2]
+    for name, m in masks.items():
+        w = rewind[f"{name}.weight"]
+        assert torch.equal(start[f"{name}.weight"], torch.where(m, w, torch.zeros_like(w)))
+
+
+def test_controls_share_the_ticket_sparsity(tmp_path, calls):
+    argv = [*BASE, "--epochs", "1"]
+    ticket = tmp_path / "ticket"
+    assert imp.main([*argv, "--out", str(ticket)]) == 0
+    init = ckpt(ticket / "init.pt")
+    for control in ("reinit", "random-mask"):
+        calls.clear()
+        out = tmp_path / control
+        assert imp.main([*argv, "--control", control, "--out", str(out), "--ticket", str(ticket)]) == 0
+        assert [c[0] for c in calls] == ["round_01", "round_02"], "the ticket was recomputed or round 0 run"
+        rows = json.loads((out / "results.json").read_text())["rounds"]
+        assert [r["round"] for r in rows] == [1, 2]
+        for r, call in zip((1, 2), calls):
+            t = ckpt(ticket / f"round_{r:02d}" / "checkpoint.pt")["masks"]
+            c = ckpt(out / f"round_{r:02d}" / "checkpoint.pt")["masks"]
+            assert pruning.sparsity(c)["layers"] == pruning.sparsity(t)["layers"]
+            same = all(torch.equal(c[n], t[n]) for n in t)
+            assert same == (control == "reinit")
+            start = call[2]
+            for n, m in c.items():
+                w = start[f"{n}.weight"]
+                assert (w[~m] == 0).all()
+                original = torch.equal(w[m], init[f"{n}.weight"][m])
+                assert original == (control == "random-mask")
+    # Without --ticket, a control runs (or reuses) the ticket beside it, named from the flags.
+    calls.clear()
+    runs = tmp_path / "runs"
+    assert imp.main([*argv, "--control", "reinit", "--out", str(runs / "ctl")]) == 0
+    ticket_dirs = [p for p in runs.iterdir() if p.name != "ctl"]
+    assert len(ticket_dirs) == 1 and ticket_dirs[0].name.startswith("imp_fc_w0.05_synthetic_s0_")
+    assert [c[0] for c in calls] == ["round_00", "round_01", "round_02", "round_01", "round_02"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prune-rate", "1.5"], "--prune-rate"),
+    (["--rounds", "-1"], "--rounds"),
+    (["--model", "mlp"], "unknown model"),
+    (["--rewind-iter", "100000"], "--rewind-iter"),
+    (["--ticket", "x"], "--ticket"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "o"
+    assert run_main(imp.PROG, imp.main, [*BASE, *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith(imp.PROG)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_other_config_is_never_overwritten(tmp_path, capsys, calls):
+    out = tmp_path / "o"
+    assert imp.main([*BASE, "--rounds", "0", "--epochs", "1", "--out", str(out)]) == 0
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert run_main(imp.PROG, imp.main, [*BASE, "--rounds", "0", "--epochs", "1", "--lr", "0.05",
+                                         "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr" in err
+    assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    assert run_main(imp.PROG, imp.main, [*BASE, "--out", str(tmp_path / "junk")]) == 2
+
+
+def test_cli_argparse_error_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "supermask.imp", "--scope", "neuron"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--scope" in r.stderr
