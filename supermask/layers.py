@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .init import init_scores, init_weight, layer_generator
-from .mask import (Threshold, TopKWarmStart, WarmTopK, mask_from_threshold, masked_weight, num_kept,
-                   sampled_masked_weight, warm_topk_threshold)
+from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
+                   sampled_masked_weight, topk_threshold, warm_topk_threshold)  # noqa: F401
 
 BACKENDS = ("torch", "triton")
 MASK_KINDS = ("topk", "sampled")
@@ -46,29 +46,19 @@ class SupermaskMixin:
         self.weight.copy_(init_weight(self.weight.shape, init, gw, self.k, scale_fan))
         self.scores.copy_(init_scores(self.scores.shape, gs))
 
-    def _warm_state(self) -> TopKWarmStart:
-        # Per-layer warm start of the exact selection (outside state_dict: only a speed hint).
+    def threshold(self) -> Threshold:
+        if self.shared_threshold is not None:
+            return self.shared_threshold
+        if self.backend == "triton":
+            from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
+            return radix_topk_threshold(self.scores.detach(), num_kept(self.scores.numel(), self.k))
+        # Warm start: the exact selection starts from the entries near the previous threshold
+        # (state kept per layer, outside state_dict); the result equals topk_threshold's.
         warm = self.__dict__.get("_topk_warm")
         if warm is None:
             warm = self.__dict__["_topk_warm"] = TopKWarmStart()
-        return warm
-
-    def _mask_spec(self) -> Threshold | WarmTopK:
-        """What masked_weight needs: the shared (global) threshold, the Triton kernel's threshold,
-        or a warm-started per-layer selection fused with building the masked weight."""
-        if self.shared_threshold is not None:
-            return self.shared_threshold
-        n_keep = num_kept(self.scores.numel(), self.k)
-        if self.backend == "triton":
-            from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
-            return radix_topk_threshold(self.scores.detach(), n_keep)
-        return WarmTopK(n_keep, self._warm_state())
-
-    def threshold(self) -> Threshold:
-        spec = self._mask_spec()
-        if isinstance(spec, WarmTopK):
-            return warm_topk_threshold(self.scores, spec.n_keep, spec.state)
-        return spec
+        return warm_topk_threshold(self.scores, num_kept(self.scores.numel(), self.k), warm,
+                                   stash=True)
 
     def mask(self) -> torch.Tensor:
         """The boolean mask currently in use (sampled masks: where sigmoid(score) > 0.5)."""
@@ -79,7 +69,7 @@ class SupermaskMixin:
     def _masked_weight(self) -> torch.Tensor:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
-        return masked_weight(self.weight, self.scores, self._mask_spec())
+        return masked_weight(self.weight, self.scores, self.threshold())
 
     def effective_weight(self) -> torch.Tensor:
         """weight * mask. In eval mode without grad it is computed once and cached until the

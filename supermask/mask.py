@@ -12,12 +12,12 @@ selection (``supermask.select``), never a full sort. The same description serves
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
 
-from . import fused
-from .select import KTH_DIRECT_MAX, kth_largest, select_counts
+from .select import _GROUP, KTH_DIRECT_MAX, _scratch, kth_largest, select_counts  # noqa: F401
 
 
 def num_kept(n: int, k: float) -> int:
@@ -61,108 +61,192 @@ def mask_from_threshold(magnitudes: torch.Tensor, threshold: Threshold) -> torch
     return (magnitudes > threshold.value) | (equal & first_ties)
 
 
-# Warm start. Between two training steps the threshold moves little (a few hundred ranks), so a
-# step counts, in one fused pass (supermask.fused.band_counts), the scores above a narrow band
-# [lo, hi] around the last threshold and at or above lo. The counts prove whether the new
-# threshold lies in the band; the band's few entries are then gathered (the per-column counts of
-# the (GROUP, n / GROUP) view say which columns hold them) and the exact selection runs on them
-# alone. A band that misses is moved and widened once, then the cold selection runs. Every answer
-# is exact; the band only decides the speed.
-WARM_MIN = KTH_DIRECT_MAX  # smaller layers use the cold selection (cheap there)
-_BAND_TARGET = 1024  # entries the band aims to hold
+# ---------------------------------------------------------------------------------------------
+# Warm start. Between two training steps the threshold moves little (typically by a few hundred
+# ranks), so a step counts, with two compare passes over |s|, the entries above a narrow value band
+# [lo, hi] around the previous threshold and at or above lo. The counts prove whether the new
+# threshold lies in the band; the band's few entries are then gathered (per-column counts of the
+# (16, n/16) view pick the columns holding them) and the exact selection runs on them alone.
+# The pass for `> hi` runs in place in the buffer of |s|; that 0/1 buffer, plus the band entries
+# that are kept, is the mask, and MaskedWeight turns it into the masked weight in place: a step
+# allocates one weight-sized tensor. A band that misses is widened (once), then the exact cold
+# selection runs. Every answer is exact; the band only decides the speed.
+# ---------------------------------------------------------------------------------------------
+WARM_MIN = KTH_DIRECT_MAX  # smaller layers use the plain cold selection (it is cheap there)
+_WARM_DTYPES = (torch.float32, torch.float64)
+_BAND_TARGET = 600  # entries the band aims to hold
+_BAND_SHIFT = 4.0  # the band also covers this many times the last threshold move
 
 
 class TopKWarmStart:
-    """Per-layer state of ``warm_topk_threshold`` (plain floats, outside any state_dict)."""
+    """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
+    magnitudes around it and its last move (plain floats; outside any state_dict)."""
 
-    __slots__ = ("key", "value", "half", "warm", "widened", "cold")
+    __slots__ = ("key", "value", "density", "shift", "warm", "widened", "cold", "buf", "last",
+                 "__weakref__")
 
     def __init__(self):
         self.key = None
-        self.value = self.half = 0.0  # last threshold; band half-width for the next step
+        self.buf: torch.Tensor | None = None  # storage of the layer's masked weight, reused
+        self.last = None  # weakref to the masked weight last handed out from buf
+        self.value = 0.0
+        self.density = 0.0  # entries per unit of magnitude near the threshold
+        self.shift = 0.0  # |last threshold move|
         self.warm = self.widened = self.cold = 0  # statistics: how each step was answered
 
+    def reset(self):
+        self.key = None
+        self.buf = self.last = None
 
-class WarmTopK(NamedTuple):
-    """A mask request for masked_weight: select the top n_keep warm-started from state, and build
-    the masked weight in the same pass over the scores."""
-    n_keep: int
-    state: TopKWarmStart
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "warm", "widened", "cold")}
+
+    def __setstate__(self, state):
+        self.__init__()
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
-def _band(s_flat: torch.Tensor, n_keep: int, lo: float, hi: float, w_flat: torch.Tensor | None):
-    """Count |s| above a band [lo, hi] and gather the band. Returns (count above hi, band values,
-    band flat indices, weight where |s| > hi or None); band is None when the n_keep-th largest |s|
-    is not in the band. With w_flat the masked weight of the entries above the band comes out of
-    the same pass."""
-    n = s_flat.numel()
-    n0 = n - n % fused.GROUP
-    lo_t, hi_t = (torch.tensor(v, dtype=s_flat.dtype, device=s_flat.device) for v in (lo, hi))
-    main = s_flat[:n0].view(fused.GROUP, -1)
-    out = None
-    if w_flat is None:
-        c_hi, c_lo, cols = fused.call("band_counts", main, lo_t, hi_t)
-    else:
-        out, c_hi, c_lo, cols = fused.call("masked_above_band", w_flat[:n0].view(fused.GROUP, -1), main, lo_t, hi_t)
-    tail = s_flat[n0:].abs()
-    c_hi, c_lo = int(c_hi) + int((tail > hi_t).sum()), int(c_lo) + int((tail >= lo_t).sum())
+def _layer_buffer(state: TopKWarmStart, s: torch.Tensor) -> torch.Tensor:
+    """The layer's masked-weight buffer: reused once the masked weight handed out last step is gone
+    (its graph freed), else a fresh one. Keeps a step from faulting in a new weight-sized buffer."""
+    base, last = state.buf, state.last
+    state.last = None
+    if (base is None or base.numel() != s.numel() or base.dtype != s.dtype or base.device != s.device
+            or (last is not None and last() is not None)):
+        base = state.buf = torch.empty(s.numel(), dtype=s.dtype, device=s.device)
+    return base.view(s.shape)
+
+
+class _StashedThreshold(Threshold):
+    """A Threshold that also carries, for one MaskedWeight call, the float 0/1 mask it implies."""
+
+    def __new__(cls, value, ties, split, mask=None, scores=None):
+        self = super().__new__(cls, value, ties, split)
+        self._stash = None if mask is None else (mask, scores, scores._version)
+        return self
+
+
+def _take_stash(threshold, scores: torch.Tensor, weight: torch.Tensor):
+    stash = getattr(threshold, "_stash", None)
+    if stash is None:
+        return None
+    mask, owner, version = stash
+    threshold._stash = None  # single use: the buffer becomes the masked weight
+    if (owner is not scores or version != scores._version or mask.dtype != weight.dtype
+            or mask.shape != weight.shape or mask.device != weight.device):
+        return None
+    return mask
+
+
+def _as_dtype(x: float, dtype: torch.dtype) -> float:
+    """x rounded to dtype (so a Python-scalar compare uses exactly this bound)."""
+    return float(torch.tensor(x, dtype=dtype)) if dtype != torch.float64 else x
+
+
+def _band_pass(m: torch.Tensor, s_flat: torch.Tensor, n_keep: int, lo: float, hi: float):
+    """Counts and band of |s| for [lo, hi]; on success m holds (|s| > hi) as 0/1.
+
+    Returns (c_hi, c_lo, band_values, band_index) or (c_hi, c_lo, None, None) when the band does not
+    contain the n_keep-th largest (m then no longer holds |s|)."""
+    n = m.numel()
+    g = _GROUP
+    n0 = n - n % g
+    scratch = _scratch(n, m.device)
+    torch.ge(m, lo, out=scratch)
+    cols_lo = scratch[:n0].view(g, -1).sum(0)
+    tail_lo = scratch[n0:].clone()
+    torch.gt(m, hi, out=m)
+    cols_hi = m[:n0].view(g, -1).sum(0)
+    tail_hi = m[n0:]
+    c_lo = int(cols_lo.sum().item()) + (int(tail_lo.sum().item()) if n0 < n else 0)
+    c_hi = int(cols_hi.sum().item()) + (int(tail_hi.sum().item()) if n0 < n else 0)
     if not c_hi < n_keep <= c_lo:
-        return c_hi, None, None, None
-    cidx = torch.nonzero(cols).squeeze(1)
-    block = main.index_select(1, cidx).abs()
-    in_block, in_tail = (block >= lo_t) & (block <= hi_t), (tail >= lo_t) & (tail <= hi_t)
-    index = torch.cat([(torch.arange(fused.GROUP, device=s_flat.device).unsqueeze(1) * (n0 // fused.GROUP)
-                        + cidx)[in_block], torch.arange(n0, n, device=s_flat.device)[in_tail]])
-    if out is not None and n0 < n:
-        out = torch.cat([out.view(-1), torch.where(tail > hi_t, w_flat[n0:], torch.zeros_like(tail))])
-    return c_hi, torch.cat([block[in_block], tail[in_tail]]), index, out
+        return c_hi, c_lo, None, None
+    cidx = torch.nonzero(cols_lo.sub_(cols_hi)).squeeze(1)
+    block = s_flat[:n0].view(g, -1).index_select(1, cidx).abs_()
+    keep = (block >= lo) & (block <= hi)
+    band = block[keep]
+    index = (torch.arange(g, device=m.device).unsqueeze(1) * (n0 // g) + cidx)[keep]
+    if n0 < n:
+        tkeep = (tail_lo - tail_hi).bool()
+        band = torch.cat([band, s_flat[n0:][tkeep].abs()])
+        index = torch.cat([index, torch.arange(n0, n, device=m.device)[tkeep]])
+    if band.numel() != c_lo - c_hi:  # cannot happen without NaN
+        return c_hi, c_lo, None, None
+    return c_hi, c_lo, band, index
 
 
-def _warm_select(scores: torch.Tensor, n_keep: int, state: TopKWarmStart, weight: torch.Tensor | None = None):
-    """(Threshold, masked weight or None): the exact top-n_keep of |scores|, warm-started from
-    state; with weight, also weight * mask built in the same pass (None when ties must be split)."""
+def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
+                        stash: bool = False) -> Threshold:
+    """``topk_threshold(scores.abs(), n_keep)`` (the very same Threshold), warm-started from state.
+
+    With ``stash`` the returned Threshold also carries the float 0/1 mask for the next
+    ``masked_weight`` call on these scores, so the mask is not computed twice."""
     s = scores.detach()
     n = s.numel()
-    if n <= WARM_MIN or not s.dtype.is_floating_point or not s.is_contiguous() or (
-            weight is not None and (weight.shape != s.shape or not weight.is_contiguous())):
-        return topk_threshold(s.abs(), n_keep), None
+    if (n <= WARM_MIN or s.dtype not in _WARM_DTYPES or not s.is_contiguous()
+            or (s.dtype == torch.float32 and n >= 1 << 24)):
+        return topk_threshold(s.abs(), n_keep)
     key = (n, n_keep, s.dtype, s.device)
     s_flat = s.view(-1)
-    w_flat = None if weight is None else weight.reshape(-1)
-    if state.key == key:
-        lo, hi = state.value - state.half, state.value + state.half
+    m = torch.abs(s, out=_layer_buffer(state, s)) if stash else s.abs()
+    flat = m.view(-1)
+    if state.key == key and state.density > 0:
+        half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
+        v0 = state.value
+        lo, hi = _as_dtype(v0 - half, s.dtype), _as_dtype(v0 + half, s.dtype)
         for attempt in range(2):
-            c_hi, band, index, out = _band(s_flat, n_keep, max(lo, 0.0), hi, w_flat)
+            if attempt:
+                torch.abs(s_flat, out=flat)
+            c_hi, c_lo, band, index = _band_pass(flat, s_flat, n_keep, lo, hi)
             if band is not None:
-                sel = select_counts(band, n_keep - c_hi)
-                v = float(sel.value)
-                # next band: about _BAND_TARGET entries, and at least 4x this step's move
-                density = band.numel() / max(hi - lo, 1e-30)
-                state.half = max(_BAND_TARGET / (2 * density), 4 * abs(v - state.value), 1e-12)
-                state.value = v
-                state.warm += attempt == 0
-                state.widened += attempt == 1
-                threshold = _threshold_from_counts(sel.value, c_hi + sel.above, sel.equal, n_keep)
-                if out is None or threshold.split:
-                    return threshold, None
-                kept = index[band >= sel.value]  # the band entries the mask keeps
-                out.view(-1)[kept] = w_flat[kept]
-                return threshold, out.view(s.shape)
-            width = 8 * (hi - lo)  # missed: move towards the side the counts point to, wider
-            lo, hi = (hi, hi + width) if c_hi >= n_keep else (lo - width, lo)
-    # Cold: exact selection from scratch, and a first band half-width from nearby order statistics.
+                break
+            # Missed: widen towards the side the counts point to (by 8x the half width).
+            if c_hi >= n_keep:
+                lo, hi = hi, _as_dtype(hi + 8 * half, s.dtype)
+            else:
+                lo, hi = _as_dtype(max(lo - 8 * half, 0.0), s.dtype), lo
+        if band is not None:
+            if attempt:
+                state.widened += 1
+            else:
+                state.warm += 1
+            sel = select_counts(band, n_keep - c_hi)
+            v = sel.value
+            vf = float(v)
+            state.shift = abs(vf - v0)
+            if hi > lo:
+                state.density = 0.5 * state.density + 0.5 * max(band.numel(), 1) / (hi - lo)
+            state.value = vf
+            th = _threshold_from_counts(v, c_hi + sel.above, sel.equal, n_keep)
+            if th.split:  # m holds (|s| > hi); the tie-break needs the general path
+                return th
+            flat[index[band >= v]] = 1.0
+            if not stash:
+                return th
+            state.last = weakref.ref(m)
+            return _StashedThreshold(v, th.ties, th.split, m, scores)
+        torch.abs(s_flat, out=flat)
+    # Cold: exact selection from scratch, then a density estimate for the next step's band.
     state.cold += 1
-    magnitudes = s_flat.abs()
-    sel = select_counts(magnitudes, n_keep)
-    q = min(n_keep - 1, n - n_keep, _BAND_TARGET // 2)
-    spread = (float(kth_largest(magnitudes, n_keep - q)) - float(kth_largest(magnitudes, n_keep + q))) if q else 0.0
-    state.key, state.value, state.half = key, float(sel.value), max(spread / 2, 1e-12)
-    return _threshold_from_counts(sel.value, sel.above, sel.equal, n_keep), None
-
-
-def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart) -> Threshold:
-    """``topk_threshold(scores.abs(), n_keep)`` (the very same Threshold), warm-started from state."""
-    return _warm_select(scores, n_keep, state)[0]
+    sel = select_counts(flat, n_keep)
+    v = sel.value
+    vf = float(v)
+    q = min(n_keep, n - n_keep, 64)
+    if q >= 1:
+        near = [float(select_counts(flat, n_keep - q).value), float(select_counts(flat, n_keep + q).value)]
+        width = near[0] - near[1]
+        state.density = 2 * q / width if width > 0 else 0.0
+    else:
+        state.density = 0.0
+    state.key, state.value, state.shift = key, vf, 0.0
+    th = _threshold_from_counts(v, sel.above, sel.equal, n_keep)
+    if not stash or th.split:
+        return th
+    torch.ge(m, v, out=m)
+    state.last = weakref.ref(m)
+    return _StashedThreshold(v, th.ties, th.split, m, scores)
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
@@ -193,39 +277,57 @@ def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshol
     return out
 
 
+def _masked(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """weight * mask in as few passes as eager torch allows (no bool tensor, no torch.where: on
+    CPU a compare with float output and an in-place multiply are the fastest kernels)."""
+    value = threshold.value
+    if (not threshold.split and scores.dtype == weight.dtype and value.dtype == scores.dtype
+            and scores.shape == weight.shape and weight.dtype.is_floating_point):
+        m = scores.abs()
+        torch.ge(m, value, out=m)  # 0/1 in |s|'s buffer
+        return m.mul_(weight)
+    mask = mask_from_threshold(scores.detach().abs(), threshold)
+    return weight * mask
+
+
 class MaskedWeight(torch.autograd.Function):
     """weight * mask forward; straight-through backward to the scores.
 
     d loss / d scores = (d loss / d masked weight) * weight * sign(scores), for every entry, kept or
     not: the mask is treated as the identity (edge-popup's straight-through estimator through |s|).
-    The frozen weight gets no gradient. Both directions are one fused pass (supermask.fused) when
-    the mask needs no tie-break; weight and scores are saved as they are (no copies).
+    The frozen weight gets no gradient.
+
+    Saved for backward: weight and scores themselves (no copies); the only weight-sized tensor a
+    call allocates is the masked weight it returns (built in the buffer of |scores|, or in the
+    buffer a warm-started Threshold carries).
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, threshold: Threshold | WarmTopK):
+    def forward(ctx, weight, scores, threshold: Threshold):
         ctx.save_for_backward(weight, scores)
-        if isinstance(threshold, WarmTopK):
-            threshold, out = _warm_select(scores, threshold.n_keep, threshold.state, weight)
-            if out is not None:
-                return out
-        if not threshold.split and scores.shape == weight.shape:
-            return fused.call("masked", weight, scores, threshold.value.to(scores.dtype))
-        mask = mask_from_threshold(scores.detach().abs(), threshold)
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        stashed = _take_stash(threshold, scores, weight)
+        if stashed is not None:
+            return stashed.mul_(weight)
+        return _masked(weight, scores, threshold)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scores = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = fused.call("ste_grad", grad_out, weight, scores).to(scores.dtype)
+            if (grad_out.dtype == weight.dtype == scores.dtype and scores.is_contiguous()
+                    and grad_out.shape == scores.shape):
+                # g * w * sign(s) (sign(0) = 0): sign into a reused scratch buffer, so the
+                # returned gradient is the only weight-sized allocation.
+                sign = torch.sign(scores, out=_scratch(scores.numel(), scores.device, scores.dtype)
+                                  .view(scores.shape))
+                grad_scores = torch.mul(grad_out, weight).mul_(sign)
+            else:
+                grad_scores = (grad_out * weight * torch.sign(scores)).to(scores.dtype)
         return None, grad_scores, None
 
 
-def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold | WarmTopK) -> torch.Tensor:
-    """weight * mask with the straight-through gradient to the scores. The mask is given by a
-    Threshold, or by a WarmTopK request (selection and masking in one pass over the scores)."""
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     return MaskedWeight.apply(weight, scores, threshold)
 
 

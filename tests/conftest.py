@@ -5,10 +5,6 @@ import os
 if os.environ.get("SUPERMASK_TEST_ON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# torch.compile of the fused score passes (supermask.fused) costs seconds per process; the tests
-# run them eagerly (same results) except tests/test_fused.py, which compiles them on purpose.
-os.environ.setdefault("SUPERMASK_COMPILE", "0")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -4,8 +4,7 @@ import torch
 
 import supermask
 from supermask.mask import (MaskedWeight, Threshold, TopKWarmStart, global_thresholds, mask_from_threshold,
-                            masked_weight, num_kept, topk_mask, topk_threshold, warm_topk_threshold,
-                            WarmTopK)
+                            masked_weight, num_kept, topk_mask, topk_threshold, warm_topk_threshold)
 
 
 def oracle(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -53,8 +52,7 @@ def test_big_layer_mask():
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal", "equal"])
 def test_warm_start_follows_training_like_drift(kind):
-    """Warm start over many steps of small and large score moves; on every other step the mask is
-    requested as WarmTopK (selection and masked weight in one pass)."""
+    """Warm start over many steps of small and large score moves, with and without the stash."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(300, 200, generator=g)
     s = _scores(60_000, kind, torch.float32, g).reshape(300, 200).requires_grad_()
@@ -68,14 +66,25 @@ def test_warm_start_follows_training_like_drift(kind):
                 if kind == "ties":
                     s.copy_((s * 4).round() / 4)
             want = oracle(s, nk)
-            if step % 2:
-                th = warm_topk_threshold(s, nk, state)
-                assert th == topk_threshold(s.detach().abs(), nk)
-                assert torch.equal(mask_from_threshold(s.detach().abs(), th), want)
-                assert torch.equal(masked_weight(w, s, th), w * want)
-            else:
-                assert torch.equal(masked_weight(w, s, WarmTopK(nk, state)), w * want)
+            th = warm_topk_threshold(s, nk, state, stash=step % 2 == 0)
+            assert th == topk_threshold(s.detach().abs(), nk)
+            assert torch.equal(mask_from_threshold(s.detach().abs(), th), want)
+            assert torch.equal(masked_weight(w, s, th), w * want)
         assert state.warm + state.widened + state.cold == 25
+
+
+def test_stash_is_ignored_when_scores_changed():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 100, generator=g)
+    s = torch.randn(200, 100, generator=g).requires_grad_()
+    state = TopKWarmStart()
+    th = warm_topk_threshold(s, 10_000, state, stash=True)
+    with torch.no_grad():
+        s.mul_(-1.5)  # same order of |s|, new version: the stash must not be used
+        s[0, 0] = 100.0
+    th2 = topk_threshold(s.detach().abs(), 10_000)
+    assert torch.equal(masked_weight(w, s, th2), w * oracle(s, 10_000))
+    assert torch.equal(masked_weight(w, s, th), w * mask_from_threshold(s.detach().abs(), th))
 
 
 def test_layers_train_with_exact_masks():
