@@ -28,7 +28,7 @@ import torch
 from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
-from .runs import UsageError, load_checkpoint, write_json
+from .runs import UsageError, load_checkpoint, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -159,15 +159,7 @@ def load(paths) -> tuple[list[Ticket], list[ImpRun]]:
     """Tickets for the given run folders (an IMP run gives one per finished round), and the IMP runs."""
     tickets, imp_runs = [], []
     for path in map(Path, paths):
-        cfg_path = path / "config.json"
-        if not path.is_dir():
-            raise UsageError(f"{path} is not a folder")
-        if not cfg_path.is_file():
-            raise UsageError(f"{path} holds no run (no config.json)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{cfg_path} is corrupted") from None
+        config = read_run_config(path)
         command = run_kind(config)
         if command == "imp":
             run = ImpRun(path, config)

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .cli import Parser, run_main
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .runs import UsageError, load_checkpoint
+from .runs import UsageError, load_checkpoint, read_run_config
 
 PROG = "python -m supermask.export"
 FORMAT = "supermask-compact"
@@ -167,15 +167,7 @@ def run_kind(config) -> str | None:
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """(config, checkpoint) of a training run folder or IMP round folder; UsageError otherwise."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is not a folder")
-    if not cfg_path.is_file():
-        raise UsageError(f"{run_dir} holds no run (no config.json)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{cfg_path} is corrupted") from None
+    config = read_run_config(run_dir)
     command = run_kind(config)
     if command == "imp":
         rounds = sorted(p.name for p in run_dir.glob("round_[0-9][0-9]") if (p / "results.json").is_file())

@@ -31,11 +31,10 @@ from . import data as data_mod
 from . import distributed, training
 from .cli import Parser, resolve_device, run_main
 from .init import INITS
-from .models import MODELS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
 from .runs import UsageError, config_hash, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
-from .train import NOT_CONFIG, add_model_args, add_training_args, build_model
+from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.imp"
 CONTROLS = ("reinit", "random-mask")
@@ -71,20 +70,10 @@ def parser() -> Parser:
 
 
 def validate(args):
-    if args.model not in MODELS:
-        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    if args.dataset not in data_mod.DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data_mod.DATASETS)}")
-    if not args.width > 0:
-        raise UsageError(f"--width must be > 0, got {args.width}")
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    validate_common(args)
     for flag in ("rounds", "rewind_iter", "val_every"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 < args.prune_rate < 1:
         raise UsageError(f"--prune-rate must be in (0, 1), got {args.prune_rate}")
     if args.output_prune_rate is None:
@@ -308,9 +297,9 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
 
         sp = sparsity(masks)
         log(f"{label}round {r}/{rounds}: {sp['weights_remaining']:.2f}% of weights remaining -> {rdir}")
-        results = training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
-                                 desc=f"{label}round {r}/{rounds} ", log=log,
-                                 checkpoint_extra={"masks": masks, "round": r})
+        training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
+                       desc=f"{label}round {r}/{rounds} ", log=log,
+                       checkpoint_extra={"masks": masks, "round": r})
         keeper.remove()
         distributed.barrier()  # rank 0's files (rewind.pt, the round's results) exist before any rank looks
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .init import init_scores, init_weight, layer_generator
 from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
-                   sampled_masked_weight, topk_threshold, warm_topk_threshold)  # noqa: F401
+                   sampled_masked_weight, warm_topk_threshold)
 
 BACKENDS = ("torch", "triton")
 MASK_KINDS = ("topk", "sampled")

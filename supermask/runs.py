@@ -63,6 +63,20 @@ def load_checkpoint(path: Path) -> dict:
                          "delete the run folder or choose another --out") from None
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """config.json of a run folder; UsageError (one line) when there is none or it is unreadable."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a folder")
+    if not cfg_path.is_file():
+        raise UsageError(f"{run_dir} holds no run (no config.json)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{cfg_path} is corrupted") from None
+
+
 def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
     a new run. Raises UsageError instead of overwriting anything."""

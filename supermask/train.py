@@ -23,7 +23,7 @@ from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
-from .runs import UsageError, load_checkpoint, prepare_run_dir
+from .runs import UsageError, load_checkpoint, prepare_run_dir, read_run_config
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
@@ -96,13 +96,12 @@ def parser() -> Parser:
     return p
 
 
-def validate(args):
+def validate_common(args):
+    """Checks shared by every command that builds and trains a model (train, imp)."""
     if args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     if args.dataset not in data_mod.DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data_mod.DATASETS)}")
-    if not 0 < args.k <= 1:
-        raise UsageError(f"--k must be in (0, 1], got {args.k}")
     if not args.width > 0:
         raise UsageError(f"--width must be > 0, got {args.width}")
     for flag in ("epochs", "batch_size"):
@@ -110,6 +109,12 @@ def validate(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+
+
+def validate(args):
+    if not 0 < args.k <= 1:
+        raise UsageError(f"--k must be in (0, 1], got {args.k}")
+    validate_common(args)
     if args.init is None:
         args.init = "kaiming_normal" if args.dense else "signed_constant"
     if args.dense and (args.random_subnet or args.mask != "topk"):
@@ -164,10 +169,8 @@ def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
 
 def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device) -> int:
     """--evaluate: rebuild a finished or checkpointed run and report its test accuracy."""
-    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not cfg_path.is_file():
-        raise UsageError(f"--evaluate {run_dir}: no config.json there (not a run folder of supermask.train)")
-    config = json.loads(cfg_path.read_text())
+    ckpt_path = run_dir / "checkpoint.pt"
+    config = read_run_config(run_dir)
     if config.get("command") != "train":
         raise UsageError(f"--evaluate {run_dir}: not a supermask.train run")
     dataset = data_mod.load(config["dataset"], data_dir, config["val_size"])

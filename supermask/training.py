@@ -78,18 +78,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Mean loss, top-1 and top-5 accuracy (%) of model on (x, y)."""
     if len(y) == 0:
         return {"loss": float("nan"), "acc": float("nan"), "acc5": float("nan")}
+    loss, correct, correct5 = _sums(model, data_mod.batches(x, y, batch_size))
+    n = len(y)
+    return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
+
+
+def _sums(model: nn.Module, batches, device: torch.device | None = None) -> tuple[float, float, float]:
+    """Summed loss, top-1 and top-5 hits of model (in eval mode) over (x, y) batches."""
     was_training = model.training
     model.eval()
     loss = correct = correct5 = 0.0
-    for xb, yb in data_mod.batches(x, y, batch_size):
+    for xb, yb in batches:
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         out = model(xb)
         loss += F.cross_entropy(out, yb, reduction="sum").item()
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         correct += (top[:, 0] == yb).sum().item()
         correct5 += (top == yb[:, None]).any(1).sum().item()
     model.train(was_training)
-    n = len(y)
-    return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
+    return loss, correct, correct5
 
 
 @torch.no_grad()
@@ -104,18 +112,7 @@ def evaluate_streamed(model: nn.Module, subset, device: torch.device, batch_size
     lo, hi = dist_mod.shard_bounds(n)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(subset, range(lo, hi)), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    loss = correct = correct5 = 0.0
-    for xb, yb in loader:
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        out = model(xb)
-        loss += F.cross_entropy(out, yb, reduction="sum").item()
-        top = out.topk(min(5, out.shape[1]), dim=1).indices
-        correct += (top[:, 0] == yb).sum().item()
-        correct5 += (top == yb[:, None]).any(1).sum().item()
-    model.train(was_training)
-    loss, correct, correct5 = dist_mod.sum_all([loss, correct, correct5])
+    loss, correct, correct5 = dist_mod.sum_all(list(_sums(model, loader, device)))
     return {"loss": loss / n, "acc": 100.0 * correct / n, "acc5": 100.0 * correct5 / n}
 
 
