@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def add_training_args(p):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
-    p.add_argument("--workers", type=int, default=8,
-                   help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per GPU/process for datasets read from disk "
+                        "(imagenet; default 8, or the number of CPUs if fewer)")
 
 
 def _int_list(text: str) -> tuple:
