@@ -169,13 +169,14 @@ def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device) -> int:
+def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device, workers: int) -> int:
     """--evaluate: rebuild a finished or checkpointed run and report its test accuracy."""
     ckpt_path = run_dir / "checkpoint.pt"
     config = read_run_config(run_dir)
     if config.get("command") != "train":
         raise UsageError(f"--evaluate {run_dir}: not a supermask.train run")
-    dataset = data_mod.load(config["dataset"], data_dir, config["val_size"])
+    streamed = {"workers": workers} if config["dataset"] in data_mod.STREAMED else {}
+    dataset = data_mod.load(config["dataset"], data_dir, config["val_size"], **streamed)
     model = build_model(config, dataset.input_shape, dataset.num_classes)
     if ckpt_path.is_file():
         model.load_state_dict(load_checkpoint(ckpt_path)["model"])
@@ -197,7 +198,7 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device) -> in
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.evaluate:
-        return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device))
+        return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device), args.workers)
     validate(args)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise a no-op.
     with distributed.session(resolve_device(args.device)) as device:
