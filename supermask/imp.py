@@ -289,11 +289,13 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
             step = [resume["epoch"] * steps_per_epoch if resume else 0]
 
-            def after_step(m, step=step):
+            def keep_and_save_rewind(m, step=step):
                 keeper(m)
                 step[0] += 1
                 if step[0] == config["rewind_iter"] and distributed.is_main() and not rewind_path.is_file():
                     save_checkpoint(rewind_path, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+
+            after_step = keep_and_save_rewind
 
         sp = sparsity(masks)
         log(f"{label}round {r}/{rounds}: {sp['weights_remaining']:.2f}% of weights remaining -> {rdir}")

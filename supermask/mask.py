@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .select import _GROUP, KTH_DIRECT_MAX, _scratch, kth_largest, select_counts  # noqa: F401
+from .select import _GROUP, KTH_DIRECT_MAX, _scratch, select_counts
 
 
 def num_kept(n: int, k: float) -> int:
@@ -31,13 +31,6 @@ class Threshold(NamedTuple):
     value: torch.Tensor  # 0-dim, in the magnitudes' dtype and device
     ties: int  # how many entries equal to value are kept, lowest flat index first
     split: bool  # True when some entries equal to value are dropped (ties need a prefix count)
-
-
-def _threshold_from_value(magnitudes: torch.Tensor, value: torch.Tensor, n_keep: int) -> Threshold:
-    above = int(torch.count_nonzero(magnitudes > value))
-    equal = int(torch.count_nonzero(magnitudes == value))
-    ties = n_keep - above
-    return Threshold(value, ties, ties != equal)
 
 
 def _threshold_from_counts(value: torch.Tensor, above: int, equal: int, n_keep: int) -> Threshold:

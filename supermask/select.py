@@ -78,13 +78,6 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return select_counts(flat, k).value
 
 
-def kth_largest_kthvalue(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The plain torch.kthvalue answer (the reference; also the fallback)."""
-    flat = x.reshape(-1)
-    _check(flat.numel(), k)
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
-
-
 def _direct(flat: torch.Tensor, k: int, capture: bool) -> Selection:
     n = flat.numel()
     v = torch.kthvalue(flat, n - k + 1).values

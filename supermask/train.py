@@ -24,7 +24,7 @@ from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
-from .runs import UsageError, load_checkpoint, prepare_run_dir, read_run_config
+from .runs import UsageError, config_hash, load_checkpoint, prepare_run_dir, read_run_config
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
@@ -142,7 +142,6 @@ def run_config(args) -> dict:
 
 
 def run_name(config: dict) -> str:
-    from .runs import config_hash  # noqa: PLC0415
     kind = "dense" if config["dense"] else "sampled" if config.get("mask") == "sampled" else f"k{config['k']:g}"
     if config.get("random_subnet"):
         kind = f"random{config['k']:g}"
