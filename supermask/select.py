@@ -58,9 +58,6 @@ class Selection(NamedTuple):
     value: torch.Tensor  # 0-dim, x's dtype: the k-th largest
     above: int  # entries strictly greater than value
     equal: int  # entries equal to value
-    band_values: torch.Tensor | None = None  # with capture=True: a band of entries around value
-    band_index: torch.Tensor | None = None  # their flat indices
-    band_above: int = 0  # entries above the band (not in it)
 
 
 def _check(n: int, k: int) -> None:
@@ -78,30 +75,24 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return select_counts(flat, k).value
 
 
-def _direct(flat: torch.Tensor, k: int, capture: bool) -> Selection:
+def _direct(flat: torch.Tensor, k: int) -> Selection:
     n = flat.numel()
     v = torch.kthvalue(flat, n - k + 1).values
     above = int(torch.count_nonzero(flat > v))
     equal = int(torch.count_nonzero(flat == v))
-    if capture:
-        return Selection(v, above, equal, flat, torch.arange(n, device=flat.device), 0)
     return Selection(v, above, equal)
 
 
-def select_counts(x: torch.Tensor, k: int, capture: bool = False) -> Selection:
-    """k-th largest of x (flattened) with the number of entries above and equal to it.
-
-    With ``capture`` the result also carries a band of entries around the value (values, flat
-    indices, and how many entries lie above the band): the warm start of a top-k layer keeps them.
-    """
+def select_counts(x: torch.Tensor, k: int) -> Selection:
+    """k-th largest of x (flattened) with the number of entries above and equal to it."""
     flat = x.reshape(-1)
     n = flat.numel()
     _check(n, k)
     if n > KTH_DIRECT_MAX and flat.dtype in _FAST_DTYPES:
-        res = _select_band(flat, k, capture)
+        res = _select_band(flat, k)
         if res is not None:
             return res
-    return _direct(flat, k, capture)
+    return _direct(flat, k)
 
 
 def _order_stat_bounds(sample: torch.Tensor, k: int, n: int):
@@ -193,10 +184,9 @@ def _in_band(x: torch.Tensor, lo, hi) -> torch.Tensor:
     return (x >= lo) & (x <= hi)
 
 
-def _select_band(flat: torch.Tensor, k: int, capture: bool) -> Selection | None:
+def _select_band(flat: torch.Tensor, k: int) -> Selection | None:
     n = flat.numel()
-    dev = flat.device
-    gen = _generator(dev)
+    gen = _generator(flat.device)
     counter = _Counter(flat)
     sample = _sample(flat, _SAMPLE, gen)
     lo, hi = _order_stat_bounds(sample, k, n)
@@ -204,7 +194,7 @@ def _select_band(flat: torch.Tensor, k: int, capture: bool) -> Selection | None:
     # NaN never compares true, so with NaN present the counts may not add up: fall back.
     if not (c_hi < k <= c_lo):
         return None
-    if lo is not None and hi is not None and bool(lo == hi) and not capture:
+    if lo is not None and hi is not None and bool(lo == hi):
         # The band is a single value (heavy ties): that value is the answer.
         return Selection(lo, c_hi, c_lo - c_hi)
     if c_lo - c_hi > n // _REFINE_RATIO:
@@ -233,19 +223,9 @@ def _select_band(flat: torch.Tensor, k: int, capture: bool) -> Selection | None:
     block = flat[:n0].view(_GROUP, -1).index_select(1, cidx)
     keep = _in_band(block, lo, hi)
     band = block[keep]
-    band_idx = None
-    if capture:
-        stride = n0 // _GROUP
-        band_idx = (torch.arange(_GROUP, device=dev).unsqueeze(1) * stride + cidx)[keep]
     if n0 < n:
-        tkeep = tail.bool()
-        band = torch.cat([band, flat[n0:][tkeep]])
-        if capture:
-            band_idx = torch.cat([band_idx, torch.arange(n0, n, device=dev)[tkeep]])
+        band = torch.cat([band, flat[n0:][tail.bool()]])
     if band.numel() != size:  # cannot happen without NaN; be safe rather than wrong
         return None
     sub = select_counts(band, k - c_hi)
-    res = Selection(sub.value, c_hi + sub.above, sub.equal)
-    if capture:
-        return res._replace(band_values=band, band_index=band_idx, band_above=c_hi)
-    return res
+    return Selection(sub.value, c_hi + sub.above, sub.equal)
