@@ -29,7 +29,10 @@ def num_kept(n: int, k: float) -> int:
 
 class Threshold(NamedTuple):
     value: torch.Tensor  # 0-dim, in the magnitudes' dtype and device
-    ties: int  # how many entries equal to value are kept, lowest flat index first
+    # How many entries equal to value are kept, lowest flat index first. Only read when split is
+    # True; when it is False every entry equal to value is kept, and a warm-started threshold
+    # proven by one count (see _candidate_threshold) reports the ties among its candidates.
+    ties: int
     split: bool  # True when some entries equal to value are dropped (ties need a prefix count)
 
 
@@ -75,24 +78,28 @@ class TopKWarmStart:
     """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
     magnitudes around it and its last move (plain floats; outside any state_dict)."""
 
-    __slots__ = ("key", "value", "density", "shift", "warm", "widened", "cold", "buf", "last",
-                 "__weakref__")
+    __slots__ = ("key", "value", "density", "shift", "guessed", "warm", "widened", "cold", "buf", "last",
+                 "cand", "cand_above", "__weakref__")
 
     def __init__(self):
         self.key = None
         self.buf: torch.Tensor | None = None  # storage of the layer's masked weight, reused
         self.last = None  # weakref to the masked weight last handed out from buf
+        self.cand: torch.Tensor | None = None  # flat indices of the candidates (see below)
+        self.cand_above = 0  # entries above the candidates' band when it was drawn
         self.value = 0.0
         self.density = 0.0  # entries per unit of magnitude near the threshold
         self.shift = 0.0  # |last threshold move|
-        self.warm = self.widened = self.cold = 0  # statistics: how each step was answered
+        # statistics: how each step was answered (candidates, band, widened band, cold)
+        self.guessed = self.warm = self.widened = self.cold = 0
 
     def reset(self):
         self.key = None
-        self.buf = self.last = None
+        self.buf = self.last = self.cand = None
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "warm", "widened", "cold")}
+        return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "guessed", "warm", "widened",
+                                              "cold")}
 
     def __setstate__(self, state):
         self.__init__()
@@ -170,9 +177,71 @@ def _band_pass(m: torch.Tensor, s_flat: torch.Tensor, n_keep: int, lo: float, hi
     return c_hi, c_lo, band, index
 
 
+# ---------------------------------------------------------------------------------------------
+# Candidates. Most steps need no band pass at all: a layer keeps the flat indices of the entries
+# whose |s| lay in a wide band around the threshold when the band was drawn (_CAND_FRACTION of
+# the layer), and how many lay above it. A step gathers those few entries, takes the guess
+# v = the (n_keep - above)-th largest of them, and builds the 0/1 mask |s| >= v in the one compare
+# pass any step needs. Its sum proves the guess: n_keep entries at or above v, v itself an entry,
+# so v is exactly the n_keep-th largest and no entry equal to v is dropped. Entries that left the
+# candidates' band since it was drawn only matter if they cross v, and then the count is off: the
+# step falls back to the band path and draws new candidates around the new threshold.
+# ---------------------------------------------------------------------------------------------
+_CAND_FRACTION = 0.06  # of the layer's entries; wider bands stay valid for more steps
+_CAND_MARGIN = 32  # the guess must lie this many ranks inside the candidates
+
+
+def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
+                         state: TopKWarmStart) -> Threshold | None:
+    """The exact threshold from the candidates, with m (|s| on entry) turned into the 0/1 mask;
+    None when the candidates cannot prove it (m then holds no longer |s|, or still does)."""
+    cand = state.cand
+    r = n_keep - state.cand_above
+    if not _CAND_MARGIN <= r <= cand.numel() - _CAND_MARGIN:
+        return None
+    a = s_flat.index_select(0, cand).abs_()
+    # The r-th largest of the candidates, itself warm-started: a narrow band around the last value
+    # (Python-float bounds: torch rounds them to a's dtype the same way in every compare).
+    v0 = state.value
+    half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
+    lo, hi = v0 - half, v0 + half
+    band = a[(a >= lo).logical_and_(a <= hi)]
+    r_band = r - int((a > hi).sum())
+    sel = select_counts(band, r_band) if 1 <= r_band <= band.numel() else select_counts(a, r)
+    v = sel.value
+    torch.ge(m, v, out=m)
+    if int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) != n_keep:
+        return None
+    vf = float(v)
+    state.shift = abs(vf - v0)
+    state.value = vf
+    return Threshold(v, sel.equal, False)
+
+
+def _draw_candidates(s_flat: torch.Tensor, n_keep: int, state: TopKWarmStart) -> None:
+    """New candidates around state.value: the entries with |s| in a band holding about
+    _CAND_FRACTION of the layer, and the count above it. Two compare passes and a nonzero."""
+    state.cand = None
+    n = s_flat.numel()
+    if state.density <= 0:
+        return
+    half = _CAND_FRACTION * n / (2 * state.density)
+    v = state.value
+    lo, hi = _as_dtype(max(v - half, 0.0), s_flat.dtype), _as_dtype(v + half, s_flat.dtype)
+    a = torch.abs(s_flat, out=_scratch(n, s_flat.device, s_flat.dtype, slot=1))
+    above = torch.gt(a, hi, out=_scratch(n, s_flat.device, slot=2))
+    c_above = above.sum(dtype=torch.float64)
+    torch.ge(a, lo, out=a).sub_(above)  # 1 inside [lo, hi]
+    cand = torch.nonzero(a).squeeze(1)
+    c_above = int(c_above)
+    if _CAND_MARGIN <= n_keep - c_above <= cand.numel() - _CAND_MARGIN:
+        state.cand, state.cand_above = cand, c_above
+
+
 def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
                         stash: bool = False) -> Threshold:
-    """``topk_threshold(scores.abs(), n_keep)`` (the very same Threshold), warm-started from state.
+    """``topk_threshold(scores.abs(), n_keep)``, warm-started from state: the same value and split,
+    the same ties when split (when not split every entry equal to value is kept; see Threshold).
 
     With ``stash`` the returned Threshold also carries the float 0/1 mask for the next
     ``masked_weight`` call on these scores, so the mask is not computed twice."""
@@ -185,6 +254,15 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     s_flat = s.view(-1)
     m = torch.abs(s, out=_layer_buffer(state, s)) if stash else s.abs()
     flat = m.view(-1)
+    if state.key == key and state.cand is not None:
+        th = _candidate_threshold(s_flat, flat, n_keep, state)
+        if th is not None:
+            state.guessed += 1
+            if not stash:
+                return th
+            state.last = weakref.ref(m)
+            return _StashedThreshold(th.value, th.ties, th.split, m, scores)
+        torch.abs(s_flat, out=flat)  # the failed guess left its mask in m
     if state.key == key and state.density > 0:
         half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
         v0 = state.value
@@ -213,6 +291,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
                 state.density = 0.5 * state.density + 0.5 * max(band.numel(), 1) / (hi - lo)
             state.value = vf
             th = _threshold_from_counts(v, c_hi + sel.above, sel.equal, n_keep)
+            _draw_candidates(s_flat, n_keep, state)
             if th.split:  # m holds (|s| > hi); the tie-break needs the general path
                 return th
             flat[index[band >= v]] = 1.0
@@ -235,6 +314,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
         state.density = 0.0
     state.key, state.value, state.shift = key, vf, 0.0
     th = _threshold_from_counts(v, sel.above, sel.equal, n_keep)
+    _draw_candidates(s_flat, n_keep, state)
     if not stash or th.split:
         return th
     torch.ge(m, v, out=m)

@@ -114,14 +114,15 @@ _local = threading.local()  # per-thread scratch buffers (autograd may run on se
 _SCRATCH_KEEP = 1 << 22
 
 
-def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A scratch vector of n elements (contents undefined), reused between calls on this thread."""
+def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32, slot: int = 0) -> torch.Tensor:
+    """A scratch vector of n elements (contents undefined), reused between calls on this thread;
+    different slots are different buffers."""
     if n > _SCRATCH_KEEP:
         return torch.empty(n, dtype=dtype, device=device)
     cache = getattr(_local, "scratch", None)
     if cache is None:
         cache = _local.scratch = {}
-    key = (str(device), dtype)
+    key = (str(device), dtype, slot)
     buf = cache.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)

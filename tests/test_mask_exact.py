@@ -67,10 +67,46 @@ def test_warm_start_follows_training_like_drift(kind):
                     s.copy_((s * 4).round() / 4)
             want = oracle(s, nk)
             th = warm_topk_threshold(s, nk, state, stash=step % 2 == 0)
-            assert th == topk_threshold(s.detach().abs(), nk)
+            _same_threshold(th, topk_threshold(s.detach().abs(), nk))
             assert torch.equal(mask_from_threshold(s.detach().abs(), th), want)
             assert torch.equal(masked_weight(w, s, th), w * want)
-        assert state.warm + state.widened + state.cold == 25
+        assert state.guessed + state.warm + state.widened + state.cold == 25
+        if kind in ("uniform", "normal"):
+            assert state.guessed >= 15  # most steps are answered by the candidates
+
+
+def _same_threshold(th, ref):
+    """Same value and split; the same ties where they matter (split: see Threshold)."""
+    assert th.value.dtype == ref.value.dtype and bool(th.value == ref.value)
+    assert th.split == ref.split and (not ref.split or th.ties == ref.ties)
+
+
+def test_candidates_are_proven_by_the_count():
+    """Entries far from the threshold jumping across it: one alone makes the count disagree (the
+    band path answers), two in opposite directions keep it (the guess is still exact)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(400, 300, generator=g)
+    s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
+    nk = num_kept(s.numel(), 0.5)
+    state = TopKWarmStart()
+    flat = s.detach().view(-1)
+    for step in range(8):
+        with torch.no_grad():
+            s.add_(torch.randn(s.shape, generator=g) * 1e-4)
+            order = flat.abs().argsort()
+            if step == 4:  # the largest entry drops to 0: one entry leaves the kept set
+                flat[order[-1]] = 0.0
+            if step == 6:  # the smallest and the largest swap places
+                lo_i, hi_i = order[0], order[-1]
+                flat[lo_i], flat[hi_i] = flat[hi_i].clone(), flat[lo_i].clone()
+        before = state.guessed
+        th = warm_topk_threshold(s, nk, state, stash=True)
+        _same_threshold(th, topk_threshold(flat.abs(), nk))
+        assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
+        if step == 4:
+            assert state.guessed == before  # the count disagreed: not guessed
+        if step == 6:
+            assert state.guessed == before + 1  # compensated: the count proves the guess
 
 
 def test_stash_is_ignored_when_scores_changed():
