@@ -9,6 +9,11 @@ for one epoch (after a warm-up) five ways:
   kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
   supermask    this library's reference path (supermask.convert): exact top-k without sorting,
                warm-started from the previous step's threshold
+  floor        not a method: a lower bound. The per-step work every exact eager supermask path
+               has to do beyond dense training (|s| and a compare into a 0/1 mask, weight * mask,
+               the straight-through gradient g * w * sign(s)) with the top-k selection removed:
+               the threshold is fixed at the first step's median. Its ratio to dense is the best
+               any eager (unfused) reference path can reach on this machine
   triton       supermask.set_backend(model, "triton"), only when torch.cuda.is_available()
 
 SGD lr 0.1, momentum 0.9, weight decay 1e-4 everywhere. Data: Fashion-MNIST from
@@ -130,6 +135,38 @@ def official(model: nn.Sequential, k: float, fn) -> nn.Sequential:
     return nn.Sequential(*[SubnetLinear(m, k, fn) if isinstance(m, nn.Linear) else m for m in model])
 
 
+class FloorMask(torch.autograd.Function):
+    """The fewest eager passes a masked weight and its straight-through gradient take: abs and a
+    compare into a reused buffer, one multiply; sign and two multiplies in backward."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, threshold, buffers):
+        ctx.save_for_backward(weight, scores)
+        ctx.sign_buffer = buffers[1]
+        mask = torch.abs(scores, out=buffers[0])
+        torch.ge(mask, threshold, out=mask)
+        return mask.mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, scores = ctx.saved_tensors
+        sign = torch.sign(scores, out=ctx.sign_buffer)
+        return None, torch.mul(g, weight).mul_(sign), None, None
+
+
+class FloorLinear(SubnetLinear):
+    """SubnetLinear with FloorMask: a fixed threshold (the initial median of |scores|), so no
+    selection at all. Only for timing: its mask stops being a top-k mask once scores move."""
+
+    def __init__(self, linear: nn.Linear, k: float):
+        super().__init__(linear, k, None)
+        self.threshold = float(kth_largest(self.scores.detach().abs(), num_kept(self.scores.numel(), k)))
+        self.buffers = [torch.empty_like(self.weight), torch.empty_like(self.weight)]
+
+    def forward(self, x):
+        return F.linear(x, FloorMask.apply(self.weight, self.scores, self.threshold, self.buffers))
+
+
 def build(method: str, width: float, k: float) -> nn.Module:
     torch.manual_seed(0)
     if method == "dense":
@@ -138,6 +175,8 @@ def build(method: str, width: float, k: float) -> nn.Module:
         return official(fc(width), k, GetSubnetSort)
     if method == "kthvalue":
         return official(fc(width), k, GetSubnetKth)
+    if method == "floor":
+        return nn.Sequential(*[FloorLinear(m, k) if isinstance(m, nn.Linear) else m for m in fc(width)])
     model = supermask.convert(fc(width), k)
     if method == "triton":
         model = supermask.set_backend(model.cuda(), "triton")
@@ -182,19 +221,19 @@ def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
 
 
 def bench_training(args, x, y):
-    methods = ["dense", "supermask"]
+    methods = ["dense", "supermask", "floor"]
     if not args.skip_slow:
         methods += ["kthvalue", "sort"]
     cuda = torch.cuda.is_available()
     if cuda:
         methods.append("triton")
-    # The fast ways are timed `repeats` times, interleaved (dense, supermask, dense, ...), so a
+    # The fast ways are timed `repeats` times, interleaved (dense, supermask, floor, dense, ...), so a
     # load change on a shared machine hits both alike; the best epoch of each is reported.
     order = []
     for r in range(args.repeats):
-        order += ["dense", "supermask"]
+        order += ["dense", "supermask", "floor"]
         if r == 0:
-            order += [m for m in methods if m not in ("dense", "supermask")]
+            order += [m for m in methods if m not in ("dense", "supermask", "floor")]
     models = {}
     rows: dict[str, dict] = {}
     for method in order:
@@ -229,8 +268,8 @@ def bench_training(args, x, y):
         for name, layer in supermask.supermask_layers(models["supermask"]):
             st = layer.__dict__.get("_topk_warm")
             if st is not None and st.key is not None:
-                stats[name] = {"numel": layer.scores.numel(), "warm": st.warm, "widened": st.widened,
-                               "cold": st.cold}
+                stats[name] = {"numel": layer.scores.numel(), "candidates": st.guessed, "band": st.warm,
+                               "widened": st.widened, "cold": st.cold}
         rows["supermask"]["warm_start"] = stats
     return rows
 
@@ -298,8 +337,9 @@ def markdown(args, data_name, rows, sel_rows) -> str:
              f"{args.threads} CPU threads ({data_name})", "",
              "| method | epoch (s) | ratio to dense |", "|---|---:|---:|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
-             "supermask": "supermask reference path", "triton": "supermask Triton backend"}
-    for method in ("dense", "sort", "kthvalue", "supermask", "triton"):
+             "supermask": "supermask reference path", "triton": "supermask Triton backend",
+             "floor": "floor: mask passes only, no selection (lower bound, not a method)"}
+    for method in ("dense", "sort", "kthvalue", "supermask", "floor", "triton"):
         row = rows.get(method)
         if row is None:
             continue
@@ -307,19 +347,27 @@ def markdown(args, data_name, rows, sel_rows) -> str:
             lines.append(f"| {label[method]} | n/a | ({row['error'][:60]}) |")
         else:
             lines.append(f"| {label[method]} | {row['best_epoch_s']:.2f} | {row['ratio_to_dense']:.2f}x |")
+    stats = rows.get("supermask", {}).get("warm_start")
+    if stats:
+        lines += ["", "How the reference path found each layer's threshold (steps): " + "; ".join(
+            f"{name} ({st['numel']:,}): {st['candidates']} by candidates, {st['band']} band, "
+            f"{st['widened']} widened, {st['cold']} cold" for name, st in stats.items())]
     if sel_rows:
         lines += ["", "## Selection: k-th largest of n (k = n/2), median time", "",
-                  "| n | kth_largest | warm layer threshold | torch.kthvalue | torch.sort | torch.topk | kth_largest vs kthvalue |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| n | kth_largest | warm layer threshold | torch.kthvalue | torch.sort | torch.topk | kth_largest vs kthvalue "
+                  "| warm vs kthvalue |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sel_rows:
             t = r["seconds"]
 
             def ms(v):
                 return "n/a" if v is None else f"{v * 1e3:.3f} ms"
 
+            w = r["speedup_vs_kthvalue"]["warm_layer_threshold"]
+            warm_ratio = "n/a" if w is None else f"{w:.1f}x"
             lines.append(f"| {r['n']:,} | {ms(t['kth_largest'])} | {ms(t['warm_layer_threshold'])} | "
                          f"{ms(t['torch.kthvalue'])} | {ms(t['torch.sort'])} | {ms(t['torch.topk'])} | "
-                         f"{r['speedup_vs_kthvalue']['kth_largest']:.1f}x |")
+                         f"{r['speedup_vs_kthvalue']['kth_largest']:.1f}x | {warm_ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +380,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs-measured", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=2, help="timed epochs of dense and supermask (interleaved)")
+    p.add_argument("--repeats", type=int, default=2, help="timed epochs of dense, supermask and floor (interleaved)")
     p.add_argument("--skip-slow", action="store_true", help="skip the sort and kthvalue GetSubnet epochs")
     p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--no-select", action="store_true")
