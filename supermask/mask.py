@@ -206,16 +206,30 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
     half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
     lo, hi = v0 - half, v0 + half
     band = a[(a >= lo).logical_and_(a <= hi)]
-    r_band = r - int((a > hi).sum())
-    sel = select_counts(band, r_band) if 1 <= r_band <= band.numel() else select_counts(a, r)
-    v = sel.value
-    torch.ge(m, v, out=m)
-    if int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) != n_keep:
-        return None
-    vf = float(v)
+    n_over = int((a > hi).sum())
+
+    def guess(rank):  # the rank-th largest candidate (exact; it is only a guess for the layer)
+        in_band = rank - n_over
+        return select_counts(band, in_band) if 1 <= in_band <= band.numel() else select_counts(a, rank)
+
+    sel = guess(r)
+    torch.ge(m, sel.value, out=m)
+    crossed = int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) - n_keep
+    if crossed:
+        # Entries outside the candidates crossed the threshold (net count `crossed`, or ties).
+        # Count them with those above the candidates and guess once more, that many ranks over.
+        r -= crossed
+        if not _CAND_MARGIN <= r <= cand.numel() - _CAND_MARGIN:
+            return None
+        sel = guess(r)
+        torch.ge(torch.abs(s_flat, out=m), sel.value, out=m)
+        if int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) != n_keep:
+            return None
+        state.cand_above += crossed
+    vf = float(sel.value)
     state.shift = abs(vf - v0)
     state.value = vf
-    return Threshold(v, sel.equal, False)
+    return Threshold(sel.value, sel.equal, False)
 
 
 def _draw_candidates(s_flat: torch.Tensor, n_keep: int, state: TopKWarmStart) -> None:
@@ -292,11 +306,15 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             state.value = vf
             th = _threshold_from_counts(v, c_hi + sel.above, sel.equal, n_keep)
             _draw_candidates(s_flat, n_keep, state)
-            if th.split:  # m holds (|s| > hi); the tie-break needs the general path
-                return th
-            flat[index[band >= v]] = 1.0
             if not stash:
                 return th
+            # m holds (|s| > hi); set the band's kept entries. Every entry equal to v is in the
+            # band, whose indices are in flat order: split ties keep the first th.ties of them.
+            if th.split:
+                flat[index[band > v]] = 1.0
+                flat[index[band == v][:th.ties]] = 1.0
+            else:
+                flat[index[band >= v]] = 1.0
             state.last = weakref.ref(m)
             return _StashedThreshold(v, th.ties, th.split, m, scores)
         torch.abs(s_flat, out=flat)

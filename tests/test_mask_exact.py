@@ -82,15 +82,17 @@ def _same_threshold(th, ref):
 
 
 def test_candidates_are_proven_by_the_count():
-    """Entries far from the threshold jumping across it: one alone makes the count disagree (the
-    band path answers), two in opposite directions keep it (the guess is still exact)."""
+    """Entries far from the threshold jumping across it. One alone makes the count disagree; the
+    second guess, one rank over, is proven by its count. Two in opposite directions keep the count
+    (the first guess is exact). An entry landing right between the two ranks around the threshold
+    is the new threshold itself, which no candidate can guess: the band path answers."""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(400, 300, generator=g)
     s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
     nk = num_kept(s.numel(), 0.5)
     state = TopKWarmStart()
     flat = s.detach().view(-1)
-    for step in range(8):
+    for step in range(9):
         with torch.no_grad():
             s.add_(torch.randn(s.shape, generator=g) * 1e-4)
             order = flat.abs().argsort()
@@ -99,14 +101,44 @@ def test_candidates_are_proven_by_the_count():
             if step == 6:  # the smallest and the largest swap places
                 lo_i, hi_i = order[0], order[-1]
                 flat[lo_i], flat[hi_i] = flat[hi_i].clone(), flat[lo_i].clone()
-        before = state.guessed
+            if step == 8:  # the smallest lands between the n_keep-th and the (n_keep - 1)-th largest
+                mags = flat.abs()[order]
+                flat[order[0]] = (mags[-nk] + mags[-nk + 1]) / 2
+        before, above = state.guessed, state.cand_above
         th = warm_topk_threshold(s, nk, state, stash=True)
         _same_threshold(th, topk_threshold(flat.abs(), nk))
         assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
+        if step in (4, 6):
+            assert state.guessed == before + 1
         if step == 4:
-            assert state.guessed == before  # the count disagreed: not guessed
-        if step == 6:
-            assert state.guessed == before + 1  # compensated: the count proves the guess
+            assert state.cand_above == above - 1  # the dropped entry no longer counts above
+        if step == 8:
+            assert state.guessed == before and state.warm >= 1
+
+
+def test_warm_band_path_splits_ties_in_flat_order():
+    """A tie straddling the threshold (two entries equal to the n_keep-th largest |s|, one kept):
+    the band path keeps the first in flat order, in its stashed mask as in the reference."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(400, 300, generator=g)
+    s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
+    nk = num_kept(s.numel(), 0.5)
+    state = TopKWarmStart()
+    flat = s.detach().view(-1)
+    for step in range(6):
+        with torch.no_grad():
+            s.add_(torch.randn(s.shape, generator=g) * 1e-4)
+            if step >= 3:  # the (n_keep + 1)-th largest takes the n_keep-th's magnitude (sign kept)
+                order = flat.abs().argsort(descending=True)
+                a, b = order[nk - 1], order[nk]
+                flat[b] = flat[a].abs() * flat[b].sign()
+        warm_before = state.warm + state.widened + state.cold
+        th = warm_topk_threshold(s, nk, state, stash=True)
+        _same_threshold(th, topk_threshold(flat.abs(), nk))
+        assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
+        if step >= 3:
+            assert th.split and th.ties == 1
+            assert state.warm + state.widened + state.cold == warm_before + 1  # not the candidates
 
 
 def test_stash_is_ignored_when_scores_changed():
