@@ -205,8 +205,11 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
     v0 = state.value
     half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
     lo, hi = v0 - half, v0 + half
-    band = a[(a >= lo).logical_and_(a <= hi)]
-    n_over = int((a > hi).sum())
+    # float 0/1 compares into scratch buffers and a nonzero: bool masks are far slower on CPU
+    inside = torch.ge(a, lo, out=_scratch(a.numel(), a.device, slot=3))
+    over = torch.gt(a, hi, out=_scratch(a.numel(), a.device, slot=4))
+    n_over = int(over.sum())
+    band = a.index_select(0, torch.nonzero(inside.sub_(over)).squeeze(1))
 
     def guess(rank):  # the rank-th largest candidate (exact; it is only a guess for the layer)
         in_band = rank - n_over
