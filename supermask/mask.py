@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .select import _GROUP, KTH_DIRECT_MAX, _scratch, select_counts
+from .select import _GROUP, KTH_DIRECT_MAX, _scratch, kth_largest, select_counts
 
 
 def num_kept(n: int, k: float) -> int:
@@ -31,7 +31,7 @@ class Threshold(NamedTuple):
     value: torch.Tensor  # 0-dim, in the magnitudes' dtype and device
     # How many entries equal to value are kept, lowest flat index first. Only read when split is
     # True; when it is False every entry equal to value is kept, and a warm-started threshold
-    # proven by one count (see _candidate_threshold) reports the ties among its candidates.
+    # proven by one count (see _candidate_threshold) does not count them: it reports 1.
     ties: int
     split: bool  # True when some entries equal to value are dropped (ties need a prefix count)
 
@@ -213,10 +213,12 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
 
     def guess(rank):  # the rank-th largest candidate (exact; it is only a guess for the layer)
         in_band = rank - n_over
-        return select_counts(band, in_band) if 1 <= in_band <= band.numel() else select_counts(a, rank)
+        if 1 <= in_band <= band.numel():
+            return torch.kthvalue(band, band.numel() - in_band + 1).values
+        return kth_largest(a, rank)
 
-    sel = guess(r)
-    torch.ge(m, sel.value, out=m)
+    v = guess(r)
+    torch.ge(m, v, out=m)
     crossed = int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) - n_keep
     if crossed:
         # Entries outside the candidates crossed the threshold (net count `crossed`, or ties).
@@ -224,15 +226,15 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
         r -= crossed
         if not _CAND_MARGIN <= r <= cand.numel() - _CAND_MARGIN:
             return None
-        sel = guess(r)
-        torch.ge(torch.abs(s_flat, out=m), sel.value, out=m)
+        v = guess(r)
+        torch.ge(torch.abs(s_flat, out=m), v, out=m)
         if int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) != n_keep:
             return None
         state.cand_above += crossed
-    vf = float(sel.value)
+    vf = float(v)
     state.shift = abs(vf - v0)
     state.value = vf
-    return Threshold(sel.value, sel.equal, False)
+    return Threshold(v, 1, False)  # not split: every entry equal to v is kept (ties not counted)
 
 
 def _draw_candidates(s_flat: torch.Tensor, n_keep: int, state: TopKWarmStart) -> None:
