@@ -59,7 +59,8 @@ def mask_from_threshold(magnitudes: torch.Tensor, threshold: Threshold) -> torch
 
 # ---------------------------------------------------------------------------------------------
 # Warm start. Between two training steps the threshold moves little (typically by a few hundred
-# ranks), so a step counts, with two compare passes over |s|, the entries above a narrow value band
+# ranks). Most steps are answered by the layer's candidates (below); the others count, with two
+# compare passes over |s|, the entries above a narrow value band
 # [lo, hi] around the previous threshold and at or above lo. The counts prove whether the new
 # threshold lies in the band; the band's few entries are then gathered (per-column counts of the
 # (16, n/16) view pick the columns holding them) and the exact selection runs on them alone.
@@ -184,8 +185,10 @@ def _band_pass(m: torch.Tensor, s_flat: torch.Tensor, n_keep: int, lo: float, hi
 # v = the (n_keep - above)-th largest of them, and builds the 0/1 mask |s| >= v in the one compare
 # pass any step needs. Its sum proves the guess: n_keep entries at or above v, v itself an entry,
 # so v is exactly the n_keep-th largest and no entry equal to v is dropped. Entries that left the
-# candidates' band since it was drawn only matter if they cross v, and then the count is off: the
-# step falls back to the band path and draws new candidates around the new threshold.
+# candidates' band since it was drawn only matter if they cross v, and then the count is off by
+# their net number: one more guess, that many ranks over, counts them with those above the
+# candidates. If that count fails too (or ties make it), the band path answers and new
+# candidates are drawn around the new threshold.
 # ---------------------------------------------------------------------------------------------
 _CAND_FRACTION = 0.06  # of the layer's entries; wider bands stay valid for more steps
 _CAND_MARGIN = 32  # the guess must lie this many ranks inside the candidates
