@@ -81,17 +81,20 @@ def _same_threshold(th, ref):
     assert th.split == ref.split and (not ref.split or th.ties == ref.ties)
 
 
+def _drifting_layer(seed):
+    """(generator, weight, scores, n_keep, warm state, flat scores) of a 400 x 300 layer at k = 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(400, 300, generator=g)
+    s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
+    return g, w, s, num_kept(s.numel(), 0.5), TopKWarmStart(), s.detach().view(-1)
+
+
 def test_candidates_are_proven_by_the_count():
     """Entries far from the threshold jumping across it. One alone makes the count disagree; the
     second guess, one rank over, is proven by its count. Two in opposite directions keep the count
     (the first guess is exact). An entry landing right between the two ranks around the threshold
     is the new threshold itself, which no candidate can guess: the band path answers."""
-    g = torch.Generator().manual_seed(7)
-    w = torch.randn(400, 300, generator=g)
-    s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
-    nk = num_kept(s.numel(), 0.5)
-    state = TopKWarmStart()
-    flat = s.detach().view(-1)
+    g, w, s, nk, state, flat = _drifting_layer(7)
     for step in range(9):
         with torch.no_grad():
             s.add_(torch.randn(s.shape, generator=g) * 1e-4)
@@ -119,12 +122,7 @@ def test_candidates_are_proven_by_the_count():
 def test_warm_band_path_splits_ties_in_flat_order():
     """A tie straddling the threshold (two entries equal to the n_keep-th largest |s|, one kept):
     the band path keeps the first in flat order, in its stashed mask as in the reference."""
-    g = torch.Generator().manual_seed(8)
-    w = torch.randn(400, 300, generator=g)
-    s = (torch.rand(400, 300, generator=g) * 2 - 1).requires_grad_()
-    nk = num_kept(s.numel(), 0.5)
-    state = TopKWarmStart()
-    flat = s.detach().view(-1)
+    g, w, s, nk, state, flat = _drifting_layer(8)
     for step in range(6):
         with torch.no_grad():
             s.add_(torch.randn(s.shape, generator=g) * 1e-4)
