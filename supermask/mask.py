@@ -269,8 +269,15 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     ``masked_weight`` call on these scores, so the mask is not computed twice."""
     s = scores.detach()
     n = s.numel()
-    if (n <= WARM_MIN or s.dtype not in _WARM_DTYPES or not s.is_contiguous()
-            or (s.dtype == torch.float32 and n >= 1 << 24)):
+    if s.dtype not in _WARM_DTYPES or not s.is_contiguous() or (s.dtype == torch.float32 and n >= 1 << 24):
+        return topk_threshold(s.abs(), n_keep)
+    if n <= WARM_MIN:
+        if stash:  # small: one kthvalue, proven by the count of the mask it gives (no ties split)
+            m = torch.abs(s, out=_layer_buffer(state, s))
+            v = torch.kthvalue(m.view(-1), n - n_keep + 1).values
+            if int(torch.ge(m, v, out=m).sum()) == n_keep:
+                state.last = weakref.ref(m)
+                return _StashedThreshold(v, 1, False, m, scores)
         return topk_threshold(s.abs(), n_keep)
     key = (n, n_keep, s.dtype, s.device)
     s_flat = s.view(-1)

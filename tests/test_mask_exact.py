@@ -139,6 +139,20 @@ def test_warm_band_path_splits_ties_in_flat_order():
             assert state.warm + state.widened + state.cold == warm_before + 1  # not the candidates
 
 
+@pytest.mark.parametrize("kind", ["uniform", "ties", "equal"])
+def test_small_layers_one_kthvalue_proven_by_the_count(kind):
+    """Layers below WARM_MIN: one kthvalue and the count of its mask; ties go the counting way."""
+    g = torch.Generator().manual_seed(9)
+    for n in (1, 2, 7, 300, 3000):
+        w = torch.randn(n, generator=g)
+        s = _scores(n, kind, torch.float32, g)
+        for k in (0.1, 0.5, 1.0):
+            nk = num_kept(n, k)
+            th = warm_topk_threshold(s, nk, TopKWarmStart(), stash=True)
+            _same_threshold(th, topk_threshold(s.abs(), nk))
+            assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
+
+
 def test_stash_is_ignored_when_scores_changed():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(200, 100, generator=g)
