@@ -128,6 +128,13 @@ class _StashedThreshold(Threshold):
         return self
 
 
+def _hand_out(th: Threshold, mask: torch.Tensor, scores: torch.Tensor, state: TopKWarmStart) -> Threshold:
+    """th carrying mask (0/1, in the layer's buffer) for the next MaskedWeight call on scores; the
+    buffer is reused once the masked weight made from it is gone (see _layer_buffer)."""
+    state.last = weakref.ref(mask)
+    return _StashedThreshold(th.value, th.ties, th.split, mask, scores)
+
+
 def _take_stash(threshold, scores: torch.Tensor, weight: torch.Tensor):
     stash = getattr(threshold, "_stash", None)
     if stash is None:
@@ -222,7 +229,8 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
 
     v = guess(r)
     torch.ge(m, v, out=m)
-    crossed = int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) - n_keep
+    # (exact: float32 0/1 sums below 2**24 entries, larger fp32 layers never come here; fp64 sums)
+    crossed = int(m.sum()) - n_keep
     if crossed:
         # Entries outside the candidates crossed the threshold (net count `crossed`, or ties).
         # Count them with those above the candidates and guess once more, that many ranks over.
@@ -231,7 +239,7 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
             return None
         v = guess(r)
         torch.ge(torch.abs(s_flat, out=m), v, out=m)
-        if int(m.sum(dtype=torch.float64 if m.numel() >= 1 << 24 else None)) != n_keep:
+        if int(m.sum()) != n_keep:
             return None
         state.cand_above += crossed
     vf = float(v)
@@ -276,8 +284,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             m = torch.abs(s, out=_layer_buffer(state, s))
             v = torch.kthvalue(m.view(-1), n - n_keep + 1).values
             if int(torch.ge(m, v, out=m).sum()) == n_keep:
-                state.last = weakref.ref(m)
-                return _StashedThreshold(v, 1, False, m, scores)
+                return _hand_out(Threshold(v, 1, False), m, scores, state)
         return topk_threshold(s.abs(), n_keep)
     key = (n, n_keep, s.dtype, s.device)
     s_flat = s.view(-1)
@@ -289,8 +296,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             state.guessed += 1
             if not stash:
                 return th
-            state.last = weakref.ref(m)
-            return _StashedThreshold(th.value, th.ties, th.split, m, scores)
+            return _hand_out(th, m, scores, state)
         torch.abs(s_flat, out=flat)  # the failed guess left its mask in m
     if state.key == key and state.density > 0:
         half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
@@ -330,8 +336,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
                 flat[index[band == v][:th.ties]] = 1.0
             else:
                 flat[index[band >= v]] = 1.0
-            state.last = weakref.ref(m)
-            return _StashedThreshold(v, th.ties, th.split, m, scores)
+            return _hand_out(th, m, scores, state)
         torch.abs(s_flat, out=flat)
     # Cold: exact selection from scratch, then a density estimate for the next step's band.
     state.cold += 1
@@ -351,8 +356,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     if not stash or th.split:
         return th
     torch.ge(m, v, out=m)
-    state.last = weakref.ref(m)
-    return _StashedThreshold(v, th.ties, th.split, m, scores)
+    return _hand_out(th, m, scores, state)
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
