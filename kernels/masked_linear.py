@@ -31,6 +31,7 @@ import triton.language as tl
 from supermask.mask import Threshold, mask_from_threshold
 
 from . import _common
+from .masked_weight import sign_of
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -91,6 +92,31 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """This program's tile: its row, column and k offsets, and its rows and columns wrapped into
+    range (int64). Rows/columns past the edge wrap around (valid memory, results discarded by the
+    store mask), so the only load mask in the k loop is the K tail."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    return offs_m, offs_n, offs_k, rows, cols
+
+
+@triton.jit
+def _dot(x, y, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + x @ y; with UPCAST in full fp32 (the interpreter's bf16 dot is wrong, see _common)."""
+    if UPCAST:
+        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _masked_matmul_kernel(
     w_ptr, s_ptr, v_ptr, b_ptr, c_ptr, M, N, K,
     stride_wm, stride_wk, stride_sm, stride_sk, stride_bk, stride_bn, stride_cm, stride_cn,
@@ -98,14 +124,7 @@ def _masked_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (W ⊙ [|S| >= v])[M, K] @ B[K, N]; v = *v_ptr."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past the edge wrap around (valid memory, results discarded by the store mask),
-    # so the only load mask in the loop is the K tail.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    offs_m, offs_n, offs_k, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     w_ptrs = w_ptr + rows[:, None] * stride_wm + offs_k[None, :] * stride_wk
     s_ptrs = s_ptr + rows[:, None] * stride_sm + offs_k[None, :] * stride_sk
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -119,10 +138,7 @@ def _masked_matmul_kernel(
             s = tl.load(s_ptrs, mask=k_in[None, :], other=0.0)
             w = tl.where(tl.abs(s).to(tl.float32) >= v, w, tl.zeros_like(w))
         b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(w.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, b, acc, input_precision=INPUT_PRECISION)
+        acc = _dot(w, b, acc, UPCAST, INPUT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         s_ptrs += BLOCK_K * stride_sk
         b_ptrs += BLOCK_K * stride_bk
@@ -141,12 +157,7 @@ def _matmul_ste_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (A[M, K] @ B[K, N]) ⊙ W[M, N] ⊙ sign(S[M, N])."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    offs_m, offs_n, offs_k, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -154,10 +165,7 @@ def _matmul_ste_kernel(
         k_in = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = _dot(a, b, acc, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     # Epilogue: the straight-through product, in fp32, one rounding at the store.
@@ -165,8 +173,7 @@ def _matmul_ste_kernel(
     out = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     w = tl.load(w_ptr + offs_m64[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=out, other=0.0)
     s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=out, other=0.0)
-    sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-    c = acc * w.to(tl.float32) * sign
+    c = acc * w.to(tl.float32) * sign_of(s)
     tl.store(c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              c.to(c_ptr.dtype.element_ty), mask=out)
 

@@ -38,6 +38,12 @@ def _strided_offsets(idx, d1, d2, d3, st0, st1, st2, st3):
 
 
 @triton.jit
+def sign_of(s):
+    """sign(s) as fp32, sign(0) = 0: the straight-through factor of every gradient kernel."""
+    return tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+
+
+@triton.jit
 def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, out_ptr, n, d1, d2, d3,
                           sw0, sw1, sw2, sw3, ss0, ss1, ss2, ss3,
                           CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
@@ -75,8 +81,7 @@ def _ste_grad_kernel(g_ptr, w_ptr, s_ptr, out_ptr, n, d1, d2, d3,
     g = tl.load(g_ptr + g_off, mask=inb, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + w_off, mask=inb, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + s_off, mask=inb, other=0.0)
-    sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-    tl.store(out_ptr + idx, (g * w * sign).to(out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + idx, (g * w * sign_of(s)).to(out_ptr.dtype.element_ty), mask=inb)
 
 
 def _shape4(t: torch.Tensor):
