@@ -203,8 +203,8 @@ _CAND_MARGIN = 32  # the guess must lie this many ranks inside the candidates
 
 def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
                          state: TopKWarmStart) -> Threshold | None:
-    """The exact threshold from the candidates, with m (|s| on entry) turned into the 0/1 mask;
-    None when the candidates cannot prove it (m then holds no longer |s|, or still does)."""
+    """The exact threshold from the candidates, with m (|s| on entry) turned into its 0/1 mask;
+    None when the candidates cannot prove it (m may then hold a mask: the caller recomputes |s|)."""
     cand = state.cand
     r = n_keep - state.cand_above
     if not _CAND_MARGIN <= r <= cand.numel() - _CAND_MARGIN:

@@ -116,7 +116,9 @@ _SCRATCH_KEEP = 1 << 22
 
 def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32, slot: int = 0) -> torch.Tensor:
     """A scratch vector of n elements (contents undefined), reused between calls on this thread;
-    different slots are different buffers."""
+    different slots are different buffers. Slot 0: one pass at a time (selection counts, the warm
+    band pass, the sign in MaskedWeight's backward); 1-2: drawing candidates; 3-4: guessing from
+    them (supermask.mask), which may call the selection (slot 0) in between."""
     if n > _SCRATCH_KEEP:
         return torch.empty(n, dtype=dtype, device=device)
     cache = getattr(_local, "scratch", None)
