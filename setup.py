@@ -14,5 +14,7 @@ setup(
     packages=["supermask", "supermask.kernels"],
     package_dir={"supermask": "supermask", "supermask.kernels": "kernels"},
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest"]},
+    # safetensors only for the test that reads an exported file with the real library (the
+    # package writes and reads the format itself)
+    extras_require={"test": ["pytest", "safetensors"]},
 )
