@@ -13,6 +13,8 @@ setup(
     # collide with an unrelated distribution of that name on PyPI.
     packages=["supermask", "supermask.kernels"],
     package_dir={"supermask": "supermask", "supermask.kernels": "kernels"},
+    # the C source of the CPU kernels, compiled on first use (supermask/cpu_kernels.py)
+    package_data={"supermask": ["cpu_kernels.c"]},
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
     # safetensors only for the test that reads an exported file with the real library (the
     # package writes and reads the format itself)

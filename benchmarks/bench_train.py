@@ -1,7 +1,7 @@
 """Supermask training speed vs dense training, on the CPU reference path (and Triton when CUDA is there).
 
 One process trains the same fully connected network (784 -> 300w -> 100w -> 10, no biases, ReLU)
-for one epoch (after a warm-up) five ways:
+for one epoch (after a warm-up) these ways:
 
   dense        plain nn.Linear training (the baseline; ratios are to this)
   sort         GetSubnet as in the official hidden-networks code: |scores| sorted every step, an
@@ -9,6 +9,9 @@ for one epoch (after a warm-up) five ways:
   kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
   supermask    this library's reference path (supermask.convert): exact top-k without sorting,
                warm-started from the previous step's threshold
+  cpu          this library's fused CPU kernels (supermask.set_backend(model, "cpu"); C compiled on
+               first use): the same masks and gradients, one pass forward (selection included),
+               one backward
   floor        not a method: a lower bound. The per-step work every exact eager supermask path
                has to do beyond dense training (|s| and a compare into a 0/1 mask, weight * mask,
                the straight-through gradient g * w * sign(s)) with the top-k selection removed:
@@ -178,6 +181,8 @@ def build(method: str, width: float, k: float) -> nn.Module:
     if method == "floor":
         return nn.Sequential(*[FloorLinear(m, k) if isinstance(m, nn.Linear) else m for m in fc(width)])
     model = supermask.convert(fc(width), k)
+    if method == "cpu":
+        model = supermask.set_backend(model, "cpu")
     if method == "triton":
         model = supermask.set_backend(model.cuda(), "triton")
     return model
@@ -221,21 +226,21 @@ def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
 
 
 def bench_training(args, x, y):
-    methods = ["dense", "supermask", "floor"]
+    methods = ["dense", "cpu", "supermask", "floor"]
     if not args.skip_slow:
         methods += ["kthvalue", "sort"]
     cuda = torch.cuda.is_available()
     if cuda:
         methods.append("triton")
-    # The fast ways are timed `repeats` times, interleaved (dense, supermask, floor, dense, ...). Each
+    # The fast ways are timed `repeats` times, interleaved (dense, cpu, supermask, floor, dense, ...). Each
     # epoch is divided by the dense epoch of its own round (the slow ways by the first round's), and
     # the median of these paired ratios is the headline: on a shared VM whose speed drifts by tens
     # of percent between minutes, a ratio of neighbours in time is steadier than best against best.
     order = []
     for r in range(args.repeats):
-        order += ["dense", "supermask", "floor"]
+        order += ["dense", "cpu", "supermask", "floor"]
         if r == 0:
-            order += [m for m in methods if m not in ("dense", "supermask", "floor")]
+            order += [m for m in methods if m not in ("dense", "cpu", "supermask", "floor")]
     models = {}
     rows: dict[str, dict] = {}
     for method in order:
@@ -266,14 +271,16 @@ def bench_training(args, x, y):
             row["best_epoch_s"] = min(row["epoch_s"])
             row["paired_ratios"] = [t / d for t, d in zip(row["epoch_s"], dense)]
             row["ratio_to_dense"] = statistics.median(row["paired_ratios"])
-    if "supermask" in models:
+    for method in ("supermask", "cpu"):
+        if method not in models or "epoch_s" not in rows.get(method, {}):
+            continue
         stats = {}
-        for name, layer in supermask.supermask_layers(models["supermask"]):
+        for name, layer in supermask.supermask_layers(models[method]):
             st = layer.__dict__.get("_topk_warm")
             if st is not None and st.key is not None:
-                stats[name] = {"numel": layer.scores.numel(), "candidates": st.guessed, "band": st.warm,
-                               "widened": st.widened, "cold": st.cold}
-        rows["supermask"]["warm_start"] = stats
+                stats[name] = {"numel": layer.scores.numel(), "fused": st.fused, "candidates": st.guessed,
+                               "band": st.warm, "widened": st.widened, "cold": st.cold}
+        rows[method]["warm_start"] = stats
     return rows
 
 
@@ -350,8 +357,9 @@ def markdown(args, data_name, rows, sel_rows) -> str:
              "|---|---:|---:|---|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
              "supermask": "supermask reference path", "triton": "supermask Triton backend",
+             "cpu": "supermask CPU kernels (backend cpu)",
              "floor": "floor: mask passes only, no selection (lower bound, not a method)"}
-    for method in ("dense", "sort", "kthvalue", "supermask", "floor", "triton"):
+    for method in ("dense", "sort", "kthvalue", "cpu", "supermask", "floor", "triton"):
         row = rows.get(method)
         if row is None:
             continue
@@ -360,11 +368,12 @@ def markdown(args, data_name, rows, sel_rows) -> str:
         else:
             rounds = ", ".join(f"{r:.2f}" for r in row["paired_ratios"])
             lines.append(f"| {label[method]} | {row['best_epoch_s']:.2f} | {row['ratio_to_dense']:.2f}x | {rounds} |")
-    stats = rows.get("supermask", {}).get("warm_start")
-    if stats:
-        lines += ["", "How the reference path found each layer's threshold (steps): " + "; ".join(
-            f"{name} ({st['numel']:,}): {st['candidates']} by candidates, {st['band']} band, "
-            f"{st['widened']} widened, {st['cold']} cold" for name, st in stats.items())]
+    for method, who in (("cpu", "the CPU kernels"), ("supermask", "the reference path")):
+        stats = rows.get(method, {}).get("warm_start")
+        if stats:
+            lines += ["", f"How {who} found each layer's threshold (steps): " + "; ".join(
+                f"{name} ({st['numel']:,}): {st['fused']} in the fused pass, {st['candidates']} by candidates, "
+                f"{st['band']} band, {st['widened']} widened, {st['cold']} cold" for name, st in stats.items())]
     if sel_rows:
         lines += ["", "## Selection: k-th largest of n (k = n/2), median time", "",
                   "| n | kth_largest | warm layer threshold | torch.kthvalue | torch.sort | torch.topk | kth_largest vs kthvalue "
@@ -393,7 +402,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs-measured", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5, help="rounds of dense, supermask and floor epochs (interleaved)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of dense, cpu, supermask and floor epochs (interleaved)")
     p.add_argument("--skip-slow", action="store_true", help="skip the sort and kthvalue GetSubnet epochs")
     p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--no-select", action="store_true")

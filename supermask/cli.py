@@ -50,10 +50,25 @@ def _triton_available() -> bool:
     return True
 
 
+def _cpu_kernels_error() -> str | None:
+    from . import cpu_kernels  # noqa: PLC0415
+
+    return cpu_kernels.why_unavailable()
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto' picks the Triton kernels on CUDA and the reference path elsewhere."""
+    """'auto' picks the Triton kernels on CUDA, the fused CPU kernels on the CPU when they build
+    (a C compiler is there), and the reference path otherwise. All three give the same masks."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type == "cuda":
+            return "triton" if _triton_available() else "torch"
+        return "cpu" if _cpu_kernels_error() is None else "torch"
+    if name == "cpu":
+        if device.type != "cpu":
+            raise UsageError("--backend cpu runs on the CPU: pass --device cpu (or --backend triton on CUDA)")
+        error = _cpu_kernels_error()
+        if error is not None:
+            raise UsageError(f"--backend cpu: {error}; use --backend torch (same results, slower)")
     if name == "triton":
         if not _triton_available():
             raise UsageError("--backend triton but Triton is not installed (pip install triton)")

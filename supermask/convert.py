@@ -91,6 +91,11 @@ def use_global_topk(model: nn.Module, k: float) -> nn.Module:
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu":
+        from . import cpu_kernels  # noqa: PLC0415
+
+        if not cpu_kernels.available():
+            raise cpu_kernels.CPUKernelsUnavailable(cpu_kernels.why_unavailable())
     for _, m in supermask_layers(model):
         m.backend = backend
     return model

@@ -13,7 +13,7 @@ from .init import init_scores, init_weight, layer_generator
 from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
                    sampled_masked_weight, warm_topk_threshold)
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 MASK_KINDS = ("topk", "sampled")
 
 
@@ -52,13 +52,16 @@ class SupermaskMixin:
         if self.backend == "triton":
             from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
             return radix_topk_threshold(self.scores.detach(), num_kept(self.scores.numel(), self.k))
+        return warm_topk_threshold(self.scores, num_kept(self.scores.numel(), self.k), self._warm_state(),
+                                   stash=True)
+
+    def _warm_state(self) -> TopKWarmStart:
         # Warm start: the exact selection starts from the entries near the previous threshold
         # (state kept per layer, outside state_dict); the result equals topk_threshold's.
         warm = self.__dict__.get("_topk_warm")
         if warm is None:
             warm = self.__dict__["_topk_warm"] = TopKWarmStart()
-        return warm_topk_threshold(self.scores, num_kept(self.scores.numel(), self.k), warm,
-                                   stash=True)
+        return warm
 
     def mask(self) -> torch.Tensor:
         """The boolean mask currently in use (sampled masks: where sigmoid(score) > 0.5)."""
@@ -69,6 +72,10 @@ class SupermaskMixin:
     def _masked_weight(self) -> torch.Tensor:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
+        if self.backend == "cpu":  # the fused C kernels, selection folded into the mask pass
+            from .cpu_kernels import masked_weight_cpu  # noqa: PLC0415
+            return masked_weight_cpu(self.weight, self.scores, num_kept(self.scores.numel(), self.k),
+                                     self._warm_state(), self.shared_threshold)
         return masked_weight(self.weight, self.scores, self.threshold())
 
     def effective_weight(self) -> torch.Tensor:
@@ -99,6 +106,10 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         if self.backend == "triton" and self.mask_kind == "topk":
             from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
             return masked_linear(x, self.weight, self.scores, self.threshold())
+        if self.backend == "cpu" and self.mask_kind == "topk" and (self.training or torch.is_grad_enabled()):
+            from .cpu_kernels import masked_linear_cpu  # noqa: PLC0415
+            return masked_linear_cpu(x, self.weight, self.scores, num_kept(self.scores.numel(), self.k),
+                                     self._warm_state(), self.shared_threshold)
         return F.linear(x, self.effective_weight())
 
 

@@ -79,8 +79,8 @@ class TopKWarmStart:
     """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
     magnitudes around it and its last move (plain floats; outside any state_dict)."""
 
-    __slots__ = ("key", "value", "density", "shift", "guessed", "warm", "widened", "cold", "buf", "last",
-                 "cand", "cand_above", "__weakref__")
+    __slots__ = ("key", "value", "density", "shift", "guessed", "warm", "widened", "cold", "fused", "buf",
+                 "last", "cand", "cand_above", "band", "buf_key", "bits", "wconst", "__weakref__")
 
     def __init__(self):
         self.key = None
@@ -88,19 +88,24 @@ class TopKWarmStart:
         self.last = None  # weakref to the masked weight last handed out from buf
         self.cand: torch.Tensor | None = None  # flat indices of the candidates (see below)
         self.cand_above = 0  # entries above the candidates' band when it was drawn
+        self.band = None  # the CPU kernels' band lists (supermask.cpu_kernels)
+        self.buf_key = None  # set by the CPU kernels while buf holds their last masked weight
+        self.bits = None  # the CPU kernels' state byte per entry, beside buf
+        self.wconst = None  # the CPU kernels: whether the weight is signed constant
         self.value = 0.0
         self.density = 0.0  # entries per unit of magnitude near the threshold
         self.shift = 0.0  # |last threshold move|
-        # statistics: how each step was answered (candidates, band, widened band, cold)
-        self.guessed = self.warm = self.widened = self.cold = 0
+        # statistics: how each step was answered (candidates, band, widened band, cold; fused: in
+        # the CPU kernels' one pass)
+        self.guessed = self.warm = self.widened = self.cold = self.fused = 0
 
     def reset(self):
         self.key = None
-        self.buf = self.last = self.cand = None
+        self.buf = self.last = self.cand = self.band = self.buf_key = self.bits = self.wconst = None
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "guessed", "warm", "widened",
-                                              "cold")}
+                                              "cold", "fused")}
 
     def __setstate__(self, state):
         self.__init__()
@@ -112,7 +117,7 @@ def _layer_buffer(state: TopKWarmStart, s: torch.Tensor) -> torch.Tensor:
     """The layer's masked-weight buffer: reused once the masked weight handed out last step is gone
     (its graph freed), else a fresh one. Keeps a step from faulting in a new weight-sized buffer."""
     base, last = state.buf, state.last
-    state.last = None
+    state.last = state.buf_key = None
     if (base is None or base.numel() != s.numel() or base.dtype != s.dtype or base.device != s.device
             or (last is not None and last() is not None)):
         base = state.buf = torch.empty(s.numel(), dtype=s.dtype, device=s.device)

@@ -91,8 +91,10 @@ def parser() -> Parser:
     p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
                    help="evaluate a saved run on the test set (top-1, top-5) without training")
     add_training_args(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                   help="mask implementation: reference torch path or the Triton kernels (auto: triton on CUDA)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
+                   help="mask implementation: the reference torch path, the fused CPU kernels (C, compiled on "
+                        "first use) or the Triton kernels (auto: triton on CUDA, cpu on CPU when a C compiler "
+                        "is there, else torch)")
     p.add_argument("--out", default=None, help="run folder (default runs/<name derived from the flags>)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     return p

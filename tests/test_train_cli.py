@@ -188,3 +188,17 @@ def test_real_fashion_mnist_one_epoch_reaches_a_sensible_accuracy(tmp_path):
                 "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["test_acc"] > 80.0, results["test_acc"]  # chance is 10%; 15 epochs reach ~88%
+
+
+def test_cpu_backend_trains_exactly_like_the_reference_path(tmp_path):
+    from supermask import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
+    results = {}
+    for backend in ("torch", "cpu"):
+        out = tmp_path / backend
+        assert run(FAST + ["--backend", backend, "--out", str(out)]) == 0
+        results[backend] = json.loads((out / "results.json").read_text())
+    for key in ("test_acc", "test_acc5", "best_test_acc"):
+        assert results["cpu"][key] == results["torch"][key], key

@@ -1,0 +1,400 @@
+"""Fused CPU kernels (backend "cpu"): the masked weight and its straight-through gradient in one
+pass each, and the top-k selection folded into the masked-weight pass.
+
+Why: on a CPU these element-wise passes run at memory speed, so their number is their cost. The
+reference path (supermask.mask) needs about eight weight-sized passes a step (|s|, compares,
+counts, weight * mask; sign, two multiplies); eager PyTorch cannot fuse them. The C kernels in
+cpu_kernels.c do it in two: one forward pass that writes weight * mask and lists the few entries
+near the previous threshold, and one backward pass. The answer is the reference path's, exactly
+(tests/test_cpu_kernels.py compares masks, masked weights and gradients bit for bit).
+
+The C file is compiled on first use with the system C compiler (``cc``, or $CC) and OpenMP, and
+cached under ~/.cache/supermask (or $XDG_CACHE_HOME/supermask), keyed by the source and compiler.
+``available()`` says whether that worked; ``why_unavailable()`` says why not.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .mask import _layer_buffer, _threshold_from_counts, mask_from_threshold, masked_weight, warm_topk_threshold
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+DTYPES = (torch.float32, torch.float64)
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_CTYPE = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+class CPUKernelsUnavailable(RuntimeError):
+    pass
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "supermask"
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(source + version.encode() + platform.machine().encode() + _cpu_id().encode())
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: two processes building at once both succeed.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2
+        # baseline); the cache key holds the CPU, so a cache folder shared by other CPUs is safe.
+        errors = []
+        for march in (["-march=native"], []):
+            cmd = [cc, "-O3", *march, "-fopenmp", "-fPIC", "-shared", "-o", tmp, str(SOURCE)]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+            errors.append(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[:400]}")
+        else:
+            raise CPUKernelsUnavailable("; ".join(errors))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for dtype, sfx in _SUFFIX.items():
+        t = _CTYPE[dtype]
+        for name, args, res in (("sm_band", [p, p, p, p, i64, t, t, i32, i64, p, p, p, i32], i64),
+                                ("sm_fixup", [p, p, p, p, p, i64, t, i64], None),
+                                ("sm_mask", [p, p, p, p, i64, t, i32], i64),
+                                ("sm_state", [p, p, p, p, i64, i32], None),
+                                ("sm_grad", [p, p, t, p, p, i64, i32], None),
+                                ("sm_select", [p, i64, i64, i32, p, p], t)):
+            fn = getattr(lib, f"{name}_{sfx}")
+            fn.argtypes, fn.restype = args, res
+
+
+def _load() -> ctypes.CDLL:
+    global _lib, _error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _error is not None:
+            raise CPUKernelsUnavailable(_error)
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        try:
+            if cc is None:
+                raise CPUKernelsUnavailable("no C compiler found (install gcc, or set CC)")
+            # torch is imported, so its OpenMP runtime (libgomp.so.1) is loaded: the kernels link
+            # to the same one and share its threads.
+            lib = ctypes.CDLL(str(_compile(cc)))
+            _declare(lib)
+        except (OSError, subprocess.SubprocessError, CPUKernelsUnavailable) as e:
+            _error = f"the CPU kernels could not be built: {e}"
+            raise CPUKernelsUnavailable(_error) from None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    try:
+        _load()
+    except CPUKernelsUnavailable:
+        return False
+    return True
+
+
+def why_unavailable() -> str | None:
+    return None if available() else _error
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CPU, contiguous, one float32/float64 dtype."""
+    t0 = tensors[0]
+    if t0.dtype not in DTYPES:
+        return False
+    for t in tensors:
+        if t.is_cuda or t.dtype != t0.dtype or not t.is_contiguous() or t.numel() != t0.numel() or t.device.type != "cpu":
+            return False
+    return True
+
+
+def _threads(n: int) -> int:
+    # Below ~32k entries a pass takes microseconds: waking a second thread costs more.
+    return 1 if n < 32768 else torch.get_num_threads()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_load(), f"{name}_{_SUFFIX[dtype]}")
+
+
+# The kernels keep a byte of state per entry beside the masked weight (st: uint8): kept, the sign
+# of the score, the sign of the weight (see cpu_kernels.c).
+def masked_weight_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                       value) -> int:
+    """out = weight where |scores| >= value, else 0, and st (one pass); returns how many were kept."""
+    n = scores.numel()
+    return _fn("sm_mask", scores.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, float(value), _threads(n))
+
+
+def state_from(st: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> None:
+    """st for a masked weight out built some other way."""
+    n = out.numel()
+    _fn("sm_state", out.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, _threads(n))
+
+
+def band_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, lo: float,
+              hi: float, idx: torch.Tensor, vals: torch.Tensor, update: bool = False, counts: torch.Tensor | None = None):
+    """One pass: out = weight where |scores| > hi, else 0; the entries with lo <= |scores| <= hi
+    listed in flat order in idx / vals (cap entries per thread), for fixup to set. With update, out
+    and st hold an earlier step's and only the entries that changed are written.
+
+    Returns (count above hi, number listed), or (count above hi, None) when a thread had more
+    than cap band entries (the lists are then incomplete; out is still written)."""
+    n = scores.numel()
+    cap = idx.numel() // torch.get_num_threads()
+    counts = torch.zeros(2, dtype=torch.int64) if counts is None else counts
+    nb = _fn("sm_band", scores.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, lo, hi, int(update), cap,
+                                      _ptr(idx), _ptr(vals), _ptr(counts), _threads(n))
+    return int(counts[0]), (None if nb < 0 else nb)
+
+
+def fixup(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+          nb: int, value, ties: int) -> None:
+    """The listed entries of out: weight where above value or among the first `ties` equal to it
+    (all if ties < 0), else 0."""
+    _fn("sm_fixup", out.dtype)(_ptr(weight), _ptr(out), _ptr(st), _ptr(idx), _ptr(vals), nb, float(value), ties)
+
+
+def select(x: torch.Tensor, r: int, absolute: bool = False, scratch: torch.Tensor | None = None,
+           counts: torch.Tensor | None = None) -> tuple[float, int, int]:
+    """(v, above, equal): the r-th largest of x (of |x| with absolute) and the counts of entries
+    above and equal to it. For a few thousand values: one quickselect on a copy (in scratch)."""
+    n = x.numel()
+    if not 1 <= r <= n:
+        raise ValueError(f"r must be in [1, {n}], got {r}")
+    scratch = torch.empty(n, dtype=x.dtype) if scratch is None else scratch
+    counts = torch.zeros(2, dtype=torch.int64) if counts is None else counts
+    v = _fn("sm_select", x.dtype)(_ptr(x), n, r, int(absolute), _ptr(scratch), _ptr(counts))
+    return v, int(counts[0]), int(counts[1])
+
+
+def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: float | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """(grad * weight) * sign(scores) in one pass, sign(scores) from st, equal bit for bit to the
+    eager expression. sigma: every weight is +-sigma (its sign in st), so the weight is not read.
+    Into out (which may be grad itself) or a new tensor."""
+    out = torch.empty_like(grad) if out is None else out
+    n = grad.numel()
+    w = None if sigma is not None else _ptr(weight)
+    _fn("sm_grad", grad.dtype)(_ptr(grad), w, sigma or 0.0, _ptr(st), _ptr(out), n, _threads(n))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A layer's masked weight, top-k selection included, and its straight-through backward.
+# The masked weight lives in one buffer per layer (mask._layer_buffer) that is kept from step to
+# step: the forward pass updates it in place, writing only the entries whose mask changed.
+# ---------------------------------------------------------------------------------------------
+# The band of the forward pass: aim for this many entries around the previous threshold (a wider
+# band costs nothing in the pass and misses less), listed in buffers of _BAND_CAP per thread.
+_BAND_TARGET = 1024
+_BAND_CAP = 16384
+SMALL = 16384  # layers up to this size: one quickselect over all of |s|
+
+
+def _band_buffers(state, dtype: torch.dtype):
+    """(idx, vals, scratch, counts): the band lists and the selection's scratch, kept per layer."""
+    size = _BAND_CAP * torch.get_num_threads()
+    bufs = state.band
+    if bufs is None or bufs[0].numel() != size or bufs[1].dtype != dtype:
+        bufs = state.band = (torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=dtype),
+                             torch.empty(size, dtype=dtype), torch.zeros(2, dtype=torch.int64))
+    return bufs
+
+
+def _as_dtype(x: float, dtype: torch.dtype) -> float:
+    """x rounded to dtype, as the kernels will compare with it."""
+    return ctypes.c_float(x).value if dtype == torch.float32 else x
+
+
+def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, n_keep: int, state,
+               update: bool):
+    """out = weight * (top-k mask of |s|), exactly the reference mask, and st.
+
+    One pass when the threshold lies in a band around the previous one: the pass sets out outside
+    the band and lists the band's entries; the exact selection among those (their count above
+    the band proves it) decides the listed entries. Small layers: one selection over all of |s|,
+    then one mask pass. Otherwise the reference warm-started selection, then one mask pass."""
+    n = s.numel()
+    if n <= SMALL:
+        v, above, equal = select(s, n_keep, absolute=True)
+        th = _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above, equal, n_keep)
+        _threshold_into(out, st, weight, s, th)
+        return th
+    key = (n, n_keep, s.dtype, s.device)
+    if state.key == key and state.density > 0:
+        half = max(_BAND_TARGET / (2 * state.density), 4.0 * state.shift)
+        v0 = state.value
+        lo, hi = _as_dtype(max(v0 - half, 0.0), s.dtype), _as_dtype(v0 + half, s.dtype)
+        idx, vals, scratch, counts = _band_buffers(state, s.dtype)
+        c_hi, nb = band_into(out, st, weight, s, lo, hi, idx, vals, update, counts)
+        if nb is not None and c_hi < n_keep <= c_hi + nb:
+            v, above, equal = select(vals[:nb], n_keep - c_hi, scratch=scratch, counts=counts)
+            ties = n_keep - c_hi - above  # entries equal to v that are kept; all of them unless split
+            fixup(out, st, weight, idx, vals, nb, v, ties if ties != equal else -1)
+            state.shift, state.value = abs(v - v0), v
+            if hi > lo:
+                state.density = 0.5 * state.density + 0.5 * max(nb, 1) / (hi - lo)
+            state.fused += 1
+            return
+    th = warm_topk_threshold(s, n_keep, state)
+    _threshold_into(out, st, weight, s, th)
+    return th
+
+
+def _threshold_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, th) -> None:
+    if th.split:  # ties cut in flat order: the reference mask (rare)
+        torch.mul(mask_from_threshold(s.abs(), th), weight, out=out)
+        state_from(st, out, weight, s)
+    else:
+        masked_weight_into(out, st, weight, s, th.value.to(s.dtype))
+
+
+def _constant_magnitude(weight: torch.Tensor, weight_key, state) -> float | None:
+    """sigma when every weight is +-sigma (signed-constant init), else None; cached per weight."""
+    if state.wconst is None or state.wconst[0] != weight_key:
+        a = weight.detach().abs().reshape(-1)
+        sigma = float(a[0]) if a.numel() else 0.0
+        state.wconst = (weight_key, sigma if sigma > 0 and bool((a == a[0]).all()) else None)
+    return state.wconst[1]
+
+
+def _build(weight: torch.Tensor, s: torch.Tensor, n_keep: int, state, threshold):
+    """(masked weight, st, sigma) in the layer's buffers: updated in place when they still hold
+    the last ones built here for this weight (any other use of the buffer clears state.buf_key)."""
+    weight_key = (weight.data_ptr(), weight._version, weight.shape)
+    prev = state.buf
+    valid = prev is not None and state.buf_key == weight_key
+    out = _layer_buffer(state, s)
+    reused = prev is not None and out.data_ptr() == prev.data_ptr()
+    st = state.bits
+    if not reused or st is None or st.numel() != out.numel():
+        # a new buffer (the last one is still held, e.g. by a graph not yet run backward): new
+        # state bytes too, as that graph's backward reads the ones it holds
+        st = state.bits = torch.empty(out.numel(), dtype=torch.uint8)
+    update = valid and reused
+    if threshold is None:
+        _topk_into(out, st, weight, s, n_keep, state, update)
+    else:
+        _threshold_into(out, st, weight, s, threshold)
+    state.buf_key = weight_key
+    state.last = weakref.ref(out)  # not reused while a graph (or anyone) still holds it
+    return out, st, _constant_magnitude(weight, weight_key, state)
+
+
+def _grad_scores(G: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, ctx, owned: bool) -> torch.Tensor:
+    if supports(G, weight, scores):
+        return ste_grad(G, weight, ctx.st, ctx.sigma, out=G if owned else None)
+    return (G * weight * torch.sign(scores)).to(scores.dtype)
+
+
+class FusedMaskedWeight(torch.autograd.Function):
+    """weight * mask (built by `build`); backward (grad * weight) * sign(scores) in one pass.
+    The same values as mask.MaskedWeight. Used for convolutions."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, build):
+        ctx.save_for_backward(weight, scores)
+        masked, ctx.st, ctx.sigma = build()
+        return masked
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scores = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        return None, _grad_scores(grad_out.contiguous(), weight, scores, ctx, owned=False), None
+
+
+class FusedMaskedLinear(torch.autograd.Function):
+    """x @ (weight * mask)^T with the straight-through backward. Owning the weight gradient of
+    the matmul lets the backward turn it into the scores' gradient in place, in the one pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, build):
+        masked, ctx.st, ctx.sigma = build()
+        # Saved (not a ctx attribute) so that backward frees it: the layer's buffer is reused for
+        # the next step only once nothing holds this one (see mask._layer_buffer).
+        ctx.save_for_backward(x, weight, scores, masked)
+        return F.linear(x, masked)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, scores, masked = ctx.saved_tensors
+        grad_x = grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y.matmul(masked)
+        if ctx.needs_input_grad[2]:
+            g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_scores = _grad_scores(g2.t().mm(x2), weight, scores, ctx, owned=True)
+        return grad_x, None, grad_scores, None
+
+
+def _builder(weight, scores, n_keep, state, threshold):
+    s = scores.detach()
+    if not supports(s, weight):
+        return None
+    return lambda: _build(weight, s, n_keep, state, threshold)
+
+
+def masked_weight_cpu(weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
+                      threshold=None) -> torch.Tensor:
+    """A top-k supermask layer's masked weight through the kernels. state: the layer's
+    TopKWarmStart; threshold: a given (e.g. global) Threshold instead of the layer's own top-k.
+    Tensors the kernels do not take (half precision, CUDA) go the reference way."""
+    build = _builder(weight, scores, n_keep, state, threshold)
+    if build is None:
+        return masked_weight(weight, scores, threshold or warm_topk_threshold(scores, n_keep, state))
+    return FusedMaskedWeight.apply(weight, scores, build)
+
+
+def masked_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
+                      threshold=None) -> torch.Tensor:
+    """F.linear(x, masked weight) through the kernels, backward included (see FusedMaskedLinear)."""
+    build = _builder(weight, scores, n_keep, state, threshold)
+    if build is None or x.dtype != weight.dtype:
+        return F.linear(x, masked_weight_cpu(weight, scores, n_keep, state, threshold))
+    return FusedMaskedLinear.apply(x, weight, scores, build)
