@@ -24,7 +24,8 @@ SGD lr 0.1, momentum 0.9, weight decay 1e-4 everywhere. Data: Fashion-MNIST from
 synthetic data of the same shape; kept in memory as tensors and sliced into batches.
 
 Then a selection micro-benchmark: the k-th largest (k = n/2) of n random values, this library's
-kth_largest (cold) and warm-started layer threshold vs torch.sort, torch.kthvalue, torch.topk.
+kth_largest (cold), warm-started layer threshold (reference path) and the CPU kernels' one pass
+(threshold and masked weight together, updated in place) vs torch.sort, torch.kthvalue, torch.topk.
 
     python benchmarks/bench_train.py                  # defaults: fc, width 2.5, k 0.5, 2 threads
     python benchmarks/bench_train.py --skip-slow      # no sort / kthvalue GetSubnet epochs
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import supermask  # noqa: E402
 from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa: E402
+from supermask import cpu_kernels  # noqa: E402
 from supermask.select import kth_largest  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -222,7 +224,7 @@ def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
             loss = step(i)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return times, float(loss)
+    return times, float(loss.detach())
 
 
 def bench_training(args, x, y):
@@ -324,6 +326,12 @@ def bench_select(sizes, device):
             # the threshold found again, as a layer calls it (stash: the mask lands in its buffer)
             warm_topk_threshold(scores, k, state, stash=True)
 
+        cpu_state, weight = TopKWarmStart(), torch.randn(n, generator=g).to(device)
+
+        def cpu_pass():
+            # the CPU kernels' one pass: threshold and masked weight, updated in place (as in training)
+            cpu_kernels._build(weight, scores, k, cpu_state, None)
+
         def sync_fn(f):
             def run():
                 f()
@@ -334,6 +342,8 @@ def bench_select(sizes, device):
         t = {
             "kth_largest": _time(sync_fn(lambda: kth_largest(x, k)), budget),
             "warm_layer_threshold": _time(sync_fn(warm), budget, setup=step) if n > 16384 else None,
+            "cpu_kernels_pass": (_time(sync_fn(cpu_pass), budget, setup=step)
+                                 if n > 16384 and device == "cpu" and cpu_kernels.available() else None),
             "torch.kthvalue": _time(sync_fn(lambda: torch.kthvalue(x, n - k + 1)), budget),
             "torch.sort": _time(sync_fn(lambda: torch.sort(x, descending=True, stable=True)), budget,
                                 max_reps=5 if n >= 10**7 else 50),
@@ -376,20 +386,23 @@ def markdown(args, data_name, rows, sel_rows) -> str:
                 f"{st['band']} band, {st['widened']} widened, {st['cold']} cold" for name, st in stats.items())]
     if sel_rows:
         lines += ["", "## Selection: k-th largest of n (k = n/2), median time", "",
-                  "| n | kth_largest | warm layer threshold | torch.kthvalue | torch.sort | torch.topk | kth_largest vs kthvalue "
-                  "| warm vs kthvalue |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| n | kth_largest | warm layer threshold | CPU kernels' pass | torch.kthvalue | torch.sort | torch.topk "
+                  "| kth_largest vs kthvalue | warm vs kthvalue | CPU pass vs kthvalue |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sel_rows:
             t = r["seconds"]
 
             def ms(v):
                 return "n/a" if v is None else f"{v * 1e3:.3f} ms"
 
-            w = r["speedup_vs_kthvalue"]["warm_layer_threshold"]
-            warm_ratio = "n/a" if w is None else f"{w:.1f}x"
+            def ratio(m):
+                v = r["speedup_vs_kthvalue"].get(m)
+                return "n/a" if v is None else f"{v:.1f}x"
+
             lines.append(f"| {r['n']:,} | {ms(t['kth_largest'])} | {ms(t['warm_layer_threshold'])} | "
-                         f"{ms(t['torch.kthvalue'])} | {ms(t['torch.sort'])} | {ms(t['torch.topk'])} | "
-                         f"{r['speedup_vs_kthvalue']['kth_largest']:.1f}x | {warm_ratio} |")
+                         f"{ms(t.get('cpu_kernels_pass'))} | {ms(t['torch.kthvalue'])} | {ms(t['torch.sort'])} | "
+                         f"{ms(t['torch.topk'])} | {ratio('kth_largest')} | {ratio('warm_layer_threshold')} | "
+                         f"{ratio('cpu_kernels_pass')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,14 +7,16 @@
  *   sm_band:   the masked weight out = w where |s| > hi, else 0, and the entries with
  *              lo <= |s| <= hi listed (flat index and |s|) for the exact selection, with the
  *              count above hi. In place (`update`), out already holds the previous step's masked
- *              weight and only the entries whose side of the band changed are written: the pass
- *              then reads s and out and writes almost nothing.
+ *              weight and only the entries that changed are written: the pass then reads s and
+ *              one state byte per entry (st, below) and writes almost nothing.
  *   sm_fixup:  after the selection, the listed entries: w if kept, 0 if not.
  *   sm_select: the r-th largest of a few values (the band's, or a small layer's |s|) and the
  *              counts above and equal to it.
  *   sm_mask:   out = w where |s| >= v, else 0, for a threshold known in advance; returns the count.
+ *   sm_state:  st for a masked weight built elsewhere (the rare eager fallbacks).
  *   sm_grad:   out = (g * w) * sign(s), the straight-through gradient, in eager's order of
- *              operations (equal bit for bit); out may be g itself.
+ *              operations (equal bit for bit); out may be g itself. sign(s) comes from st, and
+ *              for a signed-constant weight (+-sigma) so does w: the pass reads g and one byte.
  *
  * Masked entries are written as 1 * w and 0 * w (-0 for a negative weight), as eager's
  * mask * w does. Threads: OpenMP (the runtime torch loaded, so its threads are shared), static
