@@ -10,6 +10,7 @@
  *              weight and only the entries that changed are written: the pass then reads s and
  *              one state byte per entry (st, below) and writes almost nothing.
  *   sm_fixup:  after the selection, the listed entries: w if kept, 0 if not.
+ *   sm_topk:   the three in one call (what a layer's step runs).
  *   sm_select: the r-th largest of a few values (the band's, or a small layer's |s|) and the
  *              counts above and equal to it.
  *   sm_mask:   out = w where |s| >= v, else 0, for a threshold known in advance; returns the count.
@@ -59,6 +60,8 @@
 #define WNEG 8
 #define SIGNS(x) ((unsigned char)((((x) > 0) << 1) | (((x) < 0) << 2)))
 #define WSIGN(x) ((unsigned char)(((x) < 0) << 3))
+
+T NAME(sm_select)(const T *x, int64_t n, int64_t r, int absolute, T *scratch, int64_t *counts);
 
 /* Returns the number of listed entries, or -1 when a thread's list overflowed cap (the lists
  * are then incomplete; out and st are still right outside the band). counts[0]: entries above
@@ -149,7 +152,7 @@ int64_t NAME(sm_band)(const T *s, const T *w, T *out, unsigned char *st, int64_t
 }
 
 /* The listed entries: kept (w) when above v, or equal to v among the first `ties` equal ones
- * in list order (all of them if ties < 0); else 0. */
+ * in list order (all of them if ties < 0); else 0. st must say what out holds for them. */
 void NAME(sm_fixup)(const T *w, T *out, unsigned char *st, const int64_t *idx, const T *vals, int64_t nb, T v,
                     int64_t ties) {
     for (int64_t j = 0; j < nb; j++) {
@@ -159,9 +162,31 @@ void NAME(sm_fixup)(const T *w, T *out, unsigned char *st, const int64_t *idx, c
             keep = 1;
             if (ties > 0) ties--;
         }
-        out[idx[j]] = (T)keep * w[idx[j]];
-        st[idx[j]] = (unsigned char)((st[idx[j]] & ~KEPT) | keep);
+        int64_t i = idx[j];
+        if ((st[i] & KEPT) != keep) { /* only the few that cross v: w and out are not read otherwise */
+            out[i] = (T)keep * w[i];
+            st[i] = (unsigned char)((st[i] & ~KEPT) | keep);
+        }
     }
+}
+
+/* A layer's step in one call: sm_band, then the selection among the listed entries and
+ * sm_fixup. Returns 0 when done; 1 when the threshold is not in the band or a list overflowed
+ * (out and st are then right outside the band only: the caller falls back). res: the threshold,
+ * the number listed, the count above hi (doubles: exact for these values). */
+int NAME(sm_topk)(const T *s, const T *w, T *out, unsigned char *st, int64_t n, int64_t n_keep, T lo, T hi,
+                  int update, int64_t cap, int64_t *idx, T *vals, T *scratch, double *res, int nthreads) {
+    int64_t counts[2];
+    int64_t nb = NAME(sm_band)(s, w, out, st, n, lo, hi, update, cap, idx, vals, counts, nthreads);
+    int64_t c_hi = counts[0];
+    res[1] = (double)nb;
+    res[2] = (double)c_hi;
+    if (nb < 0 || c_hi >= n_keep || n_keep > c_hi + nb) return 1;
+    T v = NAME(sm_select)(vals, nb, n_keep - c_hi, 0, scratch, counts);
+    int64_t ties = n_keep - c_hi - counts[0]; /* entries equal to v that are kept */
+    NAME(sm_fixup)(w, out, st, idx, vals, nb, v, ties != counts[1] ? ties : -1);
+    res[0] = (double)v;
+    return 0;
 }
 
 /* out = w where |s| >= v, else 0, and st in full; returns how many were kept. */

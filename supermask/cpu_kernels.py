@@ -92,12 +92,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for dtype, sfx in _SUFFIX.items():
         t = _CTYPE[dtype]
-        for name, args, res in (("sm_band", [p, p, p, p, i64, t, t, i32, i64, p, p, p, i32], i64),
-                                ("sm_fixup", [p, p, p, p, p, i64, t, i64], None),
-                                ("sm_mask", [p, p, p, p, i64, t, i32], i64),
+        for name, args, res in (("sm_mask", [p, p, p, p, i64, t, i32], i64),
                                 ("sm_state", [p, p, p, p, i64, i32], None),
                                 ("sm_grad", [p, p, t, p, p, i64, i32], None),
-                                ("sm_select", [p, i64, i64, i32, p, p], t)):
+                                ("sm_select", [p, i64, i64, i32, p, p], t),
+                                ("sm_topk", [p, p, p, p, i64, i64, t, t, i32, i64, p, p, p, p, i32], i32)):
             fn = getattr(lib, f"{name}_{sfx}")
             fn.argtypes, fn.restype = args, res
 
@@ -137,12 +136,13 @@ def why_unavailable() -> str | None:
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: CPU, contiguous, one float32/float64 dtype."""
+    """Whether the kernels take these tensors: CPU, contiguous, one float32/float64 dtype, one size."""
     t0 = tensors[0]
-    if t0.dtype not in DTYPES:
+    dtype, n = t0.dtype, t0.numel()
+    if dtype is not torch.float32 and dtype is not torch.float64:
         return False
     for t in tensors:
-        if t.is_cuda or t.dtype != t0.dtype or not t.is_contiguous() or t.numel() != t0.numel() or t.device.type != "cpu":
+        if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != n:
             return False
     return True
 
@@ -156,8 +156,15 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+_fns: dict = {}
+
+
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_load(), f"{name}_{_SUFFIX[dtype]}")
+    """The C function `name` for dtype (looked up once: a step calls a few of them per layer)."""
+    fn = _fns.get((name, dtype))
+    if fn is None:
+        fn = _fns[(name, dtype)] = getattr(_load(), f"{name}_{_SUFFIX[dtype]}")
+    return fn
 
 
 # The kernels keep a byte of state per entry beside the masked weight (st: uint8): kept, the sign
@@ -175,40 +182,19 @@ def state_from(st: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, scores
     _fn("sm_state", out.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, _threads(n))
 
 
-def band_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, lo: float,
-              hi: float, idx: torch.Tensor, vals: torch.Tensor, update: bool = False, counts: torch.Tensor | None = None):
-    """One pass: out = weight where |scores| > hi, else 0; the entries with lo <= |scores| <= hi
-    listed in flat order in idx / vals (cap entries per thread), for fixup to set. With update, out
-    and st hold an earlier step's and only the entries that changed are written.
-
-    Returns (count above hi, number listed), or (count above hi, None) when a thread had more
-    than cap band entries (the lists are then incomplete; out is still written)."""
-    n = scores.numel()
-    cap = idx.numel() // torch.get_num_threads()
-    counts = torch.zeros(2, dtype=torch.int64) if counts is None else counts
-    nb = _fn("sm_band", scores.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, lo, hi, int(update), cap,
-                                      _ptr(idx), _ptr(vals), _ptr(counts), _threads(n))
-    return int(counts[0]), (None if nb < 0 else nb)
-
-
-def fixup(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
-          nb: int, value, ties: int) -> None:
-    """The listed entries of out: weight where above value or among the first `ties` equal to it
-    (all if ties < 0), else 0."""
-    _fn("sm_fixup", out.dtype)(_ptr(weight), _ptr(out), _ptr(st), _ptr(idx), _ptr(vals), nb, float(value), ties)
-
-
-def select(x: torch.Tensor, r: int, absolute: bool = False, scratch: torch.Tensor | None = None,
-           counts: torch.Tensor | None = None) -> tuple[float, int, int]:
+def select(x: torch.Tensor, r: int, absolute: bool = False, scratch: torch.Tensor | None = None
+           ) -> tuple[float, int, int]:
     """(v, above, equal): the r-th largest of x (of |x| with absolute) and the counts of entries
-    above and equal to it. For a few thousand values: one quickselect on a copy (in scratch)."""
+    above and equal to it. For up to a few ten thousand values: one quickselect on a copy (in
+    scratch, at least x's size, when given)."""
     n = x.numel()
     if not 1 <= r <= n:
         raise ValueError(f"r must be in [1, {n}], got {r}")
-    scratch = torch.empty(n, dtype=x.dtype) if scratch is None else scratch
-    counts = torch.zeros(2, dtype=torch.int64) if counts is None else counts
-    v = _fn("sm_select", x.dtype)(_ptr(x), n, r, int(absolute), _ptr(scratch), _ptr(counts))
-    return v, int(counts[0]), int(counts[1])
+    if scratch is None or scratch.numel() < n or scratch.dtype != x.dtype:
+        scratch = torch.empty(n, dtype=x.dtype)
+    counts = (ctypes.c_int64 * 2)()
+    v = _fn("sm_select", x.dtype)(_ptr(x), n, r, int(absolute), _ptr(scratch), ctypes.addressof(counts))
+    return v, counts[0], counts[1]
 
 
 def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: float | None = None,
@@ -235,14 +221,24 @@ _BAND_CAP = 16384
 SMALL = 16384  # layers up to this size: one quickselect over all of |s|
 
 
-def _band_buffers(state, dtype: torch.dtype):
-    """(idx, vals, scratch, counts): the band lists and the selection's scratch, kept per layer."""
-    size = _BAND_CAP * torch.get_num_threads()
-    bufs = state.band
-    if bufs is None or bufs[0].numel() != size or bufs[1].dtype != dtype:
-        bufs = state.band = (torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=dtype),
-                             torch.empty(size, dtype=dtype), torch.zeros(2, dtype=torch.int64))
-    return bufs
+class _Band:
+    """A layer's band lists (cap entries per thread), the selection's scratch and sm_topk's results."""
+
+    def __init__(self, threads: int, dtype: torch.dtype):
+        self.threads, self.dtype, self.cap = threads, dtype, _BAND_CAP
+        self.idx = torch.empty(_BAND_CAP * threads, dtype=torch.int64)
+        self.vals = torch.empty(_BAND_CAP * threads, dtype=dtype)
+        self.scratch = torch.empty(_BAND_CAP * threads, dtype=dtype)
+        self.res = (ctypes.c_double * 3)()
+        self.ptrs = (self.idx.data_ptr(), self.vals.data_ptr(), self.scratch.data_ptr(), ctypes.addressof(self.res))
+
+
+def _band_buffers(state, dtype: torch.dtype) -> _Band:
+    threads = torch.get_num_threads()
+    band = state.band
+    if band is None or band.threads != threads or band.dtype != dtype:
+        band = state.band = _Band(threads, dtype)
+    return band
 
 
 def _as_dtype(x: float, dtype: torch.dtype) -> float:
@@ -260,29 +256,31 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
     then one mask pass. Otherwise the reference warm-started selection, then one mask pass."""
     n = s.numel()
     if n <= SMALL:
-        v, above, equal = select(s, n_keep, absolute=True)
-        th = _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above, equal, n_keep)
-        _threshold_into(out, st, weight, s, th)
-        return th
+        v, above, equal = select(s, n_keep, absolute=True, scratch=_band_buffers(state, s.dtype).scratch)
+        if n_keep - above == equal:  # every entry equal to v is kept: one mask pass
+            masked_weight_into(out, st, weight, s, v)
+        else:
+            _threshold_into(out, st, weight, s, _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above,
+                                                                       equal, n_keep))
+        return
     key = (n, n_keep, s.dtype, s.device)
     if state.key == key and state.density > 0:
-        half = max(_BAND_TARGET / (2 * state.density), 4.0 * state.shift)
+        # ~0.2% of the layer (128 to 1024 entries) around the last threshold, wider after a big move
+        half = max(min(_BAND_TARGET, max(128, n >> 9)) / (2 * state.density), 4.0 * state.shift)
         v0 = state.value
         lo, hi = _as_dtype(max(v0 - half, 0.0), s.dtype), _as_dtype(v0 + half, s.dtype)
-        idx, vals, scratch, counts = _band_buffers(state, s.dtype)
-        c_hi, nb = band_into(out, st, weight, s, lo, hi, idx, vals, update, counts)
-        if nb is not None and c_hi < n_keep <= c_hi + nb:
-            v, above, equal = select(vals[:nb], n_keep - c_hi, scratch=scratch, counts=counts)
-            ties = n_keep - c_hi - above  # entries equal to v that are kept; all of them unless split
-            fixup(out, st, weight, idx, vals, nb, v, ties if ties != equal else -1)
+        band = _band_buffers(state, s.dtype)
+        # band pass, selection among the listed entries and their fix-up, in one call (sm_topk)
+        missed = _fn("sm_topk", s.dtype)(s.data_ptr(), weight.data_ptr(), out.data_ptr(), st.data_ptr(), n, n_keep,
+                                         lo, hi, int(update), band.cap, *band.ptrs, _threads(n))
+        if not missed:
+            v, nb = band.res[0], band.res[1]
             state.shift, state.value = abs(v - v0), v
             if hi > lo:
-                state.density = 0.5 * state.density + 0.5 * max(nb, 1) / (hi - lo)
+                state.density = 0.5 * state.density + 0.5 * max(nb, 1.0) / (hi - lo)
             state.fused += 1
             return
-    th = warm_topk_threshold(s, n_keep, state)
-    _threshold_into(out, st, weight, s, th)
-    return th
+    _threshold_into(out, st, weight, s, warm_topk_threshold(s, n_keep, state))
 
 
 def _threshold_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, th) -> None:
