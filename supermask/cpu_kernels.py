@@ -330,21 +330,22 @@ def _grad_scores(G: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, ct
 
 
 class FusedMaskedWeight(torch.autograd.Function):
-    """weight * mask (built by `build`); backward (grad * weight) * sign(scores) in one pass.
+    """weight * mask (built by _build); backward (grad * weight) * sign(scores) in one pass.
     The same values as mask.MaskedWeight. Used for convolutions."""
 
     @staticmethod
-    def forward(ctx, weight, scores, build):
+    def forward(ctx, weight, scores, n_keep, state, threshold):
         ctx.save_for_backward(weight, scores)
-        masked, ctx.st, ctx.sigma = build()
+        masked, ctx.st, ctx.sigma = _build(weight, scores.detach(), n_keep, state, threshold)
         return masked
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scores = ctx.saved_tensors
-        if not ctx.needs_input_grad[1]:
-            return None, None, None
-        return None, _grad_scores(grad_out.contiguous(), weight, scores, ctx, owned=False), None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = _grad_scores(grad_out.contiguous(), weight, scores, ctx, owned=False)
+        return None, grad_scores, None, None, None
 
 
 class FusedMaskedLinear(torch.autograd.Function):
@@ -352,8 +353,8 @@ class FusedMaskedLinear(torch.autograd.Function):
     the matmul lets the backward turn it into the scores' gradient in place, in the one pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, scores, build):
-        masked, ctx.st, ctx.sigma = build()
+    def forward(ctx, x, weight, scores, n_keep, state, threshold):
+        masked, ctx.st, ctx.sigma = _build(weight, scores.detach(), n_keep, state, threshold)
         # Saved (not a ctx attribute) so that backward frees it: the layer's buffer is reused for
         # the next step only once nothing holds this one (see mask._layer_buffer).
         ctx.save_for_backward(x, weight, scores, masked)
@@ -368,14 +369,7 @@ class FusedMaskedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
             grad_scores = _grad_scores(g2.t().mm(x2), weight, scores, ctx, owned=True)
-        return grad_x, None, grad_scores, None
-
-
-def _builder(weight, scores, n_keep, state, threshold):
-    s = scores.detach()
-    if not supports(s, weight):
-        return None
-    return lambda: _build(weight, s, n_keep, state, threshold)
+        return grad_x, None, grad_scores, None, None, None
 
 
 def masked_weight_cpu(weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
@@ -383,16 +377,14 @@ def masked_weight_cpu(weight: torch.Tensor, scores: torch.Tensor, n_keep: int, s
     """A top-k supermask layer's masked weight through the kernels. state: the layer's
     TopKWarmStart; threshold: a given (e.g. global) Threshold instead of the layer's own top-k.
     Tensors the kernels do not take (half precision, CUDA) go the reference way."""
-    build = _builder(weight, scores, n_keep, state, threshold)
-    if build is None:
+    if not supports(scores, weight):
         return masked_weight(weight, scores, threshold or warm_topk_threshold(scores, n_keep, state))
-    return FusedMaskedWeight.apply(weight, scores, build)
+    return FusedMaskedWeight.apply(weight, scores, n_keep, state, threshold)
 
 
 def masked_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
                       threshold=None) -> torch.Tensor:
     """F.linear(x, masked weight) through the kernels, backward included (see FusedMaskedLinear)."""
-    build = _builder(weight, scores, n_keep, state, threshold)
-    if build is None or x.dtype != weight.dtype:
+    if x.dtype is not weight.dtype or not supports(scores, weight):
         return F.linear(x, masked_weight_cpu(weight, scores, n_keep, state, threshold))
-    return FusedMaskedLinear.apply(x, weight, scores, build)
+    return FusedMaskedLinear.apply(x, weight, scores, n_keep, state, threshold)

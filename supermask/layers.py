@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_kernels import masked_linear_cpu, masked_weight_cpu  # compiled on first use, not at import
 from .init import init_scores, init_weight, layer_generator
 from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
                    sampled_masked_weight, warm_topk_threshold)
@@ -73,7 +74,6 @@ class SupermaskMixin:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
         if self.backend == "cpu":  # the fused C kernels, selection folded into the mask pass
-            from .cpu_kernels import masked_weight_cpu  # noqa: PLC0415
             return masked_weight_cpu(self.weight, self.scores, num_kept(self.scores.numel(), self.k),
                                      self._warm_state(), self.shared_threshold)
         return masked_weight(self.weight, self.scores, self.threshold())
@@ -107,7 +107,6 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
             from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
             return masked_linear(x, self.weight, self.scores, self.threshold())
         if self.backend == "cpu" and self.mask_kind == "topk" and (self.training or torch.is_grad_enabled()):
-            from .cpu_kernels import masked_linear_cpu  # noqa: PLC0415
             return masked_linear_cpu(x, self.weight, self.scores, num_kept(self.scores.numel(), self.k),
                                      self._warm_state(), self.shared_threshold)
         return F.linear(x, self.effective_weight())
