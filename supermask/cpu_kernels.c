@@ -30,7 +30,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* a compiler without OpenMP (e.g. Apple's clang): one thread */
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define BLOCK 1024
 #define MAX_THREADS 256

@@ -4,12 +4,14 @@ pass each, and the top-k selection folded into the masked-weight pass.
 Why: on a CPU these element-wise passes run at memory speed, so their number is their cost. The
 reference path (supermask.mask) needs about eight weight-sized passes a step (|s|, compares,
 counts, weight * mask; sign, two multiplies); eager PyTorch cannot fuse them. The C kernels in
-cpu_kernels.c do it in two: one forward pass that writes weight * mask and lists the few entries
-near the previous threshold, and one backward pass. The answer is the reference path's, exactly
+cpu_kernels.c do it in two: one forward pass that updates the layer's masked weight in place
+(kept from the last step) and lists the few entries near the last threshold, whose exact selection
+finishes it, and one backward pass. The answer is the reference path's, exactly
 (tests/test_cpu_kernels.py compares masks, masked weights and gradients bit for bit).
 
 The C file is compiled on first use with the system C compiler (``cc``, or $CC) and OpenMP, and
-cached under ~/.cache/supermask (or $XDG_CACHE_HOME/supermask), keyed by the source and compiler.
+cached under ~/.cache/supermask (or $XDG_CACHE_HOME/supermask), keyed by the source, the compiler
+and the CPU (it is built with -march=native).
 ``available()`` says whether that worked; ``why_unavailable()`` says why not.
 """
 from __future__ import annotations
@@ -72,9 +74,10 @@ def _compile(cc: str) -> Path:
     try:
         # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2
         # baseline); the cache key holds the CPU, so a cache folder shared by other CPUs is safe.
+        # Without -march=native, then without OpenMP (one thread) if the compiler refuses them.
         errors = []
-        for march in (["-march=native"], []):
-            cmd = [cc, "-O3", *march, "-fopenmp", "-fPIC", "-shared", "-o", tmp, str(SOURCE)]
+        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
+            cmd = [cc, "-O3", *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 break
@@ -139,7 +142,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors: CPU, contiguous, one float32/float64 dtype, one size."""
     t0 = tensors[0]
     dtype, n = t0.dtype, t0.numel()
-    if dtype is not torch.float32 and dtype is not torch.float64:
+    if dtype not in DTYPES:
         return False
     for t in tensors:
         if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != n:
