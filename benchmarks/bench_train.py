@@ -228,7 +228,8 @@ def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
 
 
 def bench_training(args, x, y):
-    methods = ["dense", "cpu", "supermask", "floor"]
+    fast = ["dense", "cpu", "supermask", "floor"]  # timed in every round; the others once
+    methods = list(fast)
     if not args.skip_slow:
         methods += ["kthvalue", "sort"]
     cuda = torch.cuda.is_available()
@@ -240,9 +241,9 @@ def bench_training(args, x, y):
     # of percent between minutes, a ratio of neighbours in time is steadier than best against best.
     order = []
     for r in range(args.repeats):
-        order += ["dense", "cpu", "supermask", "floor"]
+        order += fast
         if r == 0:
-            order += [m for m in methods if m not in ("dense", "cpu", "supermask", "floor")]
+            order += [m for m in methods if m not in fast]
     models = {}
     rows: dict[str, dict] = {}
     for method in order:

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .mask import _layer_buffer, _threshold_from_counts, mask_from_threshold, masked_weight, warm_topk_threshold
+from .mask import (_as_dtype, _layer_buffer, _threshold_from_counts, _warm_key, mask_from_threshold, masked_weight,
+                   warm_topk_threshold)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = (torch.float32, torch.float64)
@@ -155,10 +156,6 @@ def _threads(n: int) -> int:
     return 1 if n < 32768 else torch.get_num_threads()
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 _fns: dict = {}
 
 
@@ -176,27 +173,25 @@ def masked_weight_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor
                        value) -> int:
     """out = weight where |scores| >= value, else 0, and st (one pass); returns how many were kept."""
     n = scores.numel()
-    return _fn("sm_mask", scores.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, float(value), _threads(n))
+    return _fn("sm_mask", scores.dtype)(scores.data_ptr(), weight.data_ptr(), out.data_ptr(), st.data_ptr(), n,
+                                        float(value), _threads(n))
 
 
 def state_from(st: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> None:
     """st for a masked weight out built some other way."""
     n = out.numel()
-    _fn("sm_state", out.dtype)(_ptr(scores), _ptr(weight), _ptr(out), _ptr(st), n, _threads(n))
+    _fn("sm_state", out.dtype)(scores.data_ptr(), weight.data_ptr(), out.data_ptr(), st.data_ptr(), n, _threads(n))
 
 
-def select(x: torch.Tensor, r: int, absolute: bool = False, scratch: torch.Tensor | None = None
-           ) -> tuple[float, int, int]:
+def select(x: torch.Tensor, r: int, absolute: bool = False) -> tuple[float, int, int]:
     """(v, above, equal): the r-th largest of x (of |x| with absolute) and the counts of entries
-    above and equal to it. For up to a few ten thousand values: one quickselect on a copy (in
-    scratch, at least x's size, when given)."""
+    above and equal to it. For up to a few ten thousand values: one quickselect on a copy."""
     n = x.numel()
     if not 1 <= r <= n:
         raise ValueError(f"r must be in [1, {n}], got {r}")
-    if scratch is None or scratch.numel() < n or scratch.dtype != x.dtype:
-        scratch = torch.empty(n, dtype=x.dtype)
+    scratch = torch.empty(n, dtype=x.dtype)
     counts = (ctypes.c_int64 * 2)()
-    v = _fn("sm_select", x.dtype)(_ptr(x), n, r, int(absolute), _ptr(scratch), ctypes.addressof(counts))
+    v = _fn("sm_select", x.dtype)(x.data_ptr(), n, r, int(absolute), scratch.data_ptr(), ctypes.addressof(counts))
     return v, counts[0], counts[1]
 
 
@@ -207,8 +202,8 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: 
     Into out (which may be grad itself) or a new tensor."""
     out = torch.empty_like(grad) if out is None else out
     n = grad.numel()
-    w = None if sigma is not None else _ptr(weight)
-    _fn("sm_grad", grad.dtype)(_ptr(grad), w, sigma or 0.0, _ptr(st), _ptr(out), n, _threads(n))
+    w = None if sigma is not None else weight.data_ptr()
+    _fn("sm_grad", grad.dtype)(grad.data_ptr(), w, sigma or 0.0, st.data_ptr(), out.data_ptr(), n, _threads(n))
     return out
 
 
@@ -244,11 +239,6 @@ def _band_buffers(state, dtype: torch.dtype) -> _Band:
     return band
 
 
-def _as_dtype(x: float, dtype: torch.dtype) -> float:
-    """x rounded to dtype, as the kernels will compare with it."""
-    return ctypes.c_float(x).value if dtype == torch.float32 else x
-
-
 def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, n_keep: int, state,
                update: bool):
     """out = weight * (top-k mask of |s|), exactly the reference mask, and st.
@@ -259,15 +249,14 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
     then one mask pass. Otherwise the reference warm-started selection, then one mask pass."""
     n = s.numel()
     if n <= SMALL:
-        v, above, equal = select(s, n_keep, absolute=True, scratch=_band_buffers(state, s.dtype).scratch)
+        v, above, equal = select(s, n_keep, absolute=True)
         if n_keep - above == equal:  # every entry equal to v is kept: one mask pass
             masked_weight_into(out, st, weight, s, v)
         else:
             _threshold_into(out, st, weight, s, _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above,
                                                                        equal, n_keep))
         return
-    key = (n, n_keep, s.dtype, s.device)
-    if state.key == key and state.density > 0:
+    if state.key == _warm_key(s, n_keep) and state.density > 0:
         # ~0.2% of the layer (128 to 1024 entries) around the last threshold, wider after a big move
         half = max(min(_BAND_TARGET, max(128, n >> 9)) / (2 * state.density), 4.0 * state.shift)
         v0 = state.value

@@ -52,9 +52,11 @@ class SupermaskMixin:
             return self.shared_threshold
         if self.backend == "triton":
             from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
-            return radix_topk_threshold(self.scores.detach(), num_kept(self.scores.numel(), self.k))
-        return warm_topk_threshold(self.scores, num_kept(self.scores.numel(), self.k), self._warm_state(),
-                                   stash=True)
+            return radix_topk_threshold(self.scores.detach(), self._n_keep())
+        return warm_topk_threshold(self.scores, self._n_keep(), self._warm_state(), stash=True)
+
+    def _n_keep(self) -> int:
+        return num_kept(self.scores.numel(), self.k)
 
     def _warm_state(self) -> TopKWarmStart:
         # Warm start: the exact selection starts from the entries near the previous threshold
@@ -74,7 +76,7 @@ class SupermaskMixin:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
         if self.backend == "cpu":  # the fused C kernels, selection folded into the mask pass
-            return masked_weight_cpu(self.weight, self.scores, num_kept(self.scores.numel(), self.k),
+            return masked_weight_cpu(self.weight, self.scores, self._n_keep(),
                                      self._warm_state(), self.shared_threshold)
         return masked_weight(self.weight, self.scores, self.threshold())
 
@@ -107,7 +109,7 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
             from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
             return masked_linear(x, self.weight, self.scores, self.threshold())
         if self.backend == "cpu" and self.mask_kind == "topk" and (self.training or torch.is_grad_enabled()):
-            return masked_linear_cpu(x, self.weight, self.scores, num_kept(self.scores.numel(), self.k),
+            return masked_linear_cpu(x, self.weight, self.scores, self._n_keep(),
                                      self._warm_state(), self.shared_threshold)
         return F.linear(x, self.effective_weight())
 

@@ -11,6 +11,7 @@ selection (``supermask.select``), never a full sort. The same description serves
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from typing import NamedTuple, Sequence
@@ -153,8 +154,18 @@ def _take_stash(threshold, scores: torch.Tensor, weight: torch.Tensor):
 
 
 def _as_dtype(x: float, dtype: torch.dtype) -> float:
-    """x rounded to dtype (so a Python-scalar compare uses exactly this bound)."""
-    return float(torch.tensor(x, dtype=dtype)) if dtype != torch.float64 else x
+    """x rounded to dtype (so a Python-scalar compare uses exactly this bound). float32 through
+    ctypes: the same round-to-nearest as torch's conversion, without making a tensor per call."""
+    if dtype == torch.float64:
+        return x
+    if dtype == torch.float32:
+        return ctypes.c_float(x).value
+    return float(torch.tensor(x, dtype=dtype))
+
+
+def _warm_key(s: torch.Tensor, n_keep: int) -> tuple:
+    """What a layer's warm-start state (value, density) is valid for."""
+    return (s.numel(), n_keep, s.dtype, s.device)
 
 
 def _band_pass(m: torch.Tensor, s_flat: torch.Tensor, n_keep: int, lo: float, hi: float):
@@ -291,7 +302,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             if int(torch.ge(m, v, out=m).sum()) == n_keep:
                 return _hand_out(Threshold(v, 1, False), m, scores, state)
         return topk_threshold(s.abs(), n_keep)
-    key = (n, n_keep, s.dtype, s.device)
+    key = _warm_key(s, n_keep)
     s_flat = s.view(-1)
     m = torch.abs(s, out=_layer_buffer(state, s)) if stash else s.abs()
     flat = m.view(-1)
