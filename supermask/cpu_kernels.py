@@ -216,26 +216,26 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: 
 # band costs nothing in the pass and misses less), listed in buffers of _BAND_CAP per thread.
 _BAND_TARGET = 1024
 _BAND_CAP = 16384
-SMALL = 16384  # layers up to this size: one quickselect over all of |s|
+SMALL = 16384  # layers up to this size start (or restart after a miss) with one quickselect over all of |s|
 
 
 class _Band:
     """A layer's band lists (cap entries per thread), the selection's scratch and sm_topk's results."""
 
-    def __init__(self, threads: int, dtype: torch.dtype):
-        self.threads, self.dtype, self.cap = threads, dtype, _BAND_CAP
-        self.idx = torch.empty(_BAND_CAP * threads, dtype=torch.int64)
-        self.vals = torch.empty(_BAND_CAP * threads, dtype=dtype)
-        self.scratch = torch.empty(_BAND_CAP * threads, dtype=dtype)
+    def __init__(self, threads: int, cap: int, dtype: torch.dtype):
+        self.threads, self.cap, self.dtype = threads, cap, dtype
+        self.idx = torch.empty(cap * threads, dtype=torch.int64)
+        self.vals = torch.empty(cap * threads, dtype=dtype)
+        self.scratch = torch.empty(cap * threads, dtype=dtype)
         self.res = (ctypes.c_double * 3)()
         self.ptrs = (self.idx.data_ptr(), self.vals.data_ptr(), self.scratch.data_ptr(), ctypes.addressof(self.res))
 
 
-def _band_buffers(state, dtype: torch.dtype) -> _Band:
-    threads = torch.get_num_threads()
+def _band_buffers(state, n: int, dtype: torch.dtype) -> _Band:
+    threads, cap = _threads(n), min(_BAND_CAP, n)
     band = state.band
-    if band is None or band.threads != threads or band.dtype != dtype:
-        band = state.band = _Band(threads, dtype)
+    if band is None or band.threads != threads or band.cap != cap or band.dtype != dtype:
+        band = state.band = _Band(threads, cap, dtype)
     return band
 
 
@@ -245,26 +245,20 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
 
     One pass when the threshold lies in a band around the previous one: the pass sets out outside
     the band and lists the band's entries; the exact selection among those (their count above
-    the band proves it) decides the listed entries. Small layers: one selection over all of |s|,
-    then one mask pass. Otherwise the reference warm-started selection, then one mask pass."""
+    the band proves it) decides the listed entries. Otherwise (the first step, or the band
+    missed): small layers one selection over all of |s|, larger ones the reference warm-started
+    selection, then one mask pass."""
     n = s.numel()
-    if n <= SMALL:
-        v, above, equal = select(s, n_keep, absolute=True)
-        if n_keep - above == equal:  # every entry equal to v is kept: one mask pass
-            masked_weight_into(out, st, weight, s, v)
-        else:
-            _threshold_into(out, st, weight, s, _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above,
-                                                                       equal, n_keep))
-        return
-    if state.key == _warm_key(s, n_keep) and state.density > 0:
+    key = _warm_key(s, n_keep)
+    if state.key == key and state.density > 0:
         # ~0.2% of the layer (128 to 1024 entries) around the last threshold, wider after a big move
         half = max(min(_BAND_TARGET, max(128, n >> 9)) / (2 * state.density), 4.0 * state.shift)
         v0 = state.value
         lo, hi = _as_dtype(max(v0 - half, 0.0), s.dtype), _as_dtype(v0 + half, s.dtype)
-        band = _band_buffers(state, s.dtype)
+        band = _band_buffers(state, n, s.dtype)
         # band pass, selection among the listed entries and their fix-up, in one call (sm_topk)
         missed = _fn("sm_topk", s.dtype)(s.data_ptr(), weight.data_ptr(), out.data_ptr(), st.data_ptr(), n, n_keep,
-                                         lo, hi, int(update), band.cap, *band.ptrs, _threads(n))
+                                         lo, hi, int(update), band.cap, *band.ptrs, band.threads)
         if not missed:
             v, nb = band.res[0], band.res[1]
             state.shift, state.value = abs(v - v0), v
@@ -272,7 +266,26 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
                 state.density = 0.5 * state.density + 0.5 * max(nb, 1.0) / (hi - lo)
             state.fused += 1
             return
+    if n <= SMALL:  # cold (or missed): one quickselect over all of |s|
+        v, above, equal = select(s, n_keep, absolute=True)
+        _start_small(state, s, n_keep, key, v)
+        if n_keep - above == equal:  # every entry equal to v is kept: one mask pass
+            masked_weight_into(out, st, weight, s, v)
+        else:
+            _threshold_into(out, st, weight, s, _threshold_from_counts(torch.tensor(v, dtype=s.dtype), above,
+                                                                       equal, n_keep))
+        return
     _threshold_into(out, st, weight, s, warm_topk_threshold(s, n_keep, state))
+
+
+def _start_small(state, s: torch.Tensor, n_keep: int, key, v: float) -> None:
+    """Warm-start state for a small layer's next step (the reference path keeps none for layers
+    this small): its threshold and the density of |s| around it, from two more selections."""
+    state.cold += 1
+    q = min(n_keep - 1, s.numel() - n_keep, 64)
+    width = select(s, n_keep - q, absolute=True)[0] - select(s, n_keep + q, absolute=True)[0] if q else 0.0
+    state.key, state.value, state.shift = key, v, 0.0
+    state.density = 2 * q / width if width > 0 else 0.0
 
 
 def _threshold_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, th) -> None:
