@@ -19,6 +19,10 @@ for one epoch (after a warm-up) these ways:
                any eager (unfused) reference path can reach on this machine
   triton       supermask.set_backend(model, "triton"), only when torch.cuda.is_available()
 
+dense, cpu, supermask and floor are timed in --repeats rounds; within a round their epochs run
+interleaved, --chunk-steps steps at a time, and each epoch's ratio is to the dense epoch run beside
+it (the headline is the median over the rounds). The slow ways run once, alone.
+
 SGD lr 0.1, momentum 0.9, weight decay 1e-4 everywhere. Data: Fashion-MNIST from
 /usr/share/datasets/fashion-mnist when present (IDX gz read with gzip + torch.frombuffer), else
 synthetic data of the same shape; kept in memory as tensors and sliced into batches.
@@ -198,76 +202,115 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_epochs(model, x, y, batch_size, warmup_steps, epochs, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x, y = x.to(device), y.to(device)
-    n = x.shape[0]
-    steps = (n + batch_size - 1) // batch_size
+class EpochRun:
+    """One way's training (model, SGD, data), an epoch at a time, run a chunk of steps per call so
+    that the ways' epochs can be interleaved. `seconds`: the time of the epoch's steps so far."""
 
-    def step(i):
-        xb, yb = x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, model, x, y, batch_size, device):
+        self.model, self.device, self.batch_size = model, device, batch_size
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.x, self.y = x.to(device), y.to(device)
+        self.steps = (self.x.shape[0] + batch_size - 1) // batch_size
+        self.i, self.seconds, self.loss = self.steps, 0.0, float("nan")
+
+    def _step(self, i):
+        b = self.batch_size
+        loss = F.cross_entropy(self.model(self.x[i * b:(i + 1) * b]), self.y[i * b:(i + 1) * b])
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         return loss
 
-    model.train()
-    for i in range(warmup_steps):
-        step(i % steps)
-    sync(device)
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
+    def warm_up(self, steps):
+        self.model.train()
         for i in range(steps):
-            loss = step(i)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, float(loss.detach())
+            self._step(i % self.steps)
+        sync(self.device)
+
+    def new_epoch(self):
+        self.i, self.seconds = 0, 0.0
+
+    @property
+    def done(self):
+        return self.i >= self.steps
+
+    def run(self, count):
+        t0 = time.perf_counter()
+        for _ in range(min(count, self.steps - self.i)):
+            loss = self._step(self.i)
+            self.i += 1
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        if self.done:
+            self.loss = float(loss.detach())
+
+
+def run_epochs(runs: dict, warmup_steps, epochs, chunk_steps):
+    """Epoch times {way: [seconds, ...]} of the runs, their epochs interleaved chunk by chunk."""
+    for run in runs.values():
+        run.warm_up(warmup_steps)
+    times = {name: [] for name in runs}
+    for _ in range(epochs):
+        for run in runs.values():
+            run.new_epoch()
+        while not all(run.done for run in runs.values()):
+            for run in runs.values():
+                run.run(chunk_steps)
+        for name, run in runs.items():
+            times[name].append(run.seconds)
+    return times
 
 
 def bench_training(args, x, y):
     fast = ["dense", "cpu", "supermask", "floor"]  # timed in every round; the others once
-    methods = list(fast)
-    if not args.skip_slow:
-        methods += ["kthvalue", "sort"]
-    cuda = torch.cuda.is_available()
-    if cuda:
-        methods.append("triton")
-    # The fast ways are timed `repeats` times, interleaved (dense, cpu, supermask, floor, dense, ...). Each
-    # epoch is divided by the dense epoch of its own round (the slow ways by the first round's), and
-    # the median of these paired ratios is the headline: on a shared VM whose speed drifts by tens
-    # of percent between minutes, a ratio of neighbours in time is steadier than best against best.
-    order = []
-    for r in range(args.repeats):
-        order += fast
-        if r == 0:
-            order += [m for m in methods if m not in fast]
+    slow = [] if args.skip_slow else ["kthvalue", "sort"]
+    if torch.cuda.is_available():
+        slow.append("triton")
+    # Each round trains the fast ways for an epoch each, interleaved in chunks of a few steps
+    # (dense 20 steps, cpu 20 steps, supermask 20 steps, floor 20 steps, dense 20 steps, ...), so
+    # each epoch is spread over the same seconds as the dense one it is compared with. Each epoch
+    # is divided by the dense epoch of its round (the slow ways, timed alone in the first round,
+    # by that round's), and the median of these paired ratios is the headline: on a shared VM
+    # whose speed drifts by tens of percent between minutes, ratios of epochs run side by side
+    # are steadier than best against best.
     models = {}
     rows: dict[str, dict] = {}
-    for method in order:
-        device = torch.device("cuda" if method == "triton" else "cpu")
-        if method not in models:
-            try:
-                models[method] = build(method, args.width, args.k)
-            except Exception as e:  # e.g. Triton kernels not available
-                rows[method] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"{method:10s} skipped: {rows[method]['error']}", flush=True)
-                continue
-        if "error" in rows.get(method, {}):
-            continue
+
+    def fail(method, e, what):
+        rows[method] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"{method:10s} {what}: {rows[method]['error']}", flush=True)
+
+    for method in fast + slow:
         try:
-            times, loss = run_epochs(models[method], x, y, args.batch_size, args.warmup_steps,
-                                     args.epochs_measured, device)
-        except Exception as e:
-            rows[method] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{method:10s} failed: {rows[method]['error']}", flush=True)
-            continue
-        row = rows.setdefault(method, {"epoch_s": [], "device": str(device)})
+            models[method] = build(method, args.width, args.k)
+        except Exception as e:  # e.g. Triton kernels not available
+            fail(method, e, "skipped")
+
+    def record(method, times, loss):
+        row = rows.setdefault(method, {"epoch_s": [], "device": "cuda" if method == "triton" else "cpu"})
         row["epoch_s"] += times
         row["final_loss"] = loss
         print(f"{method:10s} epoch {min(times):7.3f} s  (loss {loss:.3f})", flush=True)
+
+    def start(method):
+        return EpochRun(models[method], x, y, args.batch_size, torch.device("cuda" if method == "triton" else "cpu"))
+
+    for r in range(args.repeats):
+        runs = {m: start(m) for m in fast if m in models}
+        times = run_epochs(runs, args.warmup_steps, args.epochs_measured, args.chunk_steps)
+        for method, run in runs.items():
+            record(method, times[method], run.loss)
+        if r == 0:
+            for method in slow:
+                if method not in models:
+                    continue
+                try:
+                    run = start(method)
+                    record(method, run_epochs({method: run}, args.warmup_steps, args.epochs_measured, run.steps)[method],
+                           run.loss)
+                except Exception as e:
+                    fail(method, e, "failed")
     dense = rows["dense"]["epoch_s"]
     for method, row in rows.items():
         if "epoch_s" in row:
@@ -361,6 +404,17 @@ def bench_select(sizes, device):
 
 
 # ---------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    """The CPU's model name (results differ between machines; this says which one ran)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown(args, data_name, rows, sel_rows) -> str:
     lines = [f"## Training speed: {args.model}, width {args.width}, k {args.k}, batch {args.batch_size}, "
              f"{args.threads} CPU threads ({data_name})", "",
@@ -416,7 +470,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs-measured", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5, help="rounds of dense, cpu, supermask and floor epochs (interleaved)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of dense, cpu, supermask and floor epochs")
+    p.add_argument("--chunk-steps", type=int, default=20,
+                   help="steps each way runs before the next one's turn within a round's interleaved epochs")
     p.add_argument("--skip-slow", action="store_true", help="skip the sort and kthvalue GetSubnet epochs")
     p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--no-select", action="store_true")
@@ -426,7 +482,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
     rows, data_name = {}, "n/a"
