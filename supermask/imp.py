@@ -5,7 +5,9 @@
 
 Round 0 trains the dense network; every later round prunes --prune-rate of the surviving weights
 of smallest magnitude (the output layer at half that rate), resets the survivors to their initial
-values (or, with --rewind-iter K, to their values after K iterations of round 0) and trains again.
+values (or, with --rewind-iter K, to their values after K iterations of round 0) and trains again
+(rewound: from iteration K to the end, the batches and learning-rate schedule continuing from K,
+as open_lth does; the controls too).
 Pruned weights stay exactly zero: their gradients are masked and they are re-zeroed after every
 step. Controls train on the ticket's masks: --control reinit (same masks, fresh random weights,
 Liu et al.) and --control random-mask (random masks of the same per-layer sparsity, original
@@ -55,7 +57,8 @@ def parser() -> Parser:
     p.add_argument("--scope", choices=SCOPES, default="layer",
                    help="prune each layer by the rate, or all but the output layer under one threshold")
     p.add_argument("--rewind-iter", type=int, default=0,
-                   help="reset survivors to their values after this many iterations of round 0 (default 0: init)")
+                   help="reset survivors to their values after this many iterations of round 0 and train from "
+                        "there to the end (default 0: init)")
     p.add_argument("--control", choices=CONTROLS, default=None,
                    help="train the ticket's masks with fresh weights (reinit) or random masks of the same "
                         "per-layer sparsity (random-mask)")
@@ -208,8 +211,8 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
     control = config.get("control")
     cfg = train_config(config)
     steps_per_epoch = math.ceil(len(dataset.train_y) / cfg.batch_size)
-    if config["rewind_iter"] > cfg.epochs * steps_per_epoch:
-        raise UsageError(f"--rewind-iter {config['rewind_iter']} is beyond the end of training "
+    if config["rewind_iter"] >= cfg.epochs * steps_per_epoch:  # later rounds train from it to the end
+        raise UsageError(f"--rewind-iter {config['rewind_iter']} is not before the end of training "
                          f"({cfg.epochs * steps_per_epoch} iterations)")
     if control and (ticket is None or not (Path(ticket) / "config.json").is_file()):
         raise UsageError(f"--control {control} needs the ticket run, not found at {ticket}")
@@ -239,7 +242,10 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
     prev = None  # (final weights, masks) of the previous ticket round
     for r in range(1 if control else 0, rounds + 1):
         rdir = out / f"round_{r:02d}"
-        round_config = {"command": "imp-round", "round": r, **config}
+        # Rounds after 0 train from the rewind iteration on (0 without rewinding).
+        start_step = config["rewind_iter"] if r > 0 else 0
+        round_config = {"command": "imp-round", "round": r, **config,
+                        **({"start_iteration": start_step} if start_step else {})}
         if (rdir / "results.json").is_file():
             distributed.run_on_main(prepare_run_dir, rdir, round_config, True)  # checks the config ("done")
             ckpt = load_checkpoint(rdir / "checkpoint.pt")
@@ -301,7 +307,7 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
         log(f"{label}round {r}/{rounds}: {sp['weights_remaining']:.2f}% of weights remaining -> {rdir}")
         training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
                        desc=f"{label}round {r}/{rounds} ", log=log,
-                       checkpoint_extra={"masks": masks, "round": r})
+                       checkpoint_extra={"masks": masks, "round": r}, start_step=start_step)
         keeper.remove()
         distributed.barrier()  # rank 0's files (rewind.pt, the round's results) exist before any rank looks
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():

@@ -188,8 +188,13 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
-          desc: str = "", log=print, checkpoint_extra: dict | None = None) -> dict:
+          desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0) -> dict:
     """Train model; returns the results dict (also written to out/results.json when out is given).
+
+    start_step: train from this iteration to the end, as a run rewound to it does (IMP with
+    --rewind-iter): the batches, the learning-rate schedule and the iteration numbers continue
+    from there (epoch start_step // steps_per_epoch, skipping its first batches); the optimizer
+    state is fresh.
 
     after_step(model) runs after every optimiser step (IMP uses it to keep pruned weights at zero).
     resume is a checkpoint dict written by an earlier call with the same arguments.
@@ -214,13 +219,16 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     n_val = _split_len(dataset, tensors, "val")
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    metrics, epoch_seconds, start_epoch = [], [], 0
+    if not 0 <= start_step < total_steps:
+        raise ValueError(f"start_step must be in [0, {total_steps}), got {start_step}")
+    metrics, epoch_seconds = [], []
+    start_epoch, skip = divmod(start_step, steps_per_epoch)  # skip: batches of start_epoch already trained
     val_curve = []  # (iteration, val loss) for the early-stop iteration
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         metrics, epoch_seconds = resume["metrics"], resume["epoch_seconds"]
-        val_curve, start_epoch = [tuple(v) for v in resume["val_curve"]], resume["epoch"]
+        val_curve, start_epoch, skip = [tuple(v) for v in resume["val_curve"]], resume["epoch"], 0
         if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
             torch.set_rng_state(resume["rng"])
     net = model
@@ -237,6 +245,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             seen = loss_sum = correct = eval_seconds = 0.0
             timer = time.perf_counter()
             for i, (xb, yb, global_n) in enumerate(bar):
+                if epoch == start_epoch and i < skip:
+                    continue  # before start_step (drawn all the same: the data stream stays the same)
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
@@ -300,7 +310,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
         "val_acc": last.get("val_acc"), "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
         "early_stop_iteration": early[0], "early_stop_val_loss": early[1],
-        "epochs": len(metrics), "iterations": len(metrics) * steps_per_epoch,
+        "epochs": len(metrics), "start_iteration": start_step,
+        "iterations": (metrics[-1]["iteration"] - start_step) if metrics else 0,
         "params_total": total, "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
         "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
         "train_config": asdict(cfg),

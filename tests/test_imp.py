@@ -150,6 +150,38 @@ def test_rewind_iteration_is_exact(tmp_path, calls):
     for name, m in masks.items():
         w = rewind[f"{name}.weight"]
         assert torch.equal(start[f"{name}.weight"], torch.where(m, w, torch.zeros_like(w)))
+    # Round 1 trains from iteration 7 to the end (open_lth's rewinding), round 0 from 0.
+    total = imp.train_config(config).epochs * len(list(training._epoch_batches(
+        ds, {"train_x": ds.train_x, "train_y": ds.train_y}, imp.train_config(config), 0, torch.device("cpu"))))
+    r0, r1 = (json.loads((out / f"round_0{r}" / "results.json").read_text()) for r in (0, 1))
+    assert (r0["start_iteration"], r0["iterations"]) == (0, total)
+    assert (r1["start_iteration"], r1["iterations"]) == (7, total - 7)
+    assert json.loads((out / "round_01" / "config.json").read_text())["start_iteration"] == 7
+
+
+def test_start_step_continues_the_batches_and_the_schedule(monkeypatch):
+    # train(start_step=K) trains exactly iterations K..T-1: the batches of an uninterrupted run from
+    # K on (the first epoch entered part way) and the learning rates of those iterations.
+    ds = data_mod.load("synthetic")
+    cfg = training.TrainConfig(epochs=2, batch_size=256, lr=0.05, schedule="cosine", seed=3)
+    tensors = {"train_x": ds.train_x, "train_y": ds.train_y}
+    stream = [xb for e in range(cfg.epochs)
+              for xb, _, _ in training._epoch_batches(ds, tensors, cfg, e, torch.device("cpu"))]
+    per_epoch, total = len(stream) // cfg.epochs, len(stream)
+    k = per_epoch + 3  # inside the second epoch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    seen, steps = [], []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
+    real_lr = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda c, step, *a: steps.append(step) or real_lr(c, step, *a))
+    results = training.train(model, ds, cfg, torch.device("cpu"), progress=False, log=lambda *_: None, start_step=k)
+    assert len(seen) == total - k and all(torch.equal(a, b) for a, b in zip(seen, stream[k:]))
+    # the trained iterations' learning rates, then the epoch row's (its last iteration's)
+    assert steps == [*range(k, total), total - 1]
+    assert results["start_iteration"] == k and results["iterations"] == total - k and results["epochs"] == 1
+    with pytest.raises(ValueError, match="start_step"):
+        training.train(model, ds, cfg, torch.device("cpu"), progress=False, log=lambda *_: None, start_step=total)
 
 
 def test_controls_share_the_ticket_sparsity(tmp_path, calls):
