@@ -20,6 +20,7 @@ nothing; an interrupted round resumes from its last epoch; a larger --rounds ext
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ from .cli import Parser, resolve_device, run_main
 from .init import INITS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
-from .runs import UsageError, config_hash, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from .runs import UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
 from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.imp"
@@ -186,7 +187,7 @@ def prepare_imp_dir(out: Path, config: dict, rounds: int) -> None:
 def _round_row(r: int, masks: dict, results: dict) -> dict:
     sp = sparsity(masks)
     keys = ("test_acc", "best_test_acc", "val_acc", "best_val_acc", "early_stop_iteration", "early_stop_val_loss",
-            "seconds_per_epoch", "epochs", "iterations")
+            "seconds_per_epoch", "epochs", "start_iteration", "iterations")
     return {"round": r, "dir": f"round_{r:02d}", "weights_remaining": sp["weights_remaining"],
             "weights_kept": sp["kept"], "weights_total": sp["total"], "layers": sp["layers"],
             **{k: results.get(k) for k in keys}}
@@ -220,7 +221,17 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
     # run_on_main calls synchronise): --out must be on a file system every node sees.
     if not distributed.is_main():
         log = lambda *_a, **_k: None  # noqa: E731
-    distributed.run_on_main(prepare_imp_dir, out, config, rounds)
+    with contextlib.ExitStack() as held:
+        def open_and_hold():  # rank 0 holds the folder's lock while it writes the rounds (runs.exclusive)
+            prepare_imp_dir(out, config, rounds)
+            held.enter_context(exclusive(out))
+
+        distributed.run_on_main(open_and_hold)
+        return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch)
+
+
+def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch) -> dict:
+    control = config.get("control")
 
     # The weights every round starts from (the state at initialisation, init.pt).
     init_path = out / "init.pt"

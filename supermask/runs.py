@@ -2,15 +2,22 @@
 
 A run lives in one folder holding config.json, checkpoint.pt (every epoch), metrics.jsonl and,
 once finished, results.json. The default folder name is derived from the hyperparameters (as in
-open_lth), so the same command finds its finished run instead of recomputing it.
+open_lth), so the same command finds its finished run instead of recomputing it. While a process
+writes a run it holds the folder's lock (.lock), so a second one cannot write there too.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no locking
+    fcntl = None
 
 import torch
 
@@ -109,3 +116,30 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
     return "new"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold run_dir for this process while the block writes there: a lock on run_dir/.lock, freed
+    when the block ends or the process dies. A second process on the same run (two commands
+    resuming it, two compare runs sharing it) gets a one-line UsageError instead of writing over
+    the first one's files."""
+    run_dir = Path(run_dir)
+    try:
+        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held for the block)
+    except OSError as e:
+        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}") from None
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                raise UsageError(f"{run_dir} is being written by another process (pid {pid}); run this again "
+                                 "when it has ended (what it finished is not recomputed)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield

@@ -9,6 +9,7 @@ config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
-from .runs import UsageError, config_hash, load_checkpoint, prepare_run_dir, read_run_config
+from .runs import UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_run_config
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
@@ -207,7 +208,6 @@ def main(argv=None) -> int:
 
 
 def _train_main(args, device: torch.device) -> int:
-    say = print if distributed.is_main() else (lambda *_a, **_k: None)
     backend = resolve_backend(args.backend, device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,7 +219,14 @@ def _train_main(args, device: torch.device) -> int:
                          f"({distributed.world_size()}), got {args.batch_size}")
     # Only rank 0 looks at and writes the run folder; the others get its answer (and the checkpoint
     # it read, so that resuming works without a shared file system).
-    state, resume = distributed.run_on_main(_open_run_dir, out, config, args.resume)
+    with contextlib.ExitStack() as held:
+        # (rank 0 holds the run folder's lock until the run ends: see runs.exclusive)
+        state, resume = distributed.run_on_main(_open_run_dir, out, config, args.resume, held)
+        return _train_run(args, device, config, out, state, resume, backend, dataset)
+
+
+def _train_run(args, device, config, out, state, resume, backend, dataset) -> int:
+    say = print if distributed.is_main() else (lambda *_a, **_k: None)
     if state == "done":
         results = json.loads((out / "results.json").read_text()) if distributed.is_main() else {}
         say(f"{out} already holds this finished run: test accuracy {results.get('test_acc', 0):.2f}% "
@@ -251,9 +258,14 @@ def _load_options(args) -> dict:
     return {"workers": args.workers} if args.dataset in data_mod.STREAMED else {}
 
 
-def _open_run_dir(out: Path, config: dict, resume: bool):
-    """prepare_run_dir, and the checkpoint to resume from (None for a new run)."""
+def _open_run_dir(out: Path, config: dict, resume: bool, held: contextlib.ExitStack):
+    """prepare_run_dir, the run folder's lock (entered into held) unless the run is done, and the
+    checkpoint to resume from (None for a new run)."""
     state = prepare_run_dir(out, config, resume)
+    if state != "done":
+        held.enter_context(exclusive(out))
+        if (out / "results.json").is_file():  # finished by another process a moment ago
+            state = "done"
     return state, (load_checkpoint(out / "checkpoint.pt") if state == "resume" else None)
 
 

@@ -184,6 +184,19 @@ def test_start_step_continues_the_batches_and_the_schedule(monkeypatch):
         training.train(model, ds, cfg, torch.device("cpu"), progress=False, log=lambda *_: None, start_step=total)
 
 
+def test_an_imp_run_being_written_by_another_process_is_left_alone(tmp_path, calls, capsys):
+    from supermask.runs import exclusive
+    out = tmp_path / "ticket"
+    argv = [*BASE, "--epochs", "1", "--out", str(out)]
+    assert imp.main([*argv, "--rounds", "1"]) == 0
+    with exclusive(out):  # another process is extending it
+        assert run_main("imp", imp.main, [*argv, "--rounds", "2"]) == 2
+        assert "is being written by another process" in capsys.readouterr().err
+        assert not (out / "round_02").exists()
+    assert imp.main([*argv, "--rounds", "2"]) == 0
+    assert [c[0] for c in calls] == ["round_00", "round_01", "round_02"]  # nothing recomputed
+
+
 def test_controls_share_the_ticket_sparsity(tmp_path, calls):
     argv = [*BASE, "--epochs", "1"]
     ticket = tmp_path / "ticket"

@@ -88,6 +88,34 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(sf[k], sp[k]) for k in sf)
 
 
+def test_a_run_being_written_by_another_process_is_left_alone(tmp_path, monkeypatch, capsys):
+    import os
+
+    import supermask.training as training
+    from supermask.runs import exclusive
+    out, args = tmp_path / "run", FAST + ["--epochs", "3"]
+    real_save = training.save_checkpoint
+
+    def interrupted_save(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupted_save)
+    assert run(args + ["--out", str(out)]) == 130  # an unfinished run, one epoch in
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    capsys.readouterr()
+    before = snapshot(out)
+    with exclusive(out):  # another process is resuming it (flock: a second open file conflicts too)
+        assert run(args + ["--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another process (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+        assert snapshot(out) == before
+    assert run(args + ["--out", str(out), "--resume"]) == 0  # free again: it resumes
+    assert json.loads((out / "results.json").read_text())["epochs"] == 3
+    with exclusive(out):  # a finished run is only read: no lock needed
+        assert run(args + ["--out", str(out)]) == 0
+
+
 BAD_INPUTS = [
     (["--k", "0"], "--k must be in (0, 1]"),
     (["--k", "1.5"], "--k must be in (0, 1]"),
