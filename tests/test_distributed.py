@@ -206,8 +206,9 @@ def test_only_rank_0_writes(runs):
     written = " ".join(Path(p).name for _, p in reports[0]["writes"])
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json"):
         assert name in written  # atomic writes: a temporary file, then a rename
-    assert sorted(p.name for p in (tmp / "dist").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                                "results.json"]
+    # (.lock: rank 0 held the run folder while it wrote it)
+    assert sorted(p.name for p in (tmp / "dist").iterdir()) == [".lock", "checkpoint.pt", "config.json",
+                                                                "metrics.jsonl", "results.json"]
 
 
 def test_resumed_distributed_run_matches_uninterrupted(runs):
