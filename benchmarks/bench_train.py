@@ -417,12 +417,13 @@ def _cpu_model() -> str:
 
 def markdown(args, data_name, rows, sel_rows) -> str:
     lines = [f"## Training speed: {args.model}, width {args.width}, k {args.k}, batch {args.batch_size}, "
-             f"{args.threads} CPU threads ({data_name})", "",
+             f"{args.threads} CPU threads of {_cpu_model()} ({data_name})", "",
              "| method | best epoch (s) | ratio to dense (median of rounds) | ratios of the rounds |",
              "|---|---:|---:|---|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
-             "supermask": "supermask reference path", "triton": "supermask Triton backend",
-             "cpu": "supermask CPU kernels (backend cpu)",
+             "supermask": "supermask reference path (backend torch, the ground truth)",
+             "triton": "supermask Triton backend",
+             "cpu": "supermask CPU kernels (backend cpu, what train uses on a CPU)",
              "floor": "floor: mask passes only, no selection (lower bound, not a method)"}
     for method in ("dense", "sort", "kthvalue", "cpu", "supermask", "floor", "triton"):
         row = rows.get(method)
