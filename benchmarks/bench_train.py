@@ -1,11 +1,12 @@
 """Supermask training speed vs dense training, on the CPU reference path (and Triton when CUDA is there).
 
-One process trains the same fully connected network (784 -> 300w -> 100w -> 10, no biases, ReLU)
-for one epoch (after a warm-up) these ways:
+One process trains the same network (--model: by default LeNet-300-100 x width, 784 -> 300w ->
+100w -> 10; or Conv-2/4/6/8 of supermask.models; no biases, ReLU) for one epoch (after a warm-up)
+these ways:
 
-  dense        plain nn.Linear training (the baseline; ratios are to this)
-  sort         GetSubnet as in the official hidden-networks code: |scores| sorted every step, an
-               autograd.Function returns the 0/1 mask, out = weight * mask
+  dense        plain nn.Linear / nn.Conv2d training (the baseline; ratios are to this)
+  sort         GetSubnet as in the official hidden-networks code (SubnetLinear / SubnetConv):
+               |scores| sorted every step, an autograd.Function returns the 0/1 mask, weight * mask
   kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
   supermask    this library's reference path (supermask.convert): exact top-k without sorting,
                warm-started from the previous step's threshold
@@ -57,9 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import supermask  # noqa: E402
 from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa: E402
 from supermask import cpu_kernels  # noqa: E402
+from supermask.models import build as build_model  # noqa: E402
 from supermask.select import kth_largest  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+INPUT_SHAPE = (1, 28, 28)
+BENCH_MODELS = ("fc", "conv2", "conv4", "conv6", "conv8")  # the flat ones of supermask.models
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -87,12 +91,6 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
 # ---------------------------------------------------------------------------------------------
 # Models: dense, the official GetSubnet (sort / kthvalue), this library
 # ---------------------------------------------------------------------------------------------
-def fc(width: float) -> nn.Sequential:
-    h1, h2 = int(300 * width), int(100 * width)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, h1, bias=False), nn.ReLU(),
-                         nn.Linear(h1, h2, bias=False), nn.ReLU(), nn.Linear(h2, 10, bias=False))
-
-
 class GetSubnetSort(torch.autograd.Function):
     """hidden-networks' GetSubnet: sort the scores, zero the bottom (1 - k), one the top k."""
 
@@ -127,21 +125,31 @@ class GetSubnetKth(torch.autograd.Function):
         return g, None
 
 
-class SubnetLinear(nn.Linear):
-    def __init__(self, linear: nn.Linear, k: float, fn):
-        super().__init__(linear.in_features, linear.out_features, bias=False)
-        self.k, self.fn = k, fn
-        self.scores = nn.Parameter(torch.empty_like(self.weight))
+class Subnet(nn.Module):
+    """hidden-networks' SubnetLinear / SubnetConv around a bias-free nn.Linear or nn.Conv2d: the
+    weight frozen (Kaiming normal), scores learned, weight * GetSubnet(|scores|) every step."""
+
+    def __init__(self, layer: nn.Module, k: float, fn):
+        super().__init__()
+        self.layer, self.k, self.fn = layer, k, fn
+        nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+        layer.weight.requires_grad_(False)
+        self.scores = nn.Parameter(torch.empty_like(layer.weight))
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-        self.weight.requires_grad_(False)
+
+    def masked_weight(self):
+        return self.layer.weight * self.fn.apply(self.scores.abs(), self.k)
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.fn.apply(self.scores.abs(), self.k))
+        w = self.masked_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, None)
+        return F.linear(x, w)
 
 
-def official(model: nn.Sequential, k: float, fn) -> nn.Sequential:
-    return nn.Sequential(*[SubnetLinear(m, k, fn) if isinstance(m, nn.Linear) else m for m in model])
+def with_layers(model: nn.Sequential, make) -> nn.Sequential:
+    """model with every Linear and Conv2d replaced by make(layer) (the models here are flat)."""
+    return nn.Sequential(*[make(m) if isinstance(m, (nn.Linear, nn.Conv2d)) else m for m in model])
 
 
 class FloorMask(torch.autograd.Function):
@@ -163,30 +171,29 @@ class FloorMask(torch.autograd.Function):
         return None, torch.mul(g, weight).mul_(sign), None, None
 
 
-class FloorLinear(SubnetLinear):
-    """SubnetLinear with FloorMask: a fixed threshold (the initial median of |scores|), so no
-    selection at all. Only for timing: its mask stops being a top-k mask once scores move."""
+class Floor(Subnet):
+    """Subnet with FloorMask: a fixed threshold (the initial median of |scores|), so no selection
+    at all. Only for timing: its mask stops being a top-k mask once scores move."""
 
-    def __init__(self, linear: nn.Linear, k: float):
-        super().__init__(linear, k, None)
+    def __init__(self, layer: nn.Module, k: float):
+        super().__init__(layer, k, None)
         self.threshold = float(kth_largest(self.scores.detach().abs(), num_kept(self.scores.numel(), k)))
-        self.buffers = [torch.empty_like(self.weight), torch.empty_like(self.weight)]
+        self.buffers = [torch.empty_like(self.scores), torch.empty_like(self.scores)]
 
-    def forward(self, x):
-        return F.linear(x, FloorMask.apply(self.weight, self.scores, self.threshold, self.buffers))
+    def masked_weight(self):
+        return FloorMask.apply(self.layer.weight, self.scores, self.threshold, self.buffers)
 
 
-def build(method: str, width: float, k: float) -> nn.Module:
+def build(method: str, model: str, width: float, k: float) -> nn.Module:
     torch.manual_seed(0)
+    dense = build_model(model, INPUT_SHAPE, 10, width)
     if method == "dense":
-        return fc(width)
-    if method == "sort":
-        return official(fc(width), k, GetSubnetSort)
-    if method == "kthvalue":
-        return official(fc(width), k, GetSubnetKth)
+        return dense
+    if method in ("sort", "kthvalue"):
+        return with_layers(dense, lambda m: Subnet(m, k, GetSubnetSort if method == "sort" else GetSubnetKth))
     if method == "floor":
-        return nn.Sequential(*[FloorLinear(m, k) if isinstance(m, nn.Linear) else m for m in fc(width)])
-    model = supermask.convert(fc(width), k)
+        return with_layers(dense, lambda m: Floor(m, k))
+    model = supermask.convert(dense, k)
     if method == "cpu":
         model = supermask.set_backend(model, "cpu")
     if method == "triton":
@@ -283,7 +290,7 @@ def bench_training(args, x, y):
 
     for method in fast + slow:
         try:
-            models[method] = build(method, args.width, args.k)
+            models[method] = build(method, args.model, args.width, args.k)
         except Exception as e:  # e.g. Triton kernels not available
             fail(method, e, "skipped")
 
@@ -311,6 +318,8 @@ def bench_training(args, x, y):
                            run.loss)
                 except Exception as e:
                     fail(method, e, "failed")
+    if "error" in rows["dense"]:
+        raise SystemExit(f"bench_train.py: the dense baseline failed: {rows['dense']['error']}")
     dense = rows["dense"]["epoch_s"]
     for method, row in rows.items():
         if "epoch_s" in row:
@@ -443,13 +452,18 @@ def markdown(args, data_name, rows, sel_rows) -> str:
     if sel_rows:
         lines += ["", "## Selection: k-th largest of n (k = n/2), median time", "",
                   "| n | kth_largest | warm layer threshold | CPU kernels' pass | torch.kthvalue | torch.sort | torch.topk "
-                  "| kth_largest vs kthvalue | warm vs kthvalue | CPU pass vs kthvalue |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| kth_largest vs kthvalue | warm vs kthvalue | CPU pass vs kthvalue "
+                  "| elements/s: CPU pass, warm, kthvalue |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sel_rows:
             t = r["seconds"]
 
             def ms(v):
                 return "n/a" if v is None else f"{v * 1e3:.3f} ms"
+
+            def rate(m):
+                v = r["elements_per_s"].get(m)
+                return "n/a" if v is None else f"{v:.2g}"
 
             def ratio(m):
                 v = r["speedup_vs_kthvalue"].get(m)
@@ -458,13 +472,15 @@ def markdown(args, data_name, rows, sel_rows) -> str:
             lines.append(f"| {r['n']:,} | {ms(t['kth_largest'])} | {ms(t['warm_layer_threshold'])} | "
                          f"{ms(t.get('cpu_kernels_pass'))} | {ms(t['torch.kthvalue'])} | {ms(t['torch.sort'])} | "
                          f"{ms(t['torch.topk'])} | {ratio('kth_largest')} | {ratio('warm_layer_threshold')} | "
-                         f"{ratio('cpu_kernels_pass')} |")
+                         f"{ratio('cpu_kernels_pass')} | {rate('cpu_kernels_pass')}, {rate('warm_layer_threshold')}, "
+                         f"{rate('torch.kthvalue')} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fc", choices=["fc"])
+    p.add_argument("--model", default="fc", choices=BENCH_MODELS,
+                   help="fc: LeNet-300-100; convN: Conv-2/4/6/8 (on the 28x28 images)")
     p.add_argument("--width", type=float, default=2.5)
     p.add_argument("--k", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=128)
@@ -478,6 +494,7 @@ def main(argv=None):
     p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--no-select", action="store_true")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (a quick check)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -489,6 +506,8 @@ def main(argv=None):
     rows, data_name = {}, "n/a"
     if not args.no_train:
         x, y, data_name = load_data()
+        if args.limit:
+            x, y, data_name = x[:args.limit], y[:args.limit], f"{data_name}, first {args.limit} images"
         print(f"training {args.model} width {args.width} k {args.k} batch {args.batch_size} on {data_name}, "
               f"{torch.get_num_threads()} threads", flush=True)
         rows = bench_training(args, x, y)
