@@ -243,6 +243,8 @@ class EpochRun:
         return self.i >= self.steps
 
     def run(self, count):
+        if self.done:  # (a way whose epoch ended before the others': nothing to time)
+            return
         t0 = time.perf_counter()
         for _ in range(min(count, self.steps - self.i)):
             loss = self._step(self.i)
@@ -294,14 +296,17 @@ def bench_training(args, x, y):
         except Exception as e:  # e.g. Triton kernels not available
             fail(method, e, "skipped")
 
+    def device(method):
+        return torch.device("cuda" if method == "triton" else "cpu")
+
     def record(method, times, loss):
-        row = rows.setdefault(method, {"epoch_s": [], "device": "cuda" if method == "triton" else "cpu"})
+        row = rows.setdefault(method, {"epoch_s": [], "device": str(device(method))})
         row["epoch_s"] += times
         row["final_loss"] = loss
         print(f"{method:10s} epoch {min(times):7.3f} s  (loss {loss:.3f})", flush=True)
 
     def start(method):
-        return EpochRun(models[method], x, y, args.batch_size, torch.device("cuda" if method == "triton" else "cpu"))
+        return EpochRun(models[method], x, y, args.batch_size, device(method))
 
     for r in range(args.repeats):
         runs = {m: start(m) for m in fast if m in models}

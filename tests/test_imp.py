@@ -1,5 +1,6 @@
 """python -m supermask.imp: the storage contract, exact rewinding, controls, resume, bad input."""
 import json
+import math
 import subprocess
 import sys
 
@@ -151,8 +152,8 @@ def test_rewind_iteration_is_exact(tmp_path, calls):
         w = rewind[f"{name}.weight"]
         assert torch.equal(start[f"{name}.weight"], torch.where(m, w, torch.zeros_like(w)))
     # Round 1 trains from iteration 7 to the end (open_lth's rewinding), round 0 from 0.
-    total = imp.train_config(config).epochs * len(list(training._epoch_batches(
-        ds, {"train_x": ds.train_x, "train_y": ds.train_y}, imp.train_config(config), 0, torch.device("cpu"))))
+    cfg = imp.train_config(config)
+    total = cfg.epochs * math.ceil(len(ds.train_y) / cfg.batch_size)
     r0, r1 = (json.loads((out / f"round_0{r}" / "results.json").read_text()) for r in (0, 1))
     assert (r0["start_iteration"], r0["iterations"]) == (0, total)
     assert (r1["start_iteration"], r1["iterations"]) == (7, total - 7)
