@@ -359,7 +359,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     sel = select_counts(flat, n_keep)
     v = sel.value
     vf = float(v)
-    q = min(n_keep, n - n_keep, 64)
+    q = min(n_keep - 1, n - n_keep, 64)
     if q >= 1:
         near = [float(select_counts(flat, n_keep - q).value), float(select_counts(flat, n_keep + q).value)]
         width = near[0] - near[1]
