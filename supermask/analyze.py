@@ -599,13 +599,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    for run in map(Path, args.runs):  # the report's files must not land among a run's own files
-        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
-            raise UsageError(f"--out {out} is inside the input run {run}; choose a folder outside it")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise UsageError(f"--out {out} is not empty; pass --force to write into it (files of the same name "
                          "are replaced)")
     tickets, imp_runs = load(args.runs)
+    for run in map(Path, args.runs):  # the report's files must not land among a run's own files
+        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+            raise UsageError(f"--out {out} is inside the input run {run}; choose a folder outside it")
     if len(tickets) < 2:
         raise UsageError(f"found {len(tickets)} mask in {', '.join(args.runs)}; the analysis needs two or more "
                          "(several runs, or an IMP run with two or more pruned rounds)")

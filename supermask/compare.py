@@ -331,4 +331,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, main))
+    sys.exit(run_main(PROG, main,
+                      interrupted="interrupted; run the same command again: finished runs are reused, the "
+                                  "interrupted one continues from its last finished epoch"))

@@ -398,4 +398,6 @@ def _imp_main(args, device: torch.device) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, main))
+    sys.exit(run_main(PROG, main,
+                      interrupted="interrupted; run the same command again: it continues the interrupted round from "
+                                  "its last finished epoch (or starts that round again if none finished)"))

@@ -102,6 +102,11 @@ def parser() -> Parser:
     return p
 
 
+# What Ctrl-C prints: an interrupted run may have no checkpoint yet (then --resume starts it again).
+INTERRUPTED = ("interrupted; run the same command with --resume to continue from the last finished epoch "
+               "(a run stopped before its first epoch ended starts again)")
+
+
 def validate_common(args):
     """Checks shared by every command that builds and trains a model (train, imp)."""
     if args.model not in MODELS:
@@ -289,4 +294,4 @@ def hint_results(out: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("python -m supermask.train", main))
+    sys.exit(run_main("python -m supermask.train", main, interrupted=INTERRUPTED))
