@@ -192,6 +192,16 @@ def prepare_imp_dir(out: Path, config: dict, rounds: int) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def _must_fit(path: Path):
+    """A stored state or masks that do not fit this run's network (another run's file): one line."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError) as e:
+        why = f"no entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        raise UsageError(f"{path} does not fit this run's network ({why}); it is another run's or damaged") from None
+
+
 def _redo(rdir: Path) -> str:
     return f"; delete {rdir} and run the same command again to recompute that round"
 
@@ -292,9 +302,10 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
                 ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
                 prev = (ckpt["model"], ckpt["masks"])
             trained = _dense_model(config, dataset)
-            trained.load_state_dict(prev[0])
-            masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
-                                    config["output_prune_rate"])
+            with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
+                trained.load_state_dict(prev[0])
+                masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
+                                        config["output_prune_rate"])
         # Weights it starts from.
         if r == 0 or control == "reinit" or not config["rewind_iter"]:
             start = init_state
@@ -316,8 +327,9 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
         resume = distributed.run_on_main(open_round)
 
         model = _dense_model(config, dataset).to(device)
-        rewind_(model, start, masks)
-        keeper = MaskKeeper(model, masks)
+        with _must_fit(rewind_path if start is not init_state else init_path):
+            rewind_(model, start, masks)
+            keeper = MaskKeeper(model, masks)
         after_step = keeper
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
             step = [resume["epoch"] * steps_per_epoch if resume else 0]
