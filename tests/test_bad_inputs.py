@@ -89,6 +89,7 @@ class Case:
     expect: str  # a fragment the one line must hold
     setup: Callable[[Path], None] | None = None  # damage the case's copy of the fixtures
     patch: Callable[[pytest.MonkeyPatch], None] | None = None  # e.g. a full disk
+    compare_runs: bool = False  # copy in the finished comparison (cruns/, cmp/) too
 
     def __str__(self):
         return self.id
@@ -137,6 +138,17 @@ def base(tmp_path_factory):
     assert run_main(export.PROG, export.main, [str(root / "ep"), "--compact", "--out", str(root / "ep.smask")]) == 0
     write_tiny_mnist(root / "data" / "mnist")
     for lock in root.rglob(".lock"):  # lock bookkeeping (the pid of the last writer), not a run's content
+        lock.unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A finished comparison made by BASE_ARGV["compare"] (cruns/ and cmp/)."""
+    root = tmp_path_factory.mktemp("compared")
+    argv = [a.format(root=root) for a in BASE_ARGV["compare"]]
+    assert run_main(compare.PROG, compare.main, argv) == 0
+    for lock in root.rglob(".lock"):
         lock.unlink()
     return root
 
@@ -290,6 +302,17 @@ CASES = [
     Case("train val-size beyond data", "train", [*MNIST, "--val-size", "60"], "--val-size must be in [0, 59]"),
     Case("train multistep without milestones", "train", [*BASE_ARGV["train"], "--schedule", "multistep"],
          "--milestones"),
+    Case("compare stored results.json truncated", "compare", BASE_ARGV["compare"], "results.json is corrupted",
+         lambda root: truncate(str(next((root / "cruns").glob("fc_w0.25_synthetic_k0.5_*")) / "results.json"))(root),
+         compare_runs=True),
+    Case("compare stored IMP results.json not an object", "compare", [*BASE_ARGV["compare"], "--no-train"],
+         "holds a JSON list",
+         lambda root: write(str(next((root / "cruns").glob("imp_*")) / "results.json"), LIST_JSON)(root),
+         compare_runs=True),
+    Case("compare stored run's config.json not an object", "compare", BASE_ARGV["compare"], "holds a JSON list",
+         lambda root: (next((root / "cruns").glob("fc_w0.25_synthetic_dense_*")) / "results.json").unlink() or
+         write(str(next((root / "cruns").glob("fc_w0.25_synthetic_dense_*")) / "config.json"), LIST_JSON)(root),
+         compare_runs=True),
     Case("compare empty seeds", "compare", [*BASE_ARGV["compare"], "--seeds", ","], "--seeds is empty"),
     # 3. data files
     Case("data truncated gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", truncate(TRAIN_IMG)),
@@ -453,10 +476,12 @@ ALL_CASES = flag_cases() + CASES
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
-def test_bad_input(case: Case, base, tmp_path, capsys, monkeypatch):
+def test_bad_input(case: Case, base, tmp_path, capsys, monkeypatch, request):
     root = tmp_path / "case"
     root.mkdir()
     copy_base(base, root)
+    if case.compare_runs:
+        copy_base(request.getfixturevalue("compared"), root)
     if case.setup:
         case.setup(root)
     before = snapshot(root)
