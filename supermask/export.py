@@ -452,6 +452,8 @@ def output_path(out: Path, compact: bool, source: Path) -> Path:
     refused when it is one of the files read (the compact file, or the run's own files)."""
     kind = "compact" if compact else "deployable"
     suffix = SUFFIXES[kind]
+    if out.is_dir() or not out.name:
+        raise UsageError(f"--out {out} is a folder; name the file to write")
     if not out.suffix:
         out = out.with_name(out.name + suffix)
     elif out.suffix != suffix:

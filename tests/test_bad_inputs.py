@@ -440,6 +440,8 @@ CASES = [
          "--force"),
     Case("export onto a folder", "export", ["{root}/ep", "--out", "{root}/ep2.pt2"], "is a folder",
          lambda root: (root / "ep2.pt2").mkdir()),
+    Case("export out is the current folder", "export", ["{root}/ep", "--out", ""], "is a folder"),
+    Case("export out is a folder without suffix", "export", ["{root}/ep", "--out", "{root}/ep2"], "is a folder"),
     Case("analyze into an input run", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/ep", "--force"],
          "inside the input run"),
     Case("analyze into a folder inside an input run", "analyze",
