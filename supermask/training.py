@@ -226,6 +226,11 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     resume is a checkpoint dict written by an earlier call with the same arguments.
     checkpoint_extra: more entries stored in every checkpoint.pt (IMP stores its masks there).
 
+    A training loss that becomes nan or inf raises DivergedError (a UsageError: one line) before
+    that epoch's metrics row and checkpoint, so out keeps its last finished epoch and no
+    results.json. A resume checkpoint that does not fit model raises UsageError; so does a failed
+    write into out (a full disk), leaving no partial file.
+
     Under torchrun (supermask.distributed.setup called first) the model is wrapped in
     DistributedDataParallel, each rank trains on its share of every global batch, masks and
     weights are checked to be identical on every rank after each epoch, and only rank 0 logs,
