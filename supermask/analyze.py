@@ -17,6 +17,7 @@ and PNG figures:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -28,7 +29,7 @@ import torch
 from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
-from .runs import UsageError, load_checkpoint, read_run_config, write_json
+from .runs import UsageError, atomic_write_bytes, load_checkpoint, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -134,7 +135,9 @@ def _imp_round(rdir: Path, root: Path | None, root_config: dict | None, init_cac
     if root is not None:
         name = "rewind.pt" if r > 0 and config.get("rewind_iter") and config.get("control") != "reinit" else "init.pt"
         if name not in init_cache:
-            init_cache[name] = load_checkpoint(root / name) if (root / name).is_file() else None
+            state = load_checkpoint(root / name) if (root / name).is_file() else None
+            # ({"model": state dict}; IMP runs from before checksums hold the bare state dict)
+            init_cache[name] = state["model"] if state is not None and isinstance(state.get("model"), dict) else state
         if init_cache[name] is not None:
             init = {n: init_cache[name][f"{n}.weight"].float() for n in masks}
     control = config.get("control")
@@ -315,9 +318,12 @@ def _plt():
 
 
 def _save(fig, path: Path):
+    """Render in memory, then write atomically: a full disk leaves no truncated PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     _plt().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _layer_names(tickets):
@@ -597,6 +603,9 @@ def main(argv=None) -> int:
         raise UsageError(f"--out {out} is not empty; pass --force to write into it (files of the same name "
                          "are replaced)")
     tickets, imp_runs = load(args.runs)
+    for run in map(Path, args.runs):  # the report's files must not land among a run's own files
+        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+            raise UsageError(f"--out {out} is inside the input run {run}; choose a folder outside it")
     if len(tickets) < 2:
         raise UsageError(f"found {len(tickets)} mask in {', '.join(args.runs)}; the analysis needs two or more "
                          "(several runs, or an IMP run with two or more pruned rounds)")
@@ -622,7 +631,8 @@ def main(argv=None) -> int:
                    "density": t.density} for t in tickets],
         "sparsity": sparsity_rows(tickets), "pairs": pair_rows, "skipped": skipped,
         "edge_popup_vs_imp_rounds": vs_rounds, "movement": moves, "figures": figures})
-    (out / "report.md").write_text(report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures))
+    atomic_write_bytes(out / "report.md", report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves,
+                                                 figures).encode())
     print(f"{len(tickets)} masks, {len(pair_rows)} pairs compared; report in {out / 'report.md'} "
           f"with {len(figures)} figures")
     for p in pair_rows:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -17,18 +18,58 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def run_main(prog: str, main, argv=None) -> int:
-    """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2."""
+def number(kind=float, low=None, high=None, low_open=False, high_open=False, list_of=False):
+    """An argparse type= for a numeric flag: parses kind (int or float), refuses nan and inf, and
+    checks the range [low, high] (an open end with low_open / high_open; None: unbounded). With
+    list_of, a comma-separated list of such numbers (a tuple). A bad value is argparse's one-line
+    error, exit code 2, before anything runs.
+
+        p.add_argument("--lr", type=number(float, 0, low_open=True))   # a finite number > 0
+    """
+    lo_sign, hi_sign = (">" if low_open else ">="), ("<" if high_open else "<=")
+    if low is not None and high is not None:
+        want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        want = f"{lo_sign} {low:g}"
+    elif high is not None:
+        want = f"{hi_sign} {high:g}"
+    else:
+        want = "finite"
+    noun = "an integer" if kind is int else "a number"
+
+    def one(text: str):
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {want}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number {want}, got {text!r}")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"expected {noun} {want}, got {text!r}")
+        return value
+
+    def many(text: str):
+        return tuple(one(v) for v in text.split(",") if v.strip())
+
+    convert = many if list_of else one
+    convert.__name__ = f"{kind.__name__}{'_list' if list_of else ''}"  # argparse names the type in errors
+    return convert
+
+
+def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> int:
+    """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2.
+    interrupted: what to print (after prog) on Ctrl-C, exit code 130."""
     from .data import DataError  # noqa: PLC0415
 
     try:
         return main(argv) or 0
     except (UsageError, DataError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever e holds
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last finished epoch is checkpointed (use --resume)", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
 
 

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from . import imp as imp_mod
 from . import train as train_mod
-from .cli import Parser, run_main
+from .cli import Parser, number, run_main
 from .data import DATASETS
 from .init import INITS
 from .models import MODELS
 from .pruning import SCOPES
-from .runs import UsageError
+from .runs import UsageError, read_json_object
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
@@ -48,23 +48,26 @@ def _ints(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
+WIDTHS = number(float, 0, low_open=True, list_of=True)
+
+
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="fc", help=f"architecture: {', '.join(MODELS)} (default fc)")
     p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default mnist)")
     p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
-    p.add_argument("--val-size", type=int, default=5000, help="training examples held out for validation")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--ks", default="0.1,0.3,0.5,0.7", help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
-    p.add_argument("--widths", default="1,2.5", help="widths for edge-popup and dense (default 1,2.5)")
-    p.add_argument("--imp-widths", default="1", help="widths for IMP and its controls (default 1)")
+    p.add_argument("--val-size", type=train_mod.COUNT, default=5000, help="training examples held out for validation")
+    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1, list_of=True), default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--ks", type=number(float, 0, 1, low_open=True, list_of=True), default="0.1,0.3,0.5,0.7", help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
+    p.add_argument("--widths", type=WIDTHS, default="1,2.5", help="widths for edge-popup and dense (default 1,2.5)")
+    p.add_argument("--imp-widths", type=WIDTHS, default="1", help="widths for IMP and its controls (default 1)")
     p.add_argument("--init", choices=INITS, default="signed_constant", help="edge-popup weight init")
     p.add_argument("--scale-fan", action="store_true", help="edge-popup init with fan_in * k")
-    p.add_argument("--rounds", type=int, default=8, help="IMP pruning rounds after the dense round (default 8)")
-    p.add_argument("--prune-rate", type=float, default=0.2, help="IMP: fraction pruned per round (default 0.2)")
+    p.add_argument("--rounds", type=imp_mod.ROUNDS, default=8, help="IMP pruning rounds after the dense round (default 8)")
+    p.add_argument("--prune-rate", type=imp_mod.PRUNE_RATE, default=0.2, help="IMP: fraction pruned per round (default 0.2)")
     p.add_argument("--scope", choices=SCOPES, default="layer", help="IMP pruning scope (default layer)")
-    p.add_argument("--rewind-iter", type=int, default=0, help="IMP: rewind to this iteration (default 0: init)")
-    p.add_argument("--val-every", type=int, default=100, help="IMP: validation every this many iterations")
+    p.add_argument("--rewind-iter", type=number(int, 0), default=0, help="IMP: rewind to this iteration (default 0: init)")
+    p.add_argument("--val-every", type=number(int, 0), default=100, help="IMP: validation every this many iterations")
     p.add_argument("--controls", default="reinit,random-mask",
                    help="IMP controls, comma-separated from reinit,random-mask ('' for none)")
     train_mod.add_training_args(p)
@@ -80,10 +83,12 @@ def validate(args):
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
-    args.seed_list = _ints(args.seeds, "--seeds")
-    args.k_list = _floats(args.ks, "--ks")
-    args.width_list = _floats(args.widths, "--widths")
-    args.imp_width_list = _floats(args.imp_widths, "--imp-widths")
+    # (the lists are parsed and range-checked by their argparse types; strings when called as a library)
+    args.seed_list = _ints(args.seeds, "--seeds") if isinstance(args.seeds, str) else list(args.seeds)
+    args.k_list = _floats(args.ks, "--ks") if isinstance(args.ks, str) else list(args.ks)
+    args.width_list = _floats(args.widths, "--widths") if isinstance(args.widths, str) else list(args.widths)
+    args.imp_width_list = (_floats(args.imp_widths, "--imp-widths") if isinstance(args.imp_widths, str)
+                           else list(args.imp_widths))
     args.control_list = [c.strip() for c in args.controls.split(",") if c.strip()]
     if not args.seed_list:
         raise UsageError("--seeds is empty")
@@ -150,11 +155,11 @@ class Job:
         if self.kind == "train":
             if not (self.out / "results.json").is_file():
                 return []
-            res = json.loads((self.out / "results.json").read_text())
+            res = read_json_object(self.out / "results.json")
             return [self._row(self.setting, res)]
         if not (self.out / "results.json").is_file():
             return []
-        res = json.loads((self.out / "results.json").read_text())
+        res = read_json_object(self.out / "results.json")
         return [self._row(f"round {r['round']}", r) for r in res["rounds"] if r["round"] <= self.rounds]
 
     def _row(self, setting, res) -> dict:
@@ -326,4 +331,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, main))
+    sys.exit(run_main(PROG, main,
+                      interrupted="interrupted; run the same command again: finished runs are reused, the "
+                                  "interrupted one continues from its last finished epoch"))

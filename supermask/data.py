@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,19 +105,56 @@ def load_image_folder(name: str, data_dir: str | os.PathLike, val_size: int = 50
                            test, len(train_all.classes), (3, image_size, image_size), workers)
 
 
-def read_idx(path: Path) -> torch.Tensor:
-    """Read an IDX file (MNIST's format), gzip-compressed or not, as a uint8 tensor."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
+def read_idx(path: Path, ndim: int | None = None) -> torch.Tensor:
+    """Read an IDX file (MNIST's format), gzip-compressed or not, as a uint8 tensor. DataError, one
+    line naming the file, when it cannot be read: bad gzip (truncated, corrupted, not gzip at all),
+    wrong IDX magic, not ndim dimensions (when given), or fewer or more bytes than its shape."""
+    path = Path(path)
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        why = "truncated" if isinstance(e, EOFError) else " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: bad gzip file ({why}); download it again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: not an IDX file ({len(raw)} bytes{', empty' if not raw else ''})")
+    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or dims == 0:
+        raise DataError(f"{path}: wrong IDX magic {raw[:4].hex()} (not an unsigned-byte IDX file)")
+    if ndim is not None and dims != ndim:
+        what = {1: "labels", 3: "images"}.get(ndim, f"{ndim}-dimensional data")
+        raise DataError(f"{path}: wrong dimensions: {dims}-dimensional data where {what} "
+                        f"({ndim} dimensions) belong")
+    if len(raw) < 4 + 4 * dims:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+    data = torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8) if len(raw) > 4 + 4 * dims \
+        else torch.empty(0, dtype=torch.uint8)
     if data.numel() != torch.Size(shape).numel():
-        raise DataError(f"{path} is truncated: expected {torch.Size(shape).numel()} values, found {data.numel()}")
+        raise DataError(f"{path} is truncated or too long: its header says {torch.Size(shape).numel()} values, "
+                        f"it holds {data.numel()}")
     return data.reshape(shape)
+
+
+def _check_idx_dataset(files, tensors, num_classes: int = 10):
+    """Images (N, 28, 28) and labels (N,) of equal counts, labels in [0, num_classes): DataError
+    naming the file otherwise."""
+    (train_img, train_lab, test_img, test_lab), (tx, ty, sx, sy) = files, tensors
+    for img_path, lab_path, x, y in ((train_img, train_lab, tx, ty), (test_img, test_lab, sx, sy)):
+        if tuple(x.shape[1:]) != (28, 28):
+            raise DataError(f"{img_path}: wrong dimensions: images of {tuple(x.shape[1:])}, expected 28x28")
+        if len(x) != len(y):
+            raise DataError(f"{img_path} holds {len(x)} images but {lab_path} {len(y)} labels: the counts differ")
+        if len(y) == 0:
+            raise DataError(f"{img_path}: no images")
+        if int(y.max()) >= num_classes:
+            raise DataError(f"{lab_path}: label {int(y.max())} is out of range (expected 0..{num_classes - 1})")
+    return tensors
 
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -133,6 +171,10 @@ def _find_idx(folder: Path):
     return found
 
 
+def _read_idx_files(files):
+    return _check_idx_dataset(files, [read_idx(f, ndim) for f, ndim in zip(files, (3, 1, 3, 1))])
+
+
 def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     torchvision_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     candidates = [data_dir / torchvision_name / "raw", data_dir / name, data_dir]
@@ -141,7 +183,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     for folder in candidates:
         files = _find_idx(folder)
         if files:
-            return [read_idx(f) for f in files]
+            return _read_idx_files(files)
     if download:
         import torchvision  # noqa: PLC0415 (only needed to download)
         cls = getattr(torchvision.datasets, torchvision_name)
@@ -159,7 +201,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             raise DataError(f"{name} not found in {tried} and the download failed ({reason}); {hint}") from None
         files = _find_idx(candidates[0])
         if files:
-            return [read_idx(f) for f in files]
+            return _read_idx_files(files)
     raise DataError(f"{name} not found in {', '.join(str(c) for c in candidates)} (downloads disabled)")
 
 

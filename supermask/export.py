@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .cli import Parser, run_main
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .runs import UsageError, load_checkpoint, read_run_config
+from .runs import UsageError, load_checkpoint, read_run_config, write_error
 
 PROG = "python -m supermask.export"
 FORMAT = "supermask-compact"
@@ -178,7 +178,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     ckpt_path = run_dir / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise UsageError(f"{run_dir} has no checkpoint.pt (the run has not finished an epoch)")
-    return config, load_checkpoint(ckpt_path)
+    return config, load_checkpoint(ckpt_path, require=("model",))
 
 
 def shapes_of(config: dict, data_dir: str | os.PathLike = "data") -> tuple[tuple[int, ...], int]:
@@ -444,9 +444,31 @@ def parser() -> Parser:
     return p
 
 
+SUFFIXES = {"compact": ".smask", "deployable": ".pt2"}
+
+
+def output_path(out: Path, compact: bool, source: Path) -> Path:
+    """--out with the suffix of its format (added when it has none; UsageError when it has another),
+    refused when it is one of the files read (the compact file, or the run's own files)."""
+    kind = "compact" if compact else "deployable"
+    suffix = SUFFIXES[kind]
+    if out.is_dir() or not out.name:
+        raise UsageError(f"--out {out} is a folder; name the file to write")
+    if not out.suffix:
+        out = out.with_name(out.name + suffix)
+    elif out.suffix != suffix:
+        raise UsageError(f"--out {out}: a {kind} file is named *{suffix}"
+                         + (" (add --compact for a .smask file)" if out.suffix == SUFFIXES["compact"] else "")
+                         + (" (drop --compact for a .pt2 file)" if out.suffix == SUFFIXES["deployable"] else ""))
+    inputs = [source] if source.is_file() else [source / n for n in ("config.json", "checkpoint.pt", "results.json")]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise UsageError(f"--out {out} is one of the inputs; choose another file")
+    return out
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    out = Path(args.out)
+    out = output_path(Path(args.out), args.compact, Path(args.run_dir))
     if out.exists() and (out.is_dir() or not args.force):
         raise UsageError(f"--out {out} exists; pass --force to overwrite it" if not out.is_dir()
                          else f"--out {out} is a folder")
@@ -468,17 +490,19 @@ def main(argv=None) -> int:
         try:
             _write_atomically(out, lambda tmp: Path(tmp).write_bytes(data))
         except OSError as e:
-            raise UsageError(f"cannot write --out {out}: {e.strerror or e}") from None
+            raise UsageError(write_error(out, e)) from None
         size = out.stat().st_size
         print(f"{out}: compact supermask, {size:,} bytes for {n_weights:,} weights "
               f"({8 * size / n_weights:.3f} bits/weight); fp32 state dict {dense_bytes:,} bytes: "
               f"{dense_bytes / size:.1f}x smaller")
     else:
         program = export_program(baked, input_shape)
+        buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of Python's, not a C++ abort
+        torch.export.save(program, buf)
         try:
-            _write_atomically(out, lambda tmp: torch.export.save(program, tmp))
+            _write_atomically(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
         except OSError as e:
-            raise UsageError(f"cannot write --out {out}: {e.strerror or e}") from None
+            raise UsageError(write_error(out, e)) from None
         print(f"{out}: deployable model (torch.export; load with torch.export.load(path).module()), "
               f"{out.stat().st_size:,} bytes; fp32 state dict {dense_bytes:,} bytes")
     if args.evaluate:

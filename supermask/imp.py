@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import sys
@@ -32,11 +31,12 @@ import torch
 
 from . import data as data_mod
 from . import distributed, training
-from .cli import Parser, resolve_device, run_main
+from .cli import Parser, number, resolve_device, run_main
 from .init import INITS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
-from .runs import UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object,
+                   remove_temp_files, save_checkpoint, write_json)
 from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.imp"
@@ -46,24 +46,29 @@ CONTROLS = ("reinit", "random-mask")
 NOT_IDENTITY = (*NOT_CONFIG, "ticket", "rounds")
 
 
+# Round folders are round_00 ... round_99; range checks of the other numeric flags: cli.number.
+ROUNDS = number(int, 0, 99)
+PRUNE_RATE = number(float, 0, 1, low_open=True, high_open=True)
+
+
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--init", choices=INITS, default="kaiming_normal", help="weight init (default kaiming_normal)")
-    p.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0 (default 5)")
-    p.add_argument("--prune-rate", type=float, default=0.2,
+    p.add_argument("--rounds", type=ROUNDS, default=5, help="pruning rounds after the dense round 0 (default 5)")
+    p.add_argument("--prune-rate", type=PRUNE_RATE, default=0.2,
                    help="fraction of the surviving weights pruned per round (default 0.2)")
-    p.add_argument("--output-prune-rate", type=float, default=None,
+    p.add_argument("--output-prune-rate", type=number(float, 0, 1, high_open=True), default=None,
                    help="the same for the output layer (default: half of --prune-rate)")
     p.add_argument("--scope", choices=SCOPES, default="layer",
                    help="prune each layer by the rate, or all but the output layer under one threshold")
-    p.add_argument("--rewind-iter", type=int, default=0,
+    p.add_argument("--rewind-iter", type=number(int, 0), default=0,
                    help="reset survivors to their values after this many iterations of round 0 and train from "
                         "there to the end (default 0: init)")
     p.add_argument("--control", choices=CONTROLS, default=None,
                    help="train the ticket's masks with fresh weights (reinit) or random masks of the same "
                         "per-layer sparsity (random-mask)")
-    p.add_argument("--val-every", type=int, default=100,
+    p.add_argument("--val-every", type=number(int, 0), default=100,
                    help="evaluate the validation loss every this many iterations, for the early-stop "
                         "iteration (default 100; 0: once per epoch)")
     add_training_args(p)
@@ -144,7 +149,14 @@ def _dense_model(config: dict, dataset) -> torch.nn.Module:
 
 
 def _load_state(path: Path) -> dict:
-    return load_checkpoint(path)
+    """The state dict in init.pt / rewind.pt (stored as {"model": state dict}; earlier runs stored
+    the bare state dict)."""
+    ckpt = load_checkpoint(path)
+    return ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+
+
+def _save_state(path: Path, state: dict) -> None:
+    save_checkpoint(path, {"model": state})  # wrapped: the checkpoint's checksum sits beside it
 
 
 def check_imp_dir(out: Path, config: dict) -> int:
@@ -156,14 +168,10 @@ def check_imp_dir(out: Path, config: dict) -> int:
     cfg_path = out / "config.json"
     stored_rounds = 0
     if cfg_path.is_file():
-        try:
-            stored = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{cfg_path} is corrupted; choose another --out") from None
-        stored_rounds = stored.pop("rounds", 0) if isinstance(stored, dict) else 0
+        stored = read_json_object(cfg_path, "; choose another --out")
+        stored_rounds = stored.pop("rounds", 0)
         if stored != config:
-            keys = set(stored) | set(config) if isinstance(stored, dict) else set(config)
-            changed = sorted(k for k in keys if not isinstance(stored, dict) or stored.get(k) != config.get(k))
+            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
             raise UsageError(f"{out} holds a run with another configuration ({', '.join(changed)} differ); "
                              "choose another --out")
     elif out.is_dir() and any(out.iterdir()):
@@ -184,6 +192,20 @@ def prepare_imp_dir(out: Path, config: dict, rounds: int) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def _must_fit(path: Path):
+    """A stored state or masks that do not fit this run's network (another run's file): one line."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError) as e:
+        why = f"no entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        raise UsageError(f"{path} does not fit this run's network ({why}); it is another run's or damaged") from None
+
+
+def _redo(rdir: Path) -> str:
+    return f"; delete {rdir} and run the same command again to recompute that round"
+
+
 def _round_row(r: int, masks: dict, results: dict) -> dict:
     sp = sparsity(masks)
     keys = ("test_acc", "best_test_acc", "val_acc", "best_val_acc", "early_stop_iteration", "early_stop_val_loss",
@@ -197,8 +219,8 @@ def _finished_rows(out: Path) -> list[dict]:
     rows = []
     for rdir in sorted(out.glob("round_[0-9][0-9]")):
         if (rdir / "results.json").is_file():
-            masks = load_checkpoint(rdir / "checkpoint.pt")["masks"]
-            rows.append(_round_row(int(rdir.name[6:]), masks, json.loads((rdir / "results.json").read_text())))
+            masks = load_checkpoint(rdir / "checkpoint.pt", require=("masks",))["masks"]
+            rows.append(_round_row(int(rdir.name[6:]), masks, read_json_object(rdir / "results.json", _redo(rdir))))
     return rows
 
 
@@ -225,6 +247,8 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
         def open_and_hold():  # rank 0 holds the folder's lock while it writes the rounds (runs.exclusive)
             prepare_imp_dir(out, config, rounds)
             held.enter_context(exclusive(out))
+            for folder in (out, *out.glob("round_[0-9][0-9]")):  # a killed process's temporary files
+                remove_temp_files(folder)
 
         distributed.run_on_main(open_and_hold)
         return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch)
@@ -242,7 +266,7 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
             model = _dense_model(config, dataset)
             if control == "reinit":
                 reinit_(model, config["init"], config["seed"])
-            save_checkpoint(init_path, model.state_dict())
+            _save_state(init_path, model.state_dict())
         if control == "random-mask" and config["rewind_iter"] and not rewind_path.is_file():
             shutil.copyfile(Path(ticket) / "rewind.pt", rewind_path)
 
@@ -259,7 +283,8 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
                         **({"start_iteration": start_step} if start_step else {})}
         if (rdir / "results.json").is_file():
             distributed.run_on_main(prepare_run_dir, rdir, round_config, True)  # checks the config ("done")
-            ckpt = load_checkpoint(rdir / "checkpoint.pt")
+            read_json_object(rdir / "results.json", _redo(rdir))
+            ckpt = load_checkpoint(rdir / "checkpoint.pt", require=("model", "masks"))
             prev = (ckpt["model"], ckpt["masks"])
             continue
         # Masks of this round.
@@ -267,19 +292,20 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
             ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
             if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
                 raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
-            masks = load_checkpoint(ticket_ckpt)["masks"]
+            masks = load_checkpoint(ticket_ckpt, require=("masks",))["masks"]
             if control == "random-mask":
                 masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
         elif r == 0:
             masks = full_masks(_dense_model(config, dataset))
         else:
             if prev is None:
-                ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt")
+                ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
                 prev = (ckpt["model"], ckpt["masks"])
             trained = _dense_model(config, dataset)
-            trained.load_state_dict(prev[0])
-            masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
-                                    config["output_prune_rate"])
+            with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
+                trained.load_state_dict(prev[0])
+                masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
+                                        config["output_prune_rate"])
         # Weights it starts from.
         if r == 0 or control == "reinit" or not config["rewind_iter"]:
             start = init_state
@@ -290,18 +316,20 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
         def open_round(rdir=rdir, round_config=round_config):
             has_cfg = (rdir / "config.json").is_file()
             if has_cfg and not (rdir / "checkpoint.pt").is_file():
-                if json.loads((rdir / "config.json").read_text()) != round_config:
+                if read_json_object(rdir / "config.json") != round_config:
                     raise UsageError(f"{rdir} holds a round of another configuration; choose another --out")
                 state = "new"  # interrupted before its first epoch ended: start it again
             else:
                 state = prepare_run_dir(rdir, round_config, resume=has_cfg)
-            return load_checkpoint(rdir / "checkpoint.pt") if state == "resume" else None
+            return (load_checkpoint(rdir / "checkpoint.pt", (*training.RESUME_KEYS, "masks"))
+                    if state == "resume" else None)
 
         resume = distributed.run_on_main(open_round)
 
         model = _dense_model(config, dataset).to(device)
-        rewind_(model, start, masks)
-        keeper = MaskKeeper(model, masks)
+        with _must_fit(rewind_path if start is not init_state else init_path):
+            rewind_(model, start, masks)
+            keeper = MaskKeeper(model, masks)
         after_step = keeper
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
             step = [resume["epoch"] * steps_per_epoch if resume else 0]
@@ -310,7 +338,7 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
                 keeper(m)
                 step[0] += 1
                 if step[0] == config["rewind_iter"] and distributed.is_main() and not rewind_path.is_file():
-                    save_checkpoint(rewind_path, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+                    _save_state(rewind_path, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
 
             after_step = keep_and_save_rewind
 
@@ -329,7 +357,7 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
 
 
 def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
-    stored = json.loads((out / "config.json").read_text())
+    stored = read_json_object(out / "config.json")
     results = {"config": stored, "rounds": _finished_rows(out)}
     if ticket is not None:
         results["ticket"] = str(ticket)
@@ -382,4 +410,6 @@ def _imp_main(args, device: torch.device) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, main))
+    sys.exit(run_main(PROG, main,
+                      interrupted="interrupted; run the same command again: it continues the interrupted round from "
+                                  "its last finished epoch (or starts that round again if none finished)"))

@@ -8,9 +8,7 @@ config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for al
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,62 +17,65 @@ import torch
 
 from . import data as data_mod
 from . import distributed
-from .cli import Parser, resolve_backend, resolve_device, run_main
+from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, convert, set_backend
 from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
-from .runs import UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_run_config
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
+from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object,
+                   read_run_config, remove_temp_files)
+from .training import (OPTIMIZERS, RESUME_KEYS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed,
+                       evaluate_untrained, train)
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
 NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers")
 
 
+# Numeric flags are checked where they are parsed (cli.number: finite, in range, integer where
+# integer), so a bad value is a one-line error before anything is read or written.
+POSITIVE = number(float, 0, low_open=True)
+NONNEGATIVE = number(float, 0)
+COUNT = number(int, 0)
+SEED = number(int, 0, 2**32 - 1)
+
+
 def add_model_args(p):
     p.add_argument("--model", default="fc", help=f"architecture: {', '.join(MODELS)} (default fc)")
-    p.add_argument("--width", type=float, default=1.0, help="multiply every layer's channels/units (default 1)")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="multiply every layer's channels/units (default 1)")
     p.add_argument("--dataset", default="mnist", help=f"{', '.join(data_mod.DATASETS)} (default mnist)")
     p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
-    p.add_argument("--val-size", type=int, default=5000, help="training examples held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, scores and data order")
+    p.add_argument("--val-size", type=COUNT, default=5000, help="training examples held out for validation")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds weights, scores and data order")
 
 
 def add_training_args(p):
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=number(int, 1), default=15)
+    p.add_argument("--batch-size", type=number(int, 1), default=128)
+    p.add_argument("--lr", type=POSITIVE, default=0.1)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=0.9)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=1e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="per-iteration cosine to 0, multistep (--milestones, --gamma) or constant (none)")
-    p.add_argument("--milestones", type=_int_list, default=(), help="multistep: epochs, e.g. 30,60")
-    p.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up (default 0)")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--milestones", type=number(int, 0, list_of=True), default=(), help="multistep: epochs, e.g. 30,60")
+    p.add_argument("--gamma", type=POSITIVE, default=0.1, help="multistep: lr factor at each milestone")
+    p.add_argument("--warmup-epochs", type=NONNEGATIVE, default=0.0, help="linear lr warm-up (default 0)")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), default=0.0)
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     p.add_argument("--no-bn-decay", action="store_true", help="no weight decay on BatchNorm parameters")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=COUNT, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU/process for datasets read from disk "
                         "(imagenet; default 8, or the number of CPUs if fewer)")
-
-
-def _int_list(text: str) -> tuple:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def parser() -> Parser:
     p = Parser(prog="python -m supermask.train", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--k", type=float, default=0.5, help="fraction of weights kept, in (0, 1] (default 0.5)")
+    p.add_argument("--k", type=number(float, 0, 1, low_open=True), default=0.5, help="fraction of weights kept, in (0, 1] (default 0.5)")
     p.add_argument("--init", choices=INITS, default=None,
                    help="weight init (default signed_constant; kaiming_normal with --dense)")
     p.add_argument("--scale-fan", action="store_true", help="init with fan_in * k (the 'scaled' variants)")
@@ -86,7 +87,7 @@ def parser() -> Parser:
                    help="topk (edge-popup) or sampled: Bernoulli(sigmoid(score)) masks (Zhou et al. 2019)")
     p.add_argument("--sampled-eval", choices=SAMPLED_EVAL, default="expected",
                    help="sampled masks at evaluation: expected mask or thresholded at sigmoid 0.5")
-    p.add_argument("--score-init-constant", type=float, default=None, help="initialise every score to this")
+    p.add_argument("--score-init-constant", type=number(float), default=None, help="initialise every score to this")
     p.add_argument("--random-subnet", action="store_true",
                    help="no training: evaluate the fixed random subnetwork that keeps k of the weights")
     p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
@@ -99,6 +100,11 @@ def parser() -> Parser:
     p.add_argument("--out", default=None, help="run folder (default runs/<name derived from the flags>)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     return p
+
+
+# What Ctrl-C prints: an interrupted run may have no checkpoint yet (then --resume starts it again).
+INTERRUPTED = ("interrupted; run the same command with --resume to continue from the last finished epoch "
+               "(a run stopped before its first epoch ended starts again)")
 
 
 def validate_common(args):
@@ -114,6 +120,8 @@ def validate_common(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.nesterov and args.optimizer == "sgd" and args.momentum == 0:
+        raise UsageError("--nesterov needs a momentum > 0 (--momentum)")
 
 
 def validate(args):
@@ -177,22 +185,30 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device, worke
     config = read_run_config(run_dir)
     if config.get("command") != "train":
         raise UsageError(f"--evaluate {run_dir}: not a supermask.train run")
-    streamed = {"workers": workers} if config["dataset"] in data_mod.STREAMED else {}
-    dataset = data_mod.load(config["dataset"], data_dir, config["val_size"], **streamed)
-    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    stored = run_dir / "results.json"
+    results = read_json_object(stored) if stored.is_file() else {}
     if ckpt_path.is_file():
-        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+        state = load_checkpoint(ckpt_path, require=("model",))["model"]
     elif not config.get("random_subnet"):
         raise UsageError(f"--evaluate {run_dir}: no checkpoint.pt to evaluate")
+    streamed = {"workers": workers} if config["dataset"] in data_mod.STREAMED else {}
+    dataset = data_mod.load(config["dataset"], data_dir, config["val_size"], **streamed)
+    try:
+        model = build_model(config, dataset.input_shape, dataset.num_classes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{run_dir / 'config.json'} does not describe a network this supermask builds ({e})") from None
+    if ckpt_path.is_file():
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UsageError(f"{ckpt_path} does not fit the network its config.json describes "
+                             f"({' '.join(str(e).split())[:160]})") from None
     model.to(device)
     if getattr(dataset, "streaming", False):
         test = evaluate_streamed(model, dataset.test, device, config["batch_size"], dataset.workers)
     else:
         test = evaluate(model, dataset.test_x.to(device), dataset.test_y.to(device))
-    stored = run_dir / "results.json"
-    note = ""
-    if stored.is_file():
-        note = f" (stored: {json.loads(stored.read_text())['test_acc']:.2f}%)"
+    note = f" (stored: {results['test_acc']:.2f}%)" if isinstance(results.get("test_acc"), float | int) else ""
     print(f"{run_dir}: test top-1 {test['acc']:.2f}%{note}, top-5 {test['acc5']:.2f}%, loss {test['loss']:.4f}")
     return 0
 
@@ -228,7 +244,7 @@ def _train_main(args, device: torch.device) -> int:
 def _train_run(args, device, config, out, state, resume, backend, dataset) -> int:
     say = print if distributed.is_main() else (lambda *_a, **_k: None)
     if state == "done":
-        results = json.loads((out / "results.json").read_text()) if distributed.is_main() else {}
+        results = read_json_object(out / "results.json", hint_results(out)) if distributed.is_main() else {}
         say(f"{out} already holds this finished run: test accuracy {results.get('test_acc', 0):.2f}% "
             "(nothing recomputed)")
         return 0
@@ -266,8 +282,16 @@ def _open_run_dir(out: Path, config: dict, resume: bool, held: contextlib.ExitSt
         held.enter_context(exclusive(out))
         if (out / "results.json").is_file():  # finished by another process a moment ago
             state = "done"
-    return state, (load_checkpoint(out / "checkpoint.pt") if state == "resume" else None)
+        else:
+            remove_temp_files(out)  # left by a process killed while writing (we hold the folder now)
+    required = ("model",) if config.get("random_subnet") else RESUME_KEYS  # a random subnet is recomputed
+    return state, (load_checkpoint(out / "checkpoint.pt", required) if state == "resume" else None)
+
+
+def hint_results(out: Path) -> str:
+    return (f"; delete it and run the same command with --resume to write it again from {out / 'checkpoint.pt'}"
+            if (out / "checkpoint.pt").is_file() else "; delete the run folder to train it again")
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("python -m supermask.train", main))
+    sys.exit(run_main("python -m supermask.train", main, interrupted=INTERRUPTED))

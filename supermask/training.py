@@ -5,6 +5,7 @@ every piece of state lives in the checkpoint, so a resumed run continues exactly
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -20,9 +21,11 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from .layers import supermask_layers
-from .runs import save_checkpoint, write_json
+from .runs import UsageError, save_checkpoint, write_error, write_json
 
 OPTIMIZERS = ("sgd", "adam")
+# What train(resume=...) reads from a checkpoint (load_checkpoint(path, require=RESUME_KEYS)).
+RESUME_KEYS = ("model", "optimizer", "epoch", "metrics", "epoch_seconds", "val_curve")
 SCHEDULES = ("cosine", "multistep", "none")
 
 
@@ -186,6 +189,29 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, kept
 
 
+class DivergedError(UsageError):
+    """The training loss became nan or inf: the run stops, its results are not written."""
+
+
+def _diverged(loss: float, step: int, epoch: int, out: Path | None):
+    where = f"; {out} is not marked finished" if out else ""
+    raise DivergedError(f"the training loss became {loss} at iteration {step + 1} (epoch {epoch + 1}): training "
+                        f"diverged (lower --lr?){where}")
+
+
+def _append_row(f, row: dict, path: Path):
+    """Append one metrics row; on a failed write (a full disk) cut the file back to whole rows."""
+    pos = f.tell()
+    data = memoryview((json.dumps(row) + "\n").encode())
+    try:
+        while data:  # a raw file may write part of it
+            data = data[f.write(data):]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            f.truncate(pos)
+        raise UsageError(write_error(path, e)) from None
+
+
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
           desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0) -> dict:
@@ -199,6 +225,11 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     after_step(model) runs after every optimiser step (IMP uses it to keep pruned weights at zero).
     resume is a checkpoint dict written by an earlier call with the same arguments.
     checkpoint_extra: more entries stored in every checkpoint.pt (IMP stores its masks there).
+
+    A training loss that becomes nan or inf raises DivergedError (a UsageError: one line) before
+    that epoch's metrics row and checkpoint, so out keeps its last finished epoch and no
+    results.json. A resume checkpoint that does not fit model raises UsageError; so does a failed
+    write into out (a full disk), leaving no partial file.
 
     Under torchrun (supermask.distributed.setup called first) the model is wrapped in
     DistributedDataParallel, each rank trains on its share of every global batch, masks and
@@ -225,10 +256,15 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     start_epoch, skip = divmod(start_step, steps_per_epoch)  # skip: batches of start_epoch already trained
     val_curve = []  # (iteration, val loss) for the early-stop iteration
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        metrics, epoch_seconds = resume["metrics"], resume["epoch_seconds"]
-        val_curve, start_epoch, skip = [tuple(v) for v in resume["val_curve"]], resume["epoch"], 0
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            metrics, epoch_seconds = list(resume["metrics"]), list(resume["epoch_seconds"])
+            val_curve, start_epoch, skip = [tuple(v) for v in resume["val_curve"]], int(resume["epoch"]), 0
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            why = f"no {e} entry" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+            raise UsageError(f"the checkpoint to resume from does not fit this run ({why}); "
+                             "it is another run's or damaged: delete the run folder or choose another --out") from None
         if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
             torch.set_rng_state(resume["rng"])
     net = model
@@ -236,7 +272,21 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         dist_mod.verify_identical(model, "before training")  # DDP would hide it: it copies rank 0's
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if out else None  # noqa: SIM115
+    metrics_file = None
+    if out:
+        # metrics.jsonl: one row per epoch of the checkpoint, then appended. Written from the
+        # checkpoint's rows on resume, so a kill between a row and its checkpoint leaves no extra row.
+        # Unbuffered: a failed write raises at once and _append_row can cut the file back.
+        try:
+            metrics_file = open(out / "metrics.jsonl", "wb", buffering=0)  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(write_error(out / "metrics.jsonl", e)) from None
+        try:
+            for row in metrics:
+                _append_row(metrics_file, row, out / "metrics.jsonl")
+        except BaseException:
+            metrics_file.close()
+            raise
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -258,6 +308,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                     local = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing, reduction="sum")
                     loss = local * (world / global_n)
                     batch_loss = local.item()
+                if world == 1 and not math.isfinite(batch_loss):
+                    _diverged(batch_loss, step, epoch, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -279,6 +331,8 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                 dist_mod.broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank
                 seen, loss_sum, correct = dist_mod.sum_all([seen, loss_sum, correct])
                 dist_mod.verify_identical(model, f"after epoch {epoch + 1}")
+            if not math.isfinite(loss_sum):  # (under torchrun the sum over ranks: every rank stops alike)
+                _diverged(loss_sum, (epoch + 1) * steps_per_epoch - 1, epoch, out)
             val = _evaluate_split(model, dataset, tensors, "val", device, cfg)
             test = _evaluate_split(model, dataset, tensors, "test", device, cfg)
             iteration = (epoch + 1) * steps_per_epoch
@@ -292,8 +346,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                 f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
             if out:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                _append_row(metrics_file, row, out / "metrics.jsonl")
                 save_checkpoint(out / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                     "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve,
