@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from .mask import (_as_dtype, _layer_buffer, _threshold_from_counts, _warm_key, mask_from_threshold, masked_weight,
                    warm_topk_threshold)
+from .runs import atomic_write
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = (torch.float32, torch.float64)
@@ -69,26 +69,22 @@ def _compile(cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: two processes building at once both succeed.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    # Built under a temporary name and renamed (runs.atomic_write): two processes building at once
+    # both succeed.
+    def build(tmp):
         # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2
         # baseline); the cache key holds the CPU, so a cache folder shared by other CPUs is safe.
         # Without -march=native, then without OpenMP (one thread) if the compiler refuses them.
         errors = []
         for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
-            cmd = [cc, "-O3", *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE)]
+            cmd = [cc, "-O3", *flags, "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
-                break
+                return
             errors.append(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[:400]}")
-        else:
-            raise CPUKernelsUnavailable("; ".join(errors))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise CPUKernelsUnavailable("; ".join(errors))
+
+    atomic_write(target, build)
     return target
 
 

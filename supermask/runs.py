@@ -11,14 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): no locking
-    fcntl = None
-
+import filelock
 import torch
 
 
@@ -31,33 +27,36 @@ def config_hash(config: dict, ignore=()) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def atomic_write_bytes(path: Path, data: bytes):
+def atomic_write(path: Path, data) -> None:
+    """Write path all at once: to a temporary file beside it, flushed to disk, then renamed over it,
+    so a reader (or a crash) sees the old file or the new one, never half of one. data is bytes, or
+    a callable that writes the file at the temporary path it is given (torch.save, a compiler...).
+    The file gets an ordinary file's permissions (0666 less the umask, like open()), not the 0600
+    of tempfile.mkstemp. The temporary file is named .<name>.<random>.tmp and removed on failure.
+    The one atomic writer of the package: JSON, checkpoints, exported models and compiled kernels."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 & ~umask
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+            if not callable(data):
+                f.write(data)
+        if callable(data):
+            data(tmp)
+        with open(tmp, "rb+") as f:  # what the callable wrote is on disk before the rename
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def write_json(path: Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_checkpoint(path: Path, state: dict):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -120,26 +119,44 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
-    """Hold run_dir for this process while the block writes there: a lock on run_dir/.lock, freed
-    when the block ends or the process dies. A second process on the same run (two commands
-    resuming it, two compare runs sharing it) gets a one-line UsageError instead of writing over
-    the first one's files."""
+    """Hold run_dir for this process while the block writes there: a filelock.FileLock on
+    run_dir/.lock (fcntl on POSIX, msvcrt on Windows), freed when the block ends or the process
+    dies. A second process on the same run (two commands resuming it, two compare runs sharing it)
+    gets a one-line UsageError instead of writing over the first one's files.
+
+    The .lock file is removed when the block ends (while still locked, so that a process which
+    opened the old file before its removal notices, below, and tries the new one): a finished run
+    folder holds only the run's files."""
     run_dir = Path(run_dir)
+    path = run_dir / ".lock"
+    for _ in range(10):
+        lock = filelock.FileLock(path, timeout=0, is_singleton=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise UsageError(f"{run_dir} is being written by another process; run this again when it has "
+                             "ended (what it finished is not recomputed)") from None
+        except OSError as e:
+            raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}") from None
+        if _holds_current_file(lock, path):
+            break
+        lock.release()  # locked a .lock its holder removed as it finished: try the current one
+    else:
+        raise UsageError(f"{run_dir} is being written by another process; run this again when it has ended")
     try:
-        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held for the block)
-    except OSError as e:
-        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}") from None
-    with f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                pid = f.read().strip() or "?"
-                raise UsageError(f"{run_dir} is being written by another process (pid {pid}); run this again "
-                                 "when it has ended (what it finished is not recomputed)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows: the file is open (filelock removes it there)
+            path.unlink()
+        lock.release()
+
+
+def _holds_current_file(lock: filelock.FileLock, path: Path) -> bool:
+    """Whether the file lock holds is still the file at path (not one removed since it was opened)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if fd is None:  # another platform or filelock version: nothing to compare
+        return True
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
