@@ -29,7 +29,8 @@ from .runs import UsageError, config_hash, exclusive, load_checkpoint, prepare_r
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed, evaluate_untrained, train
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
-NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers")
+NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers",
+              "no_tensorboard")
 
 
 def add_model_args(p):
@@ -59,6 +60,8 @@ def add_training_args(p):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files in the run folder (written when tensorboard is installed)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU/process for datasets read from disk "
                         "(imagenet; default 8, or the number of CPUs if fewer)")
@@ -246,7 +249,8 @@ def _train_run(args, device, config, out, state, resume, backend, dataset) -> in
     if args.random_subnet:
         results = evaluate_untrained(model, dataset, cfg, device, out)
     else:
-        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
+        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress,
+                        tensorboard=not args.no_tensorboard)
     speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
     say(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
           f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from .layers import supermask_layers
+from .runlog import TensorBoardLog, write_curves
 from .runs import save_checkpoint, write_json
 
 OPTIMIZERS = ("sgd", "adam")
@@ -188,8 +189,12 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
-          desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0) -> dict:
+          desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0,
+          tensorboard: bool = True) -> dict:
     """Train model; returns the results dict (also written to out/results.json when out is given).
+
+    With out, every epoch is also logged to TensorBoard event files in out (tensorboard=False: not;
+    see supermask.runlog) and the finished run gets out/curves.png.
 
     start_step: train from this iteration to the end, as a run rewound to it does (IMP with
     --rewind-iter): the batches, the learning-rate schedule and the iteration numbers continue
@@ -237,6 +242,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if out else None  # noqa: SIM115
+    board = TensorBoardLog(out, tensorboard)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -291,6 +297,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             metrics.append(row)
             log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                 f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
+            board.epoch(row, model)
             if out:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -300,6 +307,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                     "rng": torch.get_rng_state(),
                     **(checkpoint_extra or {})})
     finally:
+        board.close()
         if metrics_file:
             metrics_file.close()
     total, kept = count_params(model)
@@ -317,6 +325,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "train_config": asdict(cfg),
     }
     if out:
+        write_curves(out / "curves.png", metrics, title=desc.strip() or out.name)
         write_json(out / "results.json", results)
     dist_mod.barrier()  # rank 0's files are complete before any rank goes on
     return results
@@ -352,5 +361,7 @@ def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainCo
                "seconds_per_epoch": None, "train_config": asdict(cfg)}
     if out:
         save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "epoch": 0})
+        write_curves(out / "curves.png", [{"epoch": 0, "val_loss": val["loss"], "val_acc": val["acc"],
+                                           "test_loss": test["loss"], "test_acc": test["acc"]}], title=out.name)
         write_json(out / "results.json", results)
     return results

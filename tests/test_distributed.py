@@ -207,8 +207,8 @@ def test_only_rank_0_writes(runs):
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json"):
         assert name in written  # atomic writes: a temporary file, then a rename
     # (rank 0 held the run folder's .lock while it wrote it, and removed it when it ended)
-    assert sorted(p.name for p in (tmp / "dist").iterdir()) == ["checkpoint.pt", "config.json",
-                                                                "metrics.jsonl", "results.json"]
+    names = sorted(p.name for p in (tmp / "dist").iterdir() if not p.name.startswith("events.out.tfevents."))
+    assert names == ["checkpoint.pt", "config.json", "curves.png", "metrics.jsonl", "results.json"]
 
 
 def test_resumed_distributed_run_matches_uninterrupted(runs):

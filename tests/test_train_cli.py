@@ -113,8 +113,8 @@ def test_a_run_being_written_by_another_process_is_left_alone(tmp_path, monkeypa
     assert json.loads((out / "results.json").read_text())["epochs"] == 3
     assert not (out / ".lock").exists()
     # every file of the run has the permissions of a file opened for writing (metrics.jsonl)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert set(modes) == {"config.json", "checkpoint.pt", "metrics.jsonl", "results.json"}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if not p.name.startswith("events.out")}
+    assert set(modes) == {"config.json", "checkpoint.pt", "curves.png", "metrics.jsonl", "results.json"}
     assert len(set(modes.values())) == 1, modes
     with exclusive(out):  # a finished run is only read: no lock needed
         assert run(args + ["--out", str(out)]) == 0
