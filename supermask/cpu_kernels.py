@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from .mask import (_as_dtype, _layer_buffer, _threshold_from_counts, _warm_key, mask_from_threshold, masked_weight,
                    warm_topk_threshold)
-from .runs import atomic_write
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = (torch.float32, torch.float64)
@@ -71,6 +70,8 @@ def _compile(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed (runs.atomic_write): two processes building at once
     # both succeed.
+    from .runs import atomic_write  # noqa: PLC0415 (`python -m supermask.runs` runs that module first)
+
     def build(tmp):
         # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2
         # baseline); the cache key holds the CPU, so a cache folder shared by other CPUs is safe.
