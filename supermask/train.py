@@ -30,7 +30,7 @@ from .training import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, evaluate_str
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
 NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers",
-              "no_tensorboard")
+              "no_tensorboard", "config")
 
 
 def add_model_args(p):
@@ -92,6 +92,9 @@ def parser() -> Parser:
     p.add_argument("--score-init-constant", type=float, default=None, help="initialise every score to this")
     p.add_argument("--random-subnet", action="store_true",
                    help="no training: evaluate the fixed random subnetwork that keeps k of the weights")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="take the defaults from a YAML config of the official edge-popup code (hidden-networks) "
+                        "or of configs/; flags given here override it (supermask.hn_config)")
     p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
                    help="evaluate a saved run on the test set (top-1, top-5) without training")
     add_training_args(p)
@@ -200,8 +203,45 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device, worke
     return 0
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; with --config FILE.yaml its values are the defaults that the flags override."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config:
+        from . import hn_config  # noqa: PLC0415
+
+        source = f"--config {args.config}"
+        defaults = hn_config.to_flags(hn_config.read_yaml(args.config), source)
+        actions = {a.dest: a for a in p._actions}
+        for dest, value in defaults.items():
+            defaults[dest] = _config_value(actions[dest], value, source)
+        p.set_defaults(**defaults)
+        args = p.parse_args(argv)
+        if args.k is None:
+            raise UsageError(f"{source} sets prune_rate -1 (given on the command line in hidden-networks): pass --k")
+    return args
+
+
+def _config_value(action: argparse.Action, value, source: str):
+    """A config file's value checked and converted as the flag's own would be."""
+    if value is None:
+        return None
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    try:
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ValueError
+        elif action.type is not None and not isinstance(value, tuple):
+            value = action.type(str(value))
+        if action.choices is not None and value not in action.choices:
+            raise ValueError
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UsageError(f"{source}: {value!r} is not a valid value for {flag}") from None
+    return value
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     if args.evaluate:
         return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device), args.workers)
     validate(args)
