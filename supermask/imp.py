@@ -321,7 +321,7 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
         training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
                        desc=f"{label}round {r}/{rounds} ", log=log,
                        checkpoint_extra={"masks": masks, "round": r}, start_step=start_step,
-                       tensorboard=tensorboard)
+                       tensorboard=tensorboard, config=round_config)
         keeper.remove()
         distributed.barrier()  # rank 0's files (rewind.pt, the round's results) exist before any rank looks
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():

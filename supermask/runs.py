@@ -325,13 +325,12 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     """python -m supermask.runs [DIR] [--sort KEY] [--where KEY=VALUE ...] [--json | --csv]."""
-    import argparse  # noqa: PLC0415
     import csv  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     from .cli import Parser  # noqa: PLC0415 (cli imports this module)
 
-    p = Parser(prog="python -m supermask.runs", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="python -m supermask.runs",
                description="List the runs under a folder (the run folders of supermask.train and supermask.imp, "
                            "with IMP rounds): what each computes, how far it got, its test accuracy and its "
                            "state (finished, unfinished or broken).")

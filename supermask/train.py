@@ -287,10 +287,10 @@ def _train_run(args, device, config, out, state, resume, backend, dataset) -> in
                       gamma=args.gamma, label_smoothing=args.label_smoothing, nesterov=args.nesterov,
                       no_bn_decay=args.no_bn_decay)
     if args.random_subnet:
-        results = evaluate_untrained(model, dataset, cfg, device, out)
+        results = evaluate_untrained(model, dataset, cfg, device, out, config=config)
     else:
         results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress,
-                        tensorboard=not args.no_tensorboard)
+                        tensorboard=not args.no_tensorboard, config=config)
     speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
     say(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
           f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "

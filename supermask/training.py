@@ -190,11 +190,12 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
           desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0,
-          tensorboard: bool = True) -> dict:
+          tensorboard: bool = True, config: dict | None = None) -> dict:
     """Train model; returns the results dict (also written to out/results.json when out is given).
 
     With out, every epoch is also logged to TensorBoard event files in out (tensorboard=False: not;
-    see supermask.runlog) and the finished run gets out/curves.png.
+    see supermask.runlog) and the finished run gets out/curves.png. config: the run's full
+    configuration (config.json), stored in results.json as "config".
 
     start_step: train from this iteration to the end, as a run rewound to it does (IMP with
     --rewind-iter): the batches, the learning-rate schedule and the iteration numbers continue
@@ -323,6 +324,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "params_total": total, "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
         "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
         "train_config": asdict(cfg),
+        **({"config": config} if config is not None else {}),
     }
     if out:
         write_curves(out / "curves.png", metrics, title=desc.strip() or out.name)
@@ -333,7 +335,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
 
 @torch.no_grad()
 def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
-                       out: Path | None = None) -> dict:
+                       out: Path | None = None, config: dict | None = None) -> dict:
     """Results of a model that is not trained (the random-subnetwork baseline). BatchNorm running
     statistics, which are buffers, not parameters, are first estimated over one pass of the
     training set; no parameter changes. Under torchrun every rank does the same pass (identical
@@ -358,7 +360,8 @@ def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainCo
                "val_acc": val["acc"], "best_val_acc": val["acc"], "early_stop_iteration": 0,
                "early_stop_val_loss": val["loss"], "epochs": 0, "iterations": 0, "params_total": total,
                "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
-               "seconds_per_epoch": None, "train_config": asdict(cfg)}
+               "seconds_per_epoch": None, "train_config": asdict(cfg),
+               **({"config": config} if config is not None else {})}
     if out:
         save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "epoch": 0})
         write_curves(out / "curves.png", [{"epoch": 0, "val_loss": val["loss"], "val_acc": val["acc"],
