@@ -32,6 +32,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no help line, hence no default, for an option without help text
+        if args and str(args[0]).startswith("-") and not kwargs.get("help"):
+            kwargs["help"] = "(default: off)" if kwargs.get("action") == "store_true" else "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
