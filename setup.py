@@ -15,8 +15,10 @@ setup(
     package_dir={"supermask": "supermask", "supermask.kernels": "kernels"},
     # the C source of the CPU kernels, compiled on first use (supermask/cpu_kernels.py)
     package_data={"supermask": ["cpu_kernels.c"]},
-    install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
-    # safetensors only for the test that reads an exported file with the real library (the
-    # package writes and reads the format itself)
-    extras_require={"test": ["pytest", "safetensors"]},
+    # safetensors: the compact .smask files; filelock: the run-folder lock (every OS); pyyaml: --config
+    install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib", "safetensors", "filelock",
+                      "pyyaml"],
+    # TensorBoard event files in every run folder (without it, runs say so once and train on);
+    # the tests read them back, so CI installs it with [test]
+    extras_require={"tensorboard": ["tensorboard"], "test": ["pytest", "tensorboard"]},
 )

@@ -25,7 +25,7 @@ interleaved, --chunk-steps steps at a time, and each epoch's ratio is to the den
 it (the headline is the median over the rounds). The slow ways run once, alone.
 
 SGD lr 0.1, momentum 0.9, weight decay 1e-4 everywhere. Data: Fashion-MNIST from
-/usr/share/datasets/fashion-mnist when present (IDX gz read with gzip + torch.frombuffer), else
+/usr/share/datasets/fashion-mnist when present (IDX files read by supermask.data.read_idx), else
 synthetic data of the same shape; kept in memory as tensors and sliced into batches.
 
 Then a selection micro-benchmark: the k-th largest (k = n/2) of n random values, this library's
@@ -40,7 +40,6 @@ Prints tables and writes benchmarks/results/train_<model>.json and .md and selec
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import supermask  # noqa: E402
+from supermask.data import read_idx  # noqa: E402
 from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa: E402
 from supermask import cpu_kernels  # noqa: E402
 from supermask.models import build as build_model  # noqa: E402
@@ -70,20 +70,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def _read_idx_gz(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
-
 def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
     images, labels = FASHION / "train-images-idx3-ubyte.gz", FASHION / "train-labels-idx1-ubyte.gz"
     if images.exists() and labels.exists():
-        x = _read_idx_gz(images).unsqueeze(1).float().div_(255.0)
+        x = read_idx(images).unsqueeze(1).float().div_(255.0)
         x = (x - 0.2860) / 0.3530
-        return x, _read_idx_gz(labels).long(), "fashion-mnist"
+        return x, read_idx(labels).long(), "fashion-mnist"
     g = torch.Generator().manual_seed(0)
     return torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g), "synthetic"
 

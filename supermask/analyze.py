@@ -29,7 +29,7 @@ import torch
 from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
-from .runs import UsageError, atomic_write_bytes, load_checkpoint, read_run_config, write_json
+from .runs import UsageError, atomic_write, load_checkpoint, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -158,6 +158,28 @@ def _edge_popup(path: Path, config: dict, ckpt: dict) -> Ticket:
                   _results(path).get("test_acc"))
 
 
+def layer_label(name: str, shape) -> str:
+    """A layer as the model names it (its module name in named_modules(), e.g. "1" for the second
+    module of LeNet-300-100's nn.Sequential, "layer1.0.conv1" in a ResNet), with its inputs and
+    outputs: "1 (784→300)", "layer1.0.conv1 (64→64, 3×3)". The mask shape is the weight's,
+    (out, in) or (out, in, kh, kw)."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        return f"{name} ({shape[1]}→{shape[0]})"
+    if len(shape) == 4:
+        return f"{name} ({shape[1]}→{shape[0]}, {shape[2]}×{shape[3]})"
+    return name
+
+
+# The labels of the layers of the tickets being analysed (set by load: the figures and the report
+# get only layer names).
+_LABELS: dict[str, str] = {}
+
+
+def _lbl(name: str) -> str:
+    return _LABELS.get(name, name)
+
+
 def load(paths) -> tuple[list[Ticket], list[ImpRun]]:
     """Tickets for the given run folders (an IMP run gives one per finished round), and the IMP runs."""
     tickets, imp_runs = [], []
@@ -192,6 +214,8 @@ def load(paths) -> tuple[list[Ticket], list[ImpRun]]:
             t.label = f"{t.label} ({seen[t.label]})"
         else:
             seen[t.label] = 1
+    _LABELS.clear()
+    _LABELS.update({n: layer_label(n, m.shape) for t in tickets for n, m in t.masks.items()})
     return tickets, imp_runs
 
 
@@ -323,7 +347,7 @@ def _save(fig, path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
     _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _layer_names(tickets):
@@ -341,7 +365,7 @@ def fig_sparsity(tickets, path):
     for i, t in enumerate(tickets):
         xs = [j + i * w for j, n in enumerate(names) if n in t.masks]
         ax.bar(xs, [100 * t.masks[n].float().mean().item() for n in names if n in t.masks], w, label=t.label)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [f"layer {n}" for n in names])
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [_lbl(n) for n in names])
     ax.set_ylabel("weights kept (%)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Density per layer")
@@ -366,7 +390,7 @@ def fig_overlap(pair_rows, path):
         ax.bar(xs, [v["iou"] for _, v in vals], w, label=f"{p['a']} vs {p['b']}")
         ax.scatter(xs, [v["chance"] for _, v in vals], marker="_", s=200, color="black", zorder=3,
                    label="chance" if i == 0 else None)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [f"layer {n}" if n != "all" else "all" for n in names])
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [_lbl(n) for n in names])
     ax.set_ylabel("IoU of kept weights")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -410,7 +434,7 @@ def fig_movement(rows, imp_runs, path):
     for (run, layer) in dict.fromkeys((r["run"], r["layer"]) for r in rows):
         rs = [r for r in rows if r["run"] == run and r["layer"] == layer]
         ax.plot([r["round"] for r in rs], [r["ratio"] for r in rs], marker="o",
-                label=f"layer {layer}" + (f" ({Path(run).name[:20]})" if len(imp_runs) > 1 else ""))
+                label=_lbl(layer) + (f" ({Path(run).name[:20]})" if len(imp_runs) > 1 else ""))
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_xlabel("round r (kept/pruned by round r, moved in round r-1)")
     ax.set_ylabel("mean |w_final - w_init|: kept / pruned")
@@ -454,7 +478,7 @@ def fig_scores(tickets, path):
             hi = s.max().item()
             bins = torch.linspace(0, hi if hi > 0 else 1, 60).tolist()
             ax.hist([s[~m].numpy(), s[m].numpy()], bins=bins, stacked=True, label=["dropped", "kept"])
-            ax.set_title(f"{t.label}: layer {n}", fontsize=8)
+            ax.set_title(f"{t.label}: {_lbl(n)}", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
@@ -483,7 +507,7 @@ def fig_kept_weights(tickets, path):
             else:
                 ax.hist(w.numpy(), bins=torch.linspace(0, hi, 60).tolist(), density=True, histtype="step",
                         color=color, label=label)
-        ax.set_title(f"layer {n}", fontsize=9)
+        ax.set_title(_lbl(n), fontsize=9)
         ax.set_xlabel("|w| of kept weights", fontsize=8)
         ax.tick_params(labelsize=7)
         if j == 0:
@@ -514,7 +538,7 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
               "signed-constant weights then have the signs of IMP's Kaiming-normal init, so an edge-popup and an "
               "IMP run of the same seed search the same random network (see the sign-agreement column).", ""]
 
-    lines += ["## Sparsity per layer", "", "| mask | " + " | ".join(f"layer {n}" for n in _layer_names(tickets))
+    lines += ["## Sparsity per layer", "", "| mask | " + " | ".join(_lbl(n) for n in _layer_names(tickets))
               + " |", "|---|" + "---|" * len(_layer_names(tickets))]
     for t in tickets:
         cells = [f"{_pct(t.masks[n].float().mean().item())}% of {t.masks[n].numel():,}" if n in t.masks else "-"
@@ -534,7 +558,7 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
         for p in pair_rows:
             for n, v in [*p["layers"].items(), ("all", p["overall"])]:
                 bold = "**" if n == "all" else ""
-                lines.append(f"| {p['relation']} | {p['a']} | {p['b']} | {bold}{n}{bold} | {_pct(v['density_a'])} | "
+                lines.append(f"| {p['relation']} | {p['a']} | {p['b']} | {bold}{_lbl(n)}{bold} | {_pct(v['density_a'])} | "
                              f"{_pct(v['density_b'])} | {bold}{v['iou']:.3f}{bold} | {v['chance']:.3f} | "
                              f"{v['iou'] / v['chance'] if v['chance'] else float('nan'):.2f} | "
                              f"{_pct(p['init_sign_agreement']) if n == 'all' else ''} |")
@@ -562,7 +586,7 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
                   "| run | round r | layer | kept | pruned | moved: kept | moved: pruned | kept / pruned | "
                   "|w_init|: kept | |w_init|: pruned |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in moves:
-            lines.append(f"| {Path(m['run']).name} | {m['round']} | {m['layer']} | {m['n_kept']:,} | "
+            lines.append(f"| {Path(m['run']).name} | {m['round']} | {_lbl(m['layer'])} | {m['n_kept']:,} | "
                          f"{m['n_pruned']:,} | {_num(m['move_kept'], '.4f')} | {_num(m['move_pruned'], '.4f')} | "
                          f"{_num(m['ratio'], '.2f')} | {_num(m['init_kept'], '.4f')} | {_num(m['init_pruned'], '.4f')} |")
         if "movement.png" in figures:
@@ -631,7 +655,7 @@ def main(argv=None) -> int:
                    "density": t.density} for t in tickets],
         "sparsity": sparsity_rows(tickets), "pairs": pair_rows, "skipped": skipped,
         "edge_popup_vs_imp_rounds": vs_rounds, "movement": moves, "figures": figures})
-    atomic_write_bytes(out / "report.md", report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves,
+    atomic_write(out / "report.md", report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves,
                                                  figures).encode())
     print(f"{len(tickets)} masks, {len(pair_rows)} pairs compared; report in {out / 'report.md'} "
           f"with {len(figures)} figures")

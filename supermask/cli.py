@@ -11,8 +11,33 @@ import torch
 from .runs import UsageError
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, for every option: also those without a help text,
+    and not twice where the help already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        optional = bool(action.option_strings) or action.nargs in ("?", "*")  # a flag, or a positional with a default
+        if not optional or "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block) and exits with code 2."""
+    """argparse that reports a bad flag in one line (no usage block) and exits with code 2; --help
+    shows every option's default (DefaultsHelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no help line, hence no default, for an option without help text
+        if args and str(args[0]).startswith("-") and not kwargs.get("help"):
+            kwargs["help"] = "(default: off)" if kwargs.get("action") == "store_true" else "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

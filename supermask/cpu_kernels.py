@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -69,26 +68,24 @@ def _compile(cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: two processes building at once both succeed.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    # Built under a temporary name and renamed (runs.atomic_write): two processes building at once
+    # both succeed.
+    from .runs import atomic_write  # noqa: PLC0415 (`python -m supermask.runs` runs that module first)
+
+    def build(tmp):
         # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2
         # baseline); the cache key holds the CPU, so a cache folder shared by other CPUs is safe.
         # Without -march=native, then without OpenMP (one thread) if the compiler refuses them.
         errors = []
         for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
-            cmd = [cc, "-O3", *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE)]
+            cmd = [cc, "-O3", *flags, "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
-                break
+                return
             errors.append(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[:400]}")
-        else:
-            raise CPUKernelsUnavailable("; ".join(errors))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise CPUKernelsUnavailable("; ".join(errors))
+
+    atomic_write(target, build)
     return target
 
 

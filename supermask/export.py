@@ -4,9 +4,9 @@
     python -m supermask.export RUN_DIR --out model.pt2               # masked weights baked in (torch.export)
 
 Compact file (edge-popup runs): a supermask model is its config (which names the seed that
-generated the frozen weights) plus one bit per weight. The file is in the safetensors format (an
-8-byte little-endian header length, a JSON header, raw little-endian tensor bytes), written and
-read here without the safetensors package (which can read it too): no pickle anywhere. It holds
+generated the frozen weights) plus one bit per weight. The file is a safetensors file (an 8-byte
+little-endian header length, a JSON header, raw little-endian tensor bytes), written and read with
+the safetensors package (``safetensors.torch.load_file`` reads it too): no pickle anywhere. It holds
 one bit-packed uint8 tensor per supermask layer ("mask.<layer>") and every other state-dict entry
 as it is ("state.<key>": BatchNorm running statistics, the weights of a --first/last-layer-dense
 layer); the header's metadata holds the config, the input shape, the mask shapes and a SHA-256 of
@@ -27,32 +27,26 @@ import io
 import json
 import math
 import os
-import struct
 import sys
-import tempfile
 from pathlib import Path
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
 
 from .cli import Parser, run_main
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .runs import UsageError, load_checkpoint, read_run_config, write_error
+from .runs import UsageError, atomic_write, load_checkpoint, read_run_config
 
 PROG = "python -m supermask.export"
 FORMAT = "supermask-compact"
 FORMAT_VERSION = 1
-MAX_HEADER = 100 * 2**20
 
 # Inputs of the datasets supermask.data knows (so exporting needs no dataset on disk).
 DATASET_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10), "synthetic": ((1, 28, 28), 10),
                   "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
-
-_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-           torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-           torch.bool: "BOOL"}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
 
 class CompactFileError(UsageError):
     """A compact file that cannot be read: not one, truncated, corrupted or of another version."""
@@ -63,90 +57,28 @@ class CompactFileError(UsageError):
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor (any shape, flattened) as ceil(n / 8) uint8s, bit i of byte j = entry 8j + i."""
-    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+    """A bool tensor (any shape, flattened) as ceil(n / 8) uint8s, bit i of byte j = entry 8j + i
+    (numpy.packbits, little bit order)."""
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.bool).numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of pack_bits: the bool tensor of the given shape."""
+    """Inverse of pack_bits: the bool tensor of the given shape (numpy.unpackbits)."""
     n = math.prod(shape)
-    bits = (packed.to(torch.int32).view(-1, 1) >> torch.arange(8, dtype=torch.int32)) & 1
-    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+    bits = np.unpackbits(packed.detach().to("cpu").numpy(), count=n, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
 
-# ---------------------------------------------------------------------------------------------
-# The safetensors container (https://github.com/huggingface/safetensors#format), without the package
-
-
-def to_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    if sys.byteorder != "little":
-        raise RuntimeError("writing safetensors needs a little-endian machine")
-    header, chunks, offset = {}, [], 0
+def _tensor_bytes_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' raw little-endian bytes, concatenated in the order of their names.
+    (Files written before the safetensors package was used stored the data in this order, so this
+    is also the SHA-256 of their data section.)"""
+    h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"cannot store {name} of dtype {t.dtype}")
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    header["__metadata__"] = metadata
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * ((-len(text)) % 8)  # the data starts 8-byte aligned, as the reference writer does
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
-
-
-def from_safetensors_bytes(data: bytes, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse and check a safetensors buffer; raises CompactFileError on anything malformed."""
-    def bad(why):
-        return CompactFileError(f"{what} is not a valid compact supermask file ({why})")
-
-    if len(data) < 8:
-        raise bad("too short")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise bad("truncated header" if n <= MAX_HEADER else "bad header length")
-    try:
-        header = json.loads(data[8:8 + n].decode())
-    except (UnicodeDecodeError, ValueError):
-        raise bad("corrupted header") from None
-    if not isinstance(header, dict):
-        raise bad("corrupted header")
-    metadata = header.pop("__metadata__", {})
-    body = memoryview(data)[8 + n:]
-    spans, tensors = [], {}
-    for name, entry in header.items():
-        try:
-            dtype = _DTYPE_NAMES[entry["dtype"]]
-            shape = [int(s) for s in entry["shape"]]
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"corrupted entry {name!r}") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise bad(f"inconsistent entry {name!r}")
-        if end > len(body):
-            raise bad("truncated data")
-        spans.append((begin, end))
-        raw = bytearray(body[begin:end])
-        tensors[name] = (torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw
-                         else torch.empty(shape, dtype=dtype))
-    spans.sort()
-    pos = 0
-    for begin, end in spans:
-        if begin != pos:
-            raise bad("overlapping or missing tensor data")
-        pos = end
-    if pos != len(body):
-        raise bad("trailing bytes after the tensor data")
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise bad("corrupted metadata")
-    return tensors, metadata
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,32 +195,32 @@ def compact_bytes(model: nn.Module, config: dict, input_shape, num_classes: int)
     for key, value in model.state_dict().items():
         if key not in skip:
             tensors[f"state.{key}"] = value
-    body_hash = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        body_hash.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     metadata = {"format": FORMAT, "version": str(FORMAT_VERSION),
                 "config": json.dumps(config, sort_keys=True, separators=(",", ":")),
                 "input_shape": json.dumps(list(input_shape)), "num_classes": str(num_classes),
-                "masks": json.dumps(mask_shapes, separators=(",", ":")), "sha256": body_hash.hexdigest()}
-    return to_safetensors_bytes(tensors, metadata)
+                "masks": json.dumps(mask_shapes, separators=(",", ":")), "sha256": _tensor_bytes_sha256(tensors)}
+    return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
 
 
 def read_compact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple, int]:
     """(config, masks, other state entries, input_shape, num_classes) of a compact file."""
     path = Path(path)
+    bad = lambda why: CompactFileError(f"{path} is not a valid compact supermask file ({why})")  # noqa: E731
+    if not path.is_file():
+        raise UsageError(f"cannot read {path}: no such file")
     try:
-        data = path.read_bytes()
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except safetensors.SafetensorError as e:
+        raise bad(f"not a safetensors file: {str(e).splitlines()[0][:100]}") from None
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    tensors, meta = from_safetensors_bytes(data, str(path))
-    bad = lambda why: CompactFileError(f"{path} is not a valid compact supermask file ({why})")  # noqa: E731
     if meta.get("format") != FORMAT:
         raise bad("no supermask-compact metadata")
     if meta.get("version") != str(FORMAT_VERSION):
         raise bad(f"format version {meta.get('version')}, this supermask reads {FORMAT_VERSION}")
-    n = struct.unpack("<Q", data[:8])[0]
-    if hashlib.sha256(data[8 + n:]).hexdigest() != meta.get("sha256"):
+    if _tensor_bytes_sha256(tensors) != meta.get("sha256"):
         raise bad("checksum mismatch: the data is corrupted")
     try:
         config = json.loads(meta["config"])
@@ -408,20 +340,6 @@ def fp32_state_dict_bytes(model: nn.Module) -> int:
 # CLI
 
 
-def _write_atomically(out: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix or ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it an ordinary file's mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @torch.no_grad()
 def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, torch.Tensor]:
     """Top-1 accuracy (%) and all logits; calls no .eval() (an exported program refuses it)."""
@@ -487,10 +405,7 @@ def main(argv=None) -> int:
     n_weights = sum(m.weight.numel() for m in baked.modules() if isinstance(m, nn.Linear | nn.Conv2d))
     if args.compact:
         data = compact_bytes(model, config, input_shape, num_classes)
-        try:
-            _write_atomically(out, lambda tmp: Path(tmp).write_bytes(data))
-        except OSError as e:
-            raise UsageError(write_error(out, e)) from None
+        atomic_write(out, data)  # a failed write (full disk) is a one-line UsageError
         size = out.stat().st_size
         print(f"{out}: compact supermask, {size:,} bytes for {n_weights:,} weights "
               f"({8 * size / n_weights:.3f} bits/weight); fp32 state dict {dense_bytes:,} bytes: "
@@ -499,10 +414,7 @@ def main(argv=None) -> int:
         program = export_program(baked, input_shape)
         buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of Python's, not a C++ abort
         torch.export.save(program, buf)
-        try:
-            _write_atomically(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
-        except OSError as e:
-            raise UsageError(write_error(out, e)) from None
+        atomic_write(out, buf.getvalue())
         print(f"{out}: deployable model (torch.export; load with torch.export.load(path).module()), "
               f"{out.stat().st_size:,} bytes; fp32 state dict {dense_bytes:,} bytes")
     if args.evaluate:

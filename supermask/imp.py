@@ -225,7 +225,7 @@ def _finished_rows(out: Path) -> list[dict]:
 
 
 def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device, ticket: Path | None = None,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, tensorboard: bool = True) -> dict:
     """Run (or resume, or just read) rounds 0..rounds of an IMP run or control; returns results.json's dict.
 
     config is imp_config's dict; a control needs ticket, the finished-or-not ticket folder (the
@@ -251,10 +251,12 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
                 remove_temp_files(folder)
 
         distributed.run_on_main(open_and_hold)
-        return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch)
+        return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
+                           tensorboard)
 
 
-def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch) -> dict:
+def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
+                tensorboard=True) -> dict:
     control = config.get("control")
 
     # The weights every round starts from (the state at initialisation, init.pt).
@@ -346,7 +348,8 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
         log(f"{label}round {r}/{rounds}: {sp['weights_remaining']:.2f}% of weights remaining -> {rdir}")
         training.train(model, dataset, cfg, device, rdir, resume, after_step, progress,
                        desc=f"{label}round {r}/{rounds} ", log=log,
-                       checkpoint_extra={"masks": masks, "round": r}, start_step=start_step)
+                       checkpoint_extra={"masks": masks, "round": r}, start_step=start_step,
+                       tensorboard=tensorboard, config=round_config)
         keeper.remove()
         distributed.barrier()  # rank 0's files (rewind.pt, the round's results) exist before any rank looks
         if r == 0 and config["rewind_iter"] and not rewind_path.is_file():
@@ -399,10 +402,12 @@ def _imp_main(args, device: torch.device) -> int:
         check_imp_dir(ticket, tconfig)
         check_imp_dir(out, config)  # fail before training the ticket, not after
         say(f"ticket run: {ticket}")
-        run_imp(tconfig, ticket, args.rounds, dataset, device, progress=progress)
+        run_imp(tconfig, ticket, args.rounds, dataset, device, progress=progress,
+                tensorboard=not args.no_tensorboard)
     kind = f"control {args.control}" if args.control else "ticket"
     say(f"IMP {args.model} x{args.width:g} ({kind}) on {args.dataset}, {device} -> {out}")
-    results = run_imp(config, out, args.rounds, dataset, device, ticket, progress=progress)
+    results = run_imp(config, out, args.rounds, dataset, device, ticket, progress=progress,
+                      tensorboard=not args.no_tensorboard)
     rows = [row for row in results["rounds"] if row["round"] <= args.rounds]
     say(format_rounds(rows))
     say(f"results in {out / 'results.json'}")

@@ -13,14 +13,10 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): no locking
-    fcntl = None
-
+import filelock
 import torch
 
 
@@ -40,30 +36,37 @@ def write_error(path: Path, e: OSError) -> str:
     return f"cannot write {path}: {e.strerror or e}"
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write data to path through a temporary file in the same folder (".<name>.XXXX") and a
-    rename: path holds the old or the new bytes, never a part. A failed write (a full disk)
-    removes the temporary file and raises UsageError with one line."""
+def atomic_write(path: Path, data) -> None:
+    """Write path all at once: to a temporary file beside it, flushed to disk, then renamed over it,
+    so a reader (or a crash) sees the old file or the new one, never half of one. data is bytes, or
+    a callable that writes the file at the temporary path it is given (torch.save, a compiler...).
+    The file gets an ordinary file's permissions (0666 less the umask, like open()), not the 0600
+    of tempfile.mkstemp. The temporary file is named .<name>.<random>.tmp and removed on failure
+    (remove_temp_files clears those a killed process left). The one atomic writer of the package:
+    JSON, checkpoints, exported models, figures and compiled kernels.
+
+    Raises UsageError (one line, "no space left ..." for a full disk) when the write fails."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as e:
-        raise UsageError(write_error(path, e)) from None
-    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 & ~umask
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+            if not callable(data):
+                f.write(data)
+        if callable(data):
+            data(tmp)
+        with open(tmp, "rb+") as f:  # what the callable wrote is on disk before the rename
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UsageError(write_error(path, e)) from None
         raise
 
 
 def write_json(path: Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:
@@ -110,11 +113,11 @@ def content_digest(obj) -> str:
 def save_checkpoint(path: Path, state: dict):
     """torch.save(state) atomically, with the SHA-256 of its content under CHECKSUM_KEY (checked by
     load_checkpoint). Serialised in memory first, so a full disk is a one-line UsageError from
-    atomic_write_bytes, never a half-written file or a C++ traceback."""
+    atomic_write, never a half-written file or a C++ traceback."""
     state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
     buf = io.BytesIO()
     torch.save({**state, CHECKSUM_KEY: content_digest(state)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path, require: tuple = ()) -> dict:
@@ -198,26 +201,252 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
-    """Hold run_dir for this process while the block writes there: a lock on run_dir/.lock, freed
-    when the block ends or the process dies. A second process on the same run (two commands
-    resuming it, two compare runs sharing it) gets a one-line UsageError instead of writing over
-    the first one's files."""
+    """Hold run_dir for this process while the block writes there: a filelock.FileLock on
+    run_dir/.lock (fcntl on POSIX, msvcrt on Windows), freed when the block ends or the process
+    dies. A second process on the same run (two commands resuming it, two compare runs sharing it)
+    gets a one-line UsageError instead of writing over the first one's files.
+
+    The .lock file is removed when the block ends (while still locked, so that a process which
+    opened the old file before its removal notices, below, and tries the new one): a finished run
+    folder holds only the run's files."""
     run_dir = Path(run_dir)
+    path = run_dir / ".lock"
+    for _ in range(10):
+        lock = filelock.FileLock(path, timeout=0, is_singleton=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise UsageError(f"{run_dir} is being written by another process; run this again when it has "
+                             "ended (what it finished is not recomputed)") from None
+        except OSError as e:
+            raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}") from None
+        if _holds_current_file(lock, path):
+            break
+        lock.release()  # locked a .lock its holder removed as it finished: try the current one
+    else:
+        raise UsageError(f"{run_dir} is being written by another process; run this again when it has ended")
     try:
-        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held for the block)
-    except OSError as e:
-        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}") from None
-    with f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                pid = f.read().strip() or "?"
-                raise UsageError(f"{run_dir} is being written by another process (pid {pid}); run this again "
-                                 "when it has ended (what it finished is not recomputed)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows: the file is open (filelock removes it there)
+            path.unlink()
+        lock.release()
+
+
+def _holds_current_file(lock: filelock.FileLock, path: Path) -> bool:
+    """Whether the file lock holds is still the file at path (not one removed since it was opened)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if fd is None:  # another platform or filelock version: nothing to compare
+        return True
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run list: python -m supermask.runs [DIR]
+
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "results.json")
+COLUMNS = ("name", "command", "model", "width", "k_or_round", "dataset", "seed", "epochs", "test_acc", "state")
+
+
+def _read_json(path: Path):
+    """The JSON in path; None when there is no such file; raises ValueError when it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(path.name) from None
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    """The complete rows of metrics.jsonl (a line cut short by a crash is not counted)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def describe_run(run_dir: Path, root: Path) -> dict:
+    """One row of the run list: the COLUMNS, plus "config" (config.json, {} when unreadable) and
+    "problem" (why a broken run is broken, else None).
+
+    state: "finished" (results.json; for an IMP run every planned round finished), "unfinished"
+    (config.json but not finished yet: resume it with --resume, or rerun the IMP command), or
+    "broken" (config.json missing or corrupted, results.json corrupted, or a checkpoint.pt that is
+    not a complete torch.save file (a zip archive), e.g. truncated by a full disk)."""
+    import zipfile  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    row = dict.fromkeys(COLUMNS)
+    row.update(name=run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name, config={},
+               problem=None)
+    try:
+        config = _read_json(run_dir / "config.json")
+        results = _read_json(run_dir / "results.json")
+    except ValueError as e:
+        return {**row, "state": "broken", "problem": f"{e} is corrupted"}
+    if not isinstance(config, dict):
+        return {**row, "state": "broken", "problem": "no config.json"}
+    row["config"] = config
+    command = config.get("command")
+    if command == "imp" and "round" in config:  # a round folder (its config is the IMP run's plus "round")
+        command = "imp-round"
+    row.update(command=command, model=config.get("model"), width=config.get("width"),
+               dataset=config.get("dataset"), seed=config.get("seed"))
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.is_file() and not zipfile.is_zipfile(ckpt):
+        row.update(state="broken", problem="checkpoint.pt is truncated or corrupted")
+    if command == "imp":
+        planned = config.get("rounds", 0)
+        first = 1 if config.get("control") else 0
+        done = results.get("rounds", []) if isinstance(results, dict) else []
+        finished = {r.get("round") for r in done} >= set(range(first, planned + 1))
+        row.update(k_or_round=f"rounds {len(done)}/{planned + 1 - first}",
+                   epochs=f"{sum(r.get('epochs') or 0 for r in done)}/{(planned + 1 - first) * config.get('epochs', 0)}",
+                   test_acc=done[-1].get("test_acc") if done else None)
+        row["state"] = row["state"] or ("finished" if finished else "unfinished")
+        return row
+    metrics = _metrics_rows(run_dir / "metrics.jsonl")
+    if command == "imp-round":
+        row["k_or_round"] = f"round {config.get('round')}"
+    else:
+        row["k_or_round"] = "dense" if config.get("dense") else config.get("k")
+    epochs_done = results.get("epochs", len(metrics)) if isinstance(results, dict) else len(metrics)
+    row["epochs"] = f"{epochs_done}/{config.get('epochs', '?')}"
+    if isinstance(results, dict):
+        row.update(test_acc=results.get("test_acc"), state=row["state"] or "finished")
+    else:
+        row.update(test_acc=metrics[-1].get("test_acc") if metrics else None, state=row["state"] or "unfinished")
+    return row
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder under root (root included) holding one of a run's files (RUN_FILES), sorted."""
+    root = Path(root)
+    found = {p.parent for name in RUN_FILES for p in root.rglob(name)}
+    return sorted(found)
+
+
+def _value(text: str):
+    """A --where value as JSON when it parses (0.5, true, null, "x"), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _field(row: dict, key: str):
+    """A column of the row, or else a key of its config (MISSING when neither has it)."""
+    if key in row and key not in ("config", "problem"):
+        return row[key]
+    return row["config"].get(key, _MISSING)
+
+
+_MISSING = object()
+
+
+def _sort_key(value):
+    """Numbers before strings before missing values, each in their own order."""
+    if value is _MISSING or value is None:
+        return (2, 0, "")
+    if isinstance(value, bool | int | float):
+        return (0, float(value), "")
+    text = str(value)
+    if "/" in text and text.split("/")[0].isdigit():  # epochs "3/15": by epochs done
+        return (0, float(text.split("/")[0]), text)
+    return (1, 0, text)
+
+
+def list_runs(root: Path, where: list[str] = (), sort: str = "name") -> list[dict]:
+    """describe_run of every run under root, filtered by where (["key=value", ...]: a column or any
+    config key equal to value, numbers compared as numbers) and sorted by a column or config key.
+    Raises UsageError for a malformed filter or a key that no run has."""
+    rows = [describe_run(d, Path(root)) for d in find_runs(root)]
+    for cond in where:
+        key, sep, text = cond.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--where expects KEY=VALUE, got {cond!r}")
+        if rows and all(_field(r, key) is _MISSING for r in rows):
+            raise UsageError(f"--where {key}: no run has a column or config key {key!r}")
+        wanted = _value(text)
+        rows = [r for r in rows if _field(r, key) == wanted or str(_field(r, key)) == text]
+    if rows and sort != "name" and all(_field(r, sort) is _MISSING for r in rows):
+        raise UsageError(f"--sort {sort}: no run has a column or config key {sort!r}")
+    return sorted(rows, key=lambda r: (_sort_key(_field(r, sort)), r["name"]))
+
+
+def format_table(rows: list[dict]) -> str:
+    """The run list as an aligned text table (one line per run; the reason a broken run is broken
+    after it)."""
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key == "test_acc":
+            return f"{value:.2f}"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    table = [list(COLUMNS)] + [[cell(k, r[k]) for k in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
+    for i, r in enumerate(rows, start=1):
+        if r["problem"]:
+            lines[i] += f"  ({r['problem']})"
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m supermask.runs [DIR] [--sort KEY] [--where KEY=VALUE ...] [--json | --csv]."""
+    import csv  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from .cli import Parser  # noqa: PLC0415 (cli imports this module)
+
+    p = Parser(prog="python -m supermask.runs",
+               description="List the runs under a folder (the run folders of supermask.train and supermask.imp, "
+                           "with IMP rounds): what each computes, how far it got, its test accuracy and its "
+                           "state (finished, unfinished or broken).")
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="the folder to look in")
+    p.add_argument("--sort", default="name", metavar="KEY", help="sort by a column or any config key")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs whose column or config key has this value (e.g. k=0.5, state=finished); "
+                        "repeat to combine")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list (each run with its full config)")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (the table's columns)")
+    args = p.parse_args(argv)
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder")
+    rows = list_runs(root, args.where, args.sort)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*COLUMNS, "problem"], extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif rows:
+        print(format_table(rows))
+    else:
+        print(f"no runs under {root}" + (" matching the --where filters" if args.where else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from . import runs  # the module itself, whose UsageError run_main catches (not this __main__'s copy)
+    from .cli import run_main
+
+    sys.exit(run_main("python -m supermask.runs", runs.main))

@@ -29,7 +29,8 @@ from .training import (OPTIMIZERS, RESUME_KEYS, SCHEDULES, TrainConfig, evaluate
                        evaluate_untrained, train)
 
 # Flags that say where and how fast a run happens, not what it computes: not part of its identity.
-NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers")
+NOT_CONFIG = ("out", "resume", "device", "backend", "data_dir", "threads", "no_progress", "evaluate", "workers",
+              "no_tensorboard", "config")
 
 
 # Numeric flags are checked where they are parsed (cli.number: finite, in range, integer where
@@ -67,6 +68,8 @@ def add_training_args(p):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--threads", type=COUNT, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only one line per epoch")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files in the run folder (written when tensorboard is installed)")
     p.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU/process for datasets read from disk "
                         "(imagenet; default 8, or the number of CPUs if fewer)")
@@ -90,6 +93,9 @@ def parser() -> Parser:
     p.add_argument("--score-init-constant", type=number(float), default=None, help="initialise every score to this")
     p.add_argument("--random-subnet", action="store_true",
                    help="no training: evaluate the fixed random subnetwork that keeps k of the weights")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="take the defaults from a YAML config of the official edge-popup code (hidden-networks) "
+                        "or of configs/; flags given here override it (supermask.hn_config)")
     p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
                    help="evaluate a saved run on the test set (top-1, top-5) without training")
     add_training_args(p)
@@ -213,8 +219,45 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device, worke
     return 0
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; with --config FILE.yaml its values are the defaults that the flags override."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config:
+        from . import hn_config  # noqa: PLC0415
+
+        source = f"--config {args.config}"
+        defaults = hn_config.to_flags(hn_config.read_yaml(args.config), source)
+        actions = {a.dest: a for a in p._actions}
+        for dest, value in defaults.items():
+            defaults[dest] = _config_value(actions[dest], value, source)
+        p.set_defaults(**defaults)
+        args = p.parse_args(argv)
+        if args.k is None:
+            raise UsageError(f"{source} sets prune_rate -1 (given on the command line in hidden-networks): pass --k")
+    return args
+
+
+def _config_value(action: argparse.Action, value, source: str):
+    """A config file's value checked and converted as the flag's own would be."""
+    if value is None:
+        return None
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    try:
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ValueError
+        elif action.type is not None and not isinstance(value, tuple):
+            value = action.type(str(value))
+        if action.choices is not None and value not in action.choices:
+            raise ValueError
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UsageError(f"{source}: {value!r} is not a valid value for {flag}") from None
+    return value
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     if args.evaluate:
         return evaluate_saved_run(Path(args.evaluate), args.data_dir, resolve_device(args.device), args.workers)
     validate(args)
@@ -260,9 +303,10 @@ def _train_run(args, device, config, out, state, resume, backend, dataset) -> in
                       gamma=args.gamma, label_smoothing=args.label_smoothing, nesterov=args.nesterov,
                       no_bn_decay=args.no_bn_decay)
     if args.random_subnet:
-        results = evaluate_untrained(model, dataset, cfg, device, out)
+        results = evaluate_untrained(model, dataset, cfg, device, out, config=config)
     else:
-        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress)
+        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress,
+                        tensorboard=not args.no_tensorboard, config=config)
     speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
     say(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
           f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from .layers import supermask_layers
+from .runlog import TensorBoardLog, write_curves
 from .runs import UsageError, save_checkpoint, write_error, write_json
 
 OPTIMIZERS = ("sgd", "adam")
@@ -214,8 +215,13 @@ def _append_row(f, row: dict, path: Path):
 
 def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
           out: Path | None = None, resume: dict | None = None, after_step=None, progress: bool = True,
-          desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0) -> dict:
+          desc: str = "", log=print, checkpoint_extra: dict | None = None, start_step: int = 0,
+          tensorboard: bool = True, config: dict | None = None) -> dict:
     """Train model; returns the results dict (also written to out/results.json when out is given).
+
+    With out, every epoch is also logged to TensorBoard event files in out (tensorboard=False: not;
+    see supermask.runlog) and the finished run gets out/curves.png. config: the run's full
+    configuration (config.json), stored in results.json as "config".
 
     start_step: train from this iteration to the end, as a run rewound to it does (IMP with
     --rewind-iter): the batches, the learning-rate schedule and the iteration numbers continue
@@ -287,6 +293,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         except BaseException:
             metrics_file.close()
             raise
+    board = TensorBoardLog(out, tensorboard)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -345,6 +352,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             metrics.append(row)
             log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                 f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
+            board.epoch(row, model)
             if out:
                 _append_row(metrics_file, row, out / "metrics.jsonl")
                 save_checkpoint(out / "checkpoint.pt", {
@@ -353,6 +361,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
                     "rng": torch.get_rng_state(),
                     **(checkpoint_extra or {})})
     finally:
+        board.close()
         if metrics_file:
             metrics_file.close()
     total, kept = count_params(model)
@@ -368,8 +377,10 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "params_total": total, "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
         "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
         "train_config": asdict(cfg),
+        **({"config": config} if config is not None else {}),
     }
     if out:
+        write_curves(out / "curves.png", metrics, title=desc.strip() or out.name)
         write_json(out / "results.json", results)
     dist_mod.barrier()  # rank 0's files are complete before any rank goes on
     return results
@@ -377,7 +388,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
 
 @torch.no_grad()
 def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device: torch.device,
-                       out: Path | None = None) -> dict:
+                       out: Path | None = None, config: dict | None = None) -> dict:
     """Results of a model that is not trained (the random-subnetwork baseline). BatchNorm running
     statistics, which are buffers, not parameters, are first estimated over one pass of the
     training set; no parameter changes. Under torchrun every rank does the same pass (identical
@@ -402,8 +413,11 @@ def evaluate_untrained(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainCo
                "val_acc": val["acc"], "best_val_acc": val["acc"], "early_stop_iteration": 0,
                "early_stop_val_loss": val["loss"], "epochs": 0, "iterations": 0, "params_total": total,
                "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
-               "seconds_per_epoch": None, "train_config": asdict(cfg)}
+               "seconds_per_epoch": None, "train_config": asdict(cfg),
+               **({"config": config} if config is not None else {})}
     if out:
         save_checkpoint(out / "checkpoint.pt", {"model": model.state_dict(), "epoch": 0})
+        write_curves(out / "curves.png", [{"epoch": 0, "val_loss": val["loss"], "val_acc": val["acc"],
+                                           "test_loss": test["loss"], "test_acc": test["acc"]}], title=out.name)
         write_json(out / "results.json", results)
     return results

@@ -256,7 +256,7 @@ def mnist(**override):
 
 
 def full_disk(after: int = 0):
-    """os.fsync fails with ENOSPC from its (after+1)-th call on (atomic writes: runs.atomic_write_bytes)."""
+    """os.fsync fails with ENOSPC from its (after+1)-th call on (atomic writes: runs.atomic_write)."""
     def patch(mp: pytest.MonkeyPatch):
         real, calls = os.fsync, [0]
 

@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,9 @@ def test_pack_bits_round_trip(n):
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
     packed = export.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+    # the layout by hand: bit i of byte j is entry 8j + i
+    for j in (0, (n - 1) // 8):
+        assert int(packed[j]) == sum(int(mask[8 * j + i]) << i for i in range(8) if 8 * j + i < n)
     assert torch.equal(export.unpack_bits(packed, (n,)), mask)
 
 
@@ -91,12 +95,40 @@ def test_compact_round_trip_bit_identical_and_size_formula(runs, tmp_path, test_
 
 
 def test_compact_file_is_readable_by_safetensors(compact_file):
-    safetensors = pytest.importorskip("safetensors.torch")
-    out = compact_file
-    theirs = safetensors.load_file(str(out))
-    ours, meta = export.from_safetensors_bytes(out.read_bytes())
-    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    assert meta["format"] == export.FORMAT
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    theirs = load_file(str(compact_file))
+    config, masks, state, _, _ = export.read_compact(compact_file)
+    assert set(theirs) == {f"mask.{n}" for n in masks} | {f"state.{k}" for k in state}
+    for name, mask in masks.items():
+        shape = mask.shape
+        assert torch.equal(export.unpack_bits(theirs[f"mask.{name}"], shape), mask)
+    assert all(torch.equal(theirs[f"state.{k}"], v) for k, v in state.items())
+    with safe_open(str(compact_file), framework="pt") as f:
+        assert f.metadata()["format"] == export.FORMAT and json.loads(f.metadata()["config"]) == config
+
+
+# A compact file written by the project's own safetensors writer before the safetensors package was
+# used (commit 078e849): its masks (SHA-256 of the bool bytes, count kept) and the loaded model's
+# logits on a fixed input, as that version's load_compact gave them.
+OLD_FILE = Path(__file__).resolve().parents[1] / "docs" / "export" / "fm_ep_w2.5_k0.5.smask"
+OLD_MASKS = {"1": ((750, 784), 294000, "8fdec7d3318138f4"), "3": ((250, 750), 93750, "71e651e6057ead81"),
+             "5": ((10, 250), 1250, "dc0da94c1a0955b8")}
+OLD_LOGITS = [[-0.0754, -0.6331, -2.3995, -1.8437, -1.5277, 3.8012, -0.7129, -4.4001, 1.6219, -1.8854],
+              [0.5251, -1.6855, 0.3906, -1.7311, -1.4309, 0.6944, 0.575, -2.1658, 3.4246, -6.4581],
+              [0.4632, -2.8253, -2.1723, 0.0635, -2.7007, 3.7466, -0.1912, -2.9687, 2.653, -4.8852]]
+
+
+def test_compact_file_written_before_the_safetensors_package_loads_identically():
+    import hashlib
+    config, masks, state, shape, classes = export.read_compact(OLD_FILE)
+    assert (config["model"], config["width"], config["k"], shape, classes, state) == ("fc", 2.5, 0.5, (1, 28, 28), 10, {})
+    assert {n: (tuple(m.shape), int(m.sum()), hashlib.sha256(m.numpy().tobytes()).hexdigest()[:16])
+            for n, m in masks.items()} == OLD_MASKS
+    model = export.load_compact(OLD_FILE)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch.tensor(OLD_LOGITS), atol=1e-4)
 
 
 def _config(**kw):

@@ -89,8 +89,6 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_a_run_being_written_by_another_process_is_left_alone(tmp_path, monkeypatch, capsys):
-    import os
-
     import supermask.training as training
     from supermask.runs import exclusive
     out, args = tmp_path / "run", FAST + ["--epochs", "3"]
@@ -104,14 +102,20 @@ def test_a_run_being_written_by_another_process_is_left_alone(tmp_path, monkeypa
     assert run(args + ["--out", str(out)]) == 130  # an unfinished run, one epoch in
     monkeypatch.setattr(training, "save_checkpoint", real_save)
     capsys.readouterr()
-    before = snapshot(out)
-    with exclusive(out):  # another process is resuming it (flock: a second open file conflicts too)
+    assert not (out / ".lock").exists()  # the lock file goes with the process that held it
+    with exclusive(out):  # another process is resuming it (a second lock on the file conflicts too)
+        before = snapshot(out)
         assert run(args + ["--out", str(out), "--resume"]) == 2
         err = capsys.readouterr().err
-        assert f"is being written by another process (pid {os.getpid()})" in err and len(err.splitlines()) == 1
+        assert "is being written by another process;" in err and len(err.splitlines()) == 1
         assert snapshot(out) == before
     assert run(args + ["--out", str(out), "--resume"]) == 0  # free again: it resumes
     assert json.loads((out / "results.json").read_text())["epochs"] == 3
+    assert not (out / ".lock").exists()
+    # every file of the run has the permissions of a file opened for writing (metrics.jsonl)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if not p.name.startswith("events.out")}
+    assert set(modes) == {"config.json", "checkpoint.pt", "curves.png", "metrics.jsonl", "results.json"}
+    assert len(set(modes.values())) == 1, modes
     with exclusive(out):  # a finished run is only read: no lock needed
         assert run(args + ["--out", str(out)]) == 0
 

@@ -1,0 +1,130 @@
+"""python -m supermask.runs: the run list over a folder holding a finished, an unfinished and a
+broken run (and an IMP run with its rounds), its filters, sorting, JSON and CSV, and bad input."""
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supermask import imp as imp_mod
+from supermask import runs as runs_mod
+from supermask import train as train_mod
+from supermask.cli import run_main
+
+FAST = ["--dataset", "synthetic", "--no-progress", "--width", "0.25", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert run_main("train", train_mod.main, FAST + ["--epochs", "1", "--k", "0.3", "--out", str(root / "done")]) == 0
+    # unfinished: stopped (Ctrl-C) after the first of three epochs was checkpointed
+    import supermask.training as training
+    real_save = training.save_checkpoint
+
+    def interrupted_save(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    training.save_checkpoint = interrupted_save
+    try:
+        assert run_main("train", train_mod.main, FAST + ["--epochs", "3", "--seed", "1", "--out",
+                                                          str(root / "stopped")]) == 130
+    finally:
+        training.save_checkpoint = real_save
+    # broken: a copy of the finished run whose checkpoint a full disk cut short
+    shutil.copytree(root / "done", root / "truncated")
+    (root / "truncated" / "checkpoint.pt").write_bytes((root / "done" / "checkpoint.pt").read_bytes()[:500])
+    # broken: a folder with a run's files but a corrupted config.json
+    shutil.copytree(root / "done", root / "deep" / "badconfig")
+    (root / "deep" / "badconfig" / "config.json").write_text('{"command": "tr')
+    assert run_main("imp", imp_mod.main, FAST + ["--epochs", "1", "--rounds", "1", "--out", str(root / "imp")]) == 0
+    return root
+
+
+def listing(capsys, *argv):
+    capsys.readouterr()
+    assert run_main("python -m supermask.runs", runs_mod.main, list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_table_lists_every_run_with_its_state(runs_dir, capsys):
+    out = listing(capsys, str(runs_dir))
+    lines = out.splitlines()
+    assert lines[0].split() == list(runs_mod.COLUMNS)
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"done", "stopped", "truncated", "deep/badconfig", "imp", "imp/round_00", "imp/round_01"}
+    assert rows["done"].split()[1:] == ["train", "fc", "0.25", "0.3", "synthetic", "0", "1/1",
+                                        rows["done"].split()[8], "finished"]
+    assert rows["stopped"].split()[7] == "1/3" and rows["stopped"].split()[9] == "unfinished"
+    assert rows["truncated"].split()[9] == "broken" and "checkpoint.pt is truncated" in rows["truncated"]
+    assert "broken" in rows["deep/badconfig"] and "config.json is corrupted" in rows["deep/badconfig"]
+    assert rows["imp"].split()[4:6] == ["rounds", "2/2"] and rows["imp"].endswith("finished")
+    assert rows["imp/round_01"].split()[1] == "imp-round" and "round 1" in rows["imp/round_01"]
+    # the test accuracy shown is results.json's
+    done = json.loads((runs_dir / "done" / "results.json").read_text())
+    assert rows["done"].split()[8] == f"{done['test_acc']:.2f}"
+
+
+def test_json_holds_each_runs_config_and_state(runs_dir, capsys):
+    rows = {r["name"]: r for r in json.loads(listing(capsys, str(runs_dir), "--json"))}
+    assert {n: r["state"] for n, r in rows.items()} == {
+        "done": "finished", "stopped": "unfinished", "truncated": "broken", "deep/badconfig": "broken",
+        "imp": "finished", "imp/round_00": "finished", "imp/round_01": "finished"}
+    assert rows["done"]["config"] == json.loads((runs_dir / "done" / "config.json").read_text())
+    assert rows["stopped"]["epochs"] == "1/3"
+    metrics = json.loads((runs_dir / "stopped" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows["stopped"]["test_acc"] == metrics["test_acc"]  # the last finished epoch's
+
+
+def test_where_filters_on_any_config_key_and_columns(runs_dir, capsys):
+    names = lambda out: [r["name"] for r in json.loads(out)]  # noqa: E731
+    assert names(listing(capsys, str(runs_dir), "--json", "--where", "k=0.3")) == ["done", "truncated"]
+    assert names(listing(capsys, str(runs_dir), "--json", "--where", "seed=1")) == ["stopped"]
+    assert names(listing(capsys, str(runs_dir), "--json", "--where", "state=broken")) == ["deep/badconfig",
+                                                                                          "truncated"]
+    assert names(listing(capsys, str(runs_dir), "--json", "--where", "prune_rate=0.2",
+                         "--where", "command=imp-round")) == ["imp/round_00", "imp/round_01"]
+    assert "no runs under" in listing(capsys, str(runs_dir), "--where", "k=0.9")
+
+
+def test_sort_and_csv(runs_dir, capsys):
+    rows = list(csv.DictReader(io.StringIO(listing(capsys, str(runs_dir), "--csv", "--sort", "seed"))))
+    assert rows[0].keys() == {*runs_mod.COLUMNS, "problem"}
+    seeds = [r["seed"] for r in rows]
+    assert seeds[-1] == "" and "1" in seeds  # the run without a readable config sorts last
+    assert seeds.index("1") == len([s for s in seeds if s == "0"])  # after every seed-0 run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--where", "k"], "--where expects KEY=VALUE"),
+    (["--where", "kk=0.5"], "no run has a column or config key 'kk'"),
+    (["--sort", "nope"], "no run has a column or config key 'nope'"),
+    (["--json", "--csv"], "not allowed with argument"),
+])
+def test_bad_input_is_one_line_exit_2(runs_dir, capsys, argv, message):
+    capsys.readouterr()
+    code = run_main("python -m supermask.runs", runs_mod.main, [str(runs_dir), *argv]) \
+        if argv != ["--json", "--csv"] else _exit_code(lambda: runs_mod.main([str(runs_dir), *argv]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def _exit_code(call):
+    with pytest.raises(SystemExit) as e:
+        call()
+    return e.value.code
+
+
+def test_module_runs_from_the_command_line(runs_dir, tmp_path):
+    cmd = [sys.executable, "-W", "error", "-m", "supermask.runs", str(runs_dir), "--where", "state=unfinished"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == ["stopped"]
+    missing = subprocess.run([*cmd[:5], str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "is not a folder" in missing.stderr
