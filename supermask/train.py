@@ -8,6 +8,7 @@ config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for al
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
