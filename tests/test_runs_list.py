@@ -43,6 +43,7 @@ def runs_dir(tmp_path_factory):
     shutil.copytree(root / "done", root / "deep" / "badconfig")
     (root / "deep" / "badconfig" / "config.json").write_text('{"command": "tr')
     assert run_main("imp", imp_mod.main, FAST + ["--epochs", "1", "--rounds", "1", "--out", str(root / "imp")]) == 0
+    assert not list(root.rglob(".lock"))  # no run folder keeps the lock of the process that wrote it
     return root
 
 
