@@ -275,3 +275,45 @@ def test_prune_at_init_without_dense_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "add --dense" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
+
+
+# --- supermask.compare --pai --------------------------------------------------------------------
+
+CMP = ["--dataset", "synthetic", "--widths", "0.05", "--imp-widths", "0.05", "--ks", "0.5,0.1", "--epochs", "1",
+       "--rounds", "0", "--controls", "", "--seeds", "0", "--threads", "1", "--no-progress"]
+
+
+def test_compare_trains_pai_methods_at_the_edge_popup_sparsities_once(tmp_path, capsys):
+    from supermask import compare
+
+    runs, out = tmp_path / "runs", tmp_path / "cmp"
+    argv = [*CMP, "--pai", "snip,random", "--pai-checks", "shuffle", "--runs-dir", str(runs), "--out", str(out)]
+    assert compare.main(argv) == 0
+    rows = list(__import__("csv").DictReader(open(out / "table.csv")))
+    by = {(r["method"], r["setting"]): r for r in rows}
+    for k in ("0.5", "0.1"):
+        ep = by[("edge-popup", f"k={k}")]
+        for method in ("PaI snip", "PaI random", "PaI snip shuffle", "PaI random shuffle"):
+            assert by[(method, f"k={k}")]["weights_kept"] == ep["weights_kept"], (method, k)  # matched sparsity
+    methods = [r["method"] for r in rows]
+    assert methods.index("IMP ticket") < methods.index("PaI snip") < methods.index("PaI snip shuffle")
+    table = (out / "table.md").read_text()
+    assert "| PaI snip | 0.05 | k=0.1 |" in table
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
+    assert len(before) == 1 + 2 * 5 + 2  # dense, 2 ks x (edge-popup + 4 PaI), IMP (its results and round 0)
+    assert compare.main(argv) == 0  # all stored: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")} == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pai", "obd"], "unknown pruning-at-init method 'obd'"),
+    (["--pai", "snip", "--pai-checks", "flip"], "unknown --pai-checks entry 'flip'"),
+    (["--pai-checks", "shuffle"], "--pai-checks needs --pai"),
+])
+def test_compare_pai_bad_input_one_line_exit_2(tmp_path, capsys, extra, message):
+    from supermask import compare
+
+    argv = [*CMP, "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), *extra]
+    assert run_main(compare.PROG, compare.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "runs").exists()
