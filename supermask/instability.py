@@ -15,7 +15,8 @@ network is "stable" at k when the barrier is below 2 percentage points.
 
 What is analysed: the dense network (default); an IMP ticket (--ticket IMP_DIR --round R: the
 mask of round R applied to the dense network's weights at iteration k, pruned weights held at
-zero, so the path runs over the kept weights); or an edge-popup supermask (--edge-popup --k K:
+zero, so the path runs over the kept weights; the mask is the one that IMP run found, with its own
+--rewind-iter, whereas the paper runs IMP again for every k); or an edge-popup supermask (--edge-popup --k K:
 the scores are trained and interpolated, the masks follow from the interpolated scores). With a
 ticket, also the stability to pruning of Frankle et al. 2019 ("Stabilizing the lottery ticket
 hypothesis"): the L2 distance, over the ticket's kept weights, between the ticket trained from k
