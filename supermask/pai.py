@@ -185,6 +185,8 @@ def pai_masks(model: nn.Module, method: str, k: float, scope: str | None = None,
     elif method == "grasp":
         scores = {n: -s for n, s in grasp_scores(model, *batch).items()}  # keep the smallest S(-w)
     elif method == "synflow":
+        if input_shape is None and batch is None:
+            raise ValueError("synflow needs input_shape (or a batch to take it from)")
         shape = input_shape if input_shape is not None else tuple(batch[0].shape[1:])
         return synflow_masks(model, shape, k, scope, iterations)
     elif method == "random":
@@ -205,6 +207,9 @@ def validate_args(args):
         return
     if not args.dense:
         raise UsageError("--prune-at-init prunes the weights of a dense network: add --dense")
+    if args.prune_at_init in ("snip", "grasp") and args.dataset in data_mod.STREAMED:
+        raise UsageError(f"--prune-at-init {args.prune_at_init} scores on a batch of an in-memory dataset, "
+                         f"not {args.dataset} (synflow, random and magnitude need no data)")
 
 
 def prepare_training(model: nn.Module, config: dict, dataset: data_mod.Dataset, device: torch.device,
@@ -218,7 +223,7 @@ def prepare_training(model: nn.Module, config: dict, dataset: data_mod.Dataset, 
     if resume is not None and "masks" in resume:
         masks = resume["masks"]
     else:
-        batch = scoring_batch(dataset, config["batch_size"], config["seed"])
+        batch = scoring_batch(dataset, config["batch_size"], config["seed"]) if method in ("snip", "grasp") else None
         masks = pai_masks(model, method, config["k"], config["topk"], batch, config["seed"], dataset.input_shape)
         if check == "shuffle":
             masks = random_masks_like(masks, config["seed"], stream="pai-shuffle")

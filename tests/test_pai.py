@@ -253,6 +253,7 @@ BAD_INPUTS = [
     (["--pai-check", "shuffle"], "--pai-check needs --prune-at-init"),
     (["--prune-at-init", "snip", "--pai-check", "flip"], "invalid choice"),
     (["--prune-at-init", "snip", "--topk", "row"], "invalid choice"),
+    (["--prune-at-init", "grasp", "--dataset", "imagenet"], "scores on a batch of an in-memory dataset"),
 ]
 
 
