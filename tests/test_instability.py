@@ -194,3 +194,34 @@ def test_out_of_another_analysis_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another configuration (points differ)" in err and len(err.strip().splitlines()) == 1
     assert files(out) == before
+
+
+def test_batchnorm_statistics_are_re_estimated_at_every_point(tmp_path):
+    out = tmp_path / "bn"
+    argv = ["--dataset", "synthetic", "--model", "resnet18", "--width", "0.0625", "--epochs", "1", "--no-progress",
+            "--threads", "1", "--points", "3", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert run(argv) == 0
+    row = json.loads((out / "instability.json").read_text())["rows"][0]
+    args = inst.parser().parse_args(argv)
+    inst.validate(args)
+    config = inst.base_config(args)
+    dataset = data_mod.load("synthetic")
+    a, b = (torch.load(Path(c) / "checkpoint.pt", weights_only=True)["model"] for c in row["copies"])
+    mid = inst.interpolate(a, b, 0.5)
+    model = inst.build_model(config, dataset.input_shape, dataset.num_classes)
+    model.load_state_dict(mid)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    with torch.no_grad():  # by hand: fresh statistics, one pass over the training set in train mode
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for i in range(0, len(dataset.train_y), 128):
+            model(dataset.train_x[i:i + 128])
+        model.eval()
+        acc = 100.0 * (model(dataset.test_x).argmax(1) == dataset.test_y).sum().item() / len(dataset.test_y)
+    assert row["test_error"][1] == 100.0 - acc
+    # the interpolated running statistics themselves are not what is evaluated
+    assert any(not torch.allclose(m.running_mean, mid[f"{n}.running_mean"]) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
