@@ -8,6 +8,9 @@ through supermask.imp), each in --runs-dir under the name derived from its confi
 as those commands name them: a finished run is never recomputed, so a sweep can grow. Then writes
 table.md, table.csv and plot.png (accuracy and early-stop iteration against % of weights
 remaining, mean and min-max over seeds) into --out. --no-train only reads what is stored.
+--pai adds pruning at initialisation (supermask.pai: the dense network's weights masked at init
+and trained) at each --ks and --widths, i.e. at the sparsities of the edge-popup runs, and
+--pai-checks their sanity checks (Frankle et al. 2021).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import imp as imp_mod
+from . import pai as pai_mod
 from . import train as train_mod
 from .cli import Parser, number, run_main
 from .data import DATASETS
@@ -31,6 +35,13 @@ from .runs import UsageError, read_json_object
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
 METHOD_ORDER = ("dense", "edge-popup", "IMP ticket", "IMP reinit", "IMP random-mask")
+# Pruning at initialisation: "PaI <method>" and "PaI <method> <check>", after METHOD_ORDER.
+PAI_ORDER = tuple(f"PaI {m}{c}" for m in pai_mod.METHODS for c in ("", *(f" {c}" for c in pai_mod.CHECKS)))
+
+
+def method_rank(method: str) -> int:
+    order = METHOD_ORDER + PAI_ORDER
+    return order.index(method) if method in order else len(order)
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -70,6 +81,11 @@ def parser() -> Parser:
     p.add_argument("--val-every", type=number(int, 0), default=100, help="IMP: validation every this many iterations")
     p.add_argument("--controls", default="reinit,random-mask",
                    help="IMP controls, comma-separated from reinit,random-mask ('' for none)")
+    p.add_argument("--pai", default="",
+                   help=f"pruning-at-init methods trained at each --ks, comma-separated from {','.join(pai_mod.METHODS)} "
+                        "(default: none)")
+    p.add_argument("--pai-checks", default="",
+                   help=f"sanity checks of every --pai method, comma-separated from {','.join(pai_mod.CHECKS)}")
     train_mod.add_training_args(p)
     p.set_defaults(epochs=10)
     p.add_argument("--runs-dir", default="runs", help="where the runs are stored and reused (default runs/)")
@@ -101,6 +117,16 @@ def validate(args):
     for c in args.control_list:
         if c not in imp_mod.CONTROLS:
             raise UsageError(f"unknown control {c!r}; choose from {', '.join(imp_mod.CONTROLS)}")
+    args.pai_list = [m.strip() for m in args.pai.split(",") if m.strip()]
+    args.pai_check_list = [c.strip() for c in args.pai_checks.split(",") if c.strip()]
+    for m in args.pai_list:
+        if m not in pai_mod.METHODS:
+            raise UsageError(f"unknown pruning-at-init method {m!r}; choose from {', '.join(pai_mod.METHODS)}")
+    for c in args.pai_check_list:
+        if c not in pai_mod.CHECKS:
+            raise UsageError(f"unknown --pai-checks entry {c!r}; choose from {', '.join(pai_mod.CHECKS)}")
+    if args.pai_check_list and not args.pai_list:
+        raise UsageError("--pai-checks needs --pai methods to check")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -182,6 +208,11 @@ def plan(args) -> list[Job]:
             for k in args.k_list:
                 extra = ["--k", f"{k:g}", "--init", args.init] + (["--scale-fan"] if args.scale_fan else [])
                 jobs.append(Job("edge-popup", w, f"k={k:g}", seed, "train", [*base, *extra], runs))
+                for m in args.pai_list:  # the same sparsity, weights trained from a mask chosen at init
+                    pai = [*base, "--dense", "--prune-at-init", m, "--k", f"{k:g}"]
+                    jobs.append(Job(f"PaI {m}", w, f"k={k:g}", seed, "train", pai, runs))
+                    for c in args.pai_check_list:
+                        jobs.append(Job(f"PaI {m} {c}", w, f"k={k:g}", seed, "train", [*pai, "--pai-check", c], runs))
         for w in args.imp_width_list:
             base = [*_common(args, seed, w), "--rounds", str(args.rounds), "--prune-rate", str(args.prune_rate),
                     "--scope", args.scope, "--rewind-iter", str(args.rewind_iter), "--val-every", str(args.val_every)]
@@ -213,7 +244,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             agg[f"{key}_mean"], agg[f"{key}_sd"], agg[f"{key}_min"], agg[f"{key}_max"] = stats(
                 [r[key] for r in group])
         out.append(agg)
-    out.sort(key=lambda a: (METHOD_ORDER.index(a["method"]), a["width"], -a["weights_remaining"]))
+    out.sort(key=lambda a: (method_rank(a["method"]), a["width"], -a["weights_remaining"]))
     return out
 
 
@@ -268,7 +299,8 @@ def write_plot(agg: list[dict], out: Path, title: str):
             continue
         pts = sorted(pts, key=lambda q: -q["weights_remaining"])
         x = [q["weights_remaining"] for q in pts]
-        ax_acc.plot(x, [q["test_acc_mean"] for q in pts], styles.get(method, "o-"), color=colour, label=label, ms=4)
+        style = styles.get(method) or ("x--" if method.endswith(pai_mod.CHECKS) else "d-")
+        ax_acc.plot(x, [q["test_acc_mean"] for q in pts], style, color=colour, label=label, ms=4)
         if any(q["seeds"] > 1 for q in pts):
             ax_acc.fill_between(x, [q["test_acc_min"] for q in pts], [q["test_acc_max"] for q in pts],
                                 color=colour, alpha=0.15)

@@ -18,6 +18,7 @@ import torch
 
 from . import data as data_mod
 from . import distributed
+from . import pai
 from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, convert, set_backend
 from .layers import MASK_KINDS, supermask_layers
@@ -83,7 +84,9 @@ def parser() -> Parser:
     p.add_argument("--init", choices=INITS, default=None,
                    help="weight init (default signed_constant; kaiming_normal with --dense)")
     p.add_argument("--scale-fan", action="store_true", help="init with fan_in * k (the 'scaled' variants)")
-    p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="top-k per layer or one global threshold")
+    p.add_argument("--topk", choices=TOPK_SCOPES, default=None,
+                   help="top-k per layer or one global threshold (default layer; with --prune-at-init the "
+                        "method's paper's: global for snip, grasp, synflow)")
     p.add_argument("--dense", action="store_true", help="train the weights of the same network (no mask)")
     p.add_argument("--first-layer-dense", action="store_true", help="first layer: ordinary trainable weights")
     p.add_argument("--last-layer-dense", action="store_true", help="last layer: ordinary trainable weights")
@@ -97,6 +100,12 @@ def parser() -> Parser:
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="take the defaults from a YAML config of the official edge-popup code (hidden-networks) "
                         "or of configs/; flags given here override it (supermask.hn_config)")
+    p.add_argument("--prune-at-init", choices=pai.METHODS, default=None,
+                   help="with --dense: mask the weights at initialisation by this method (supermask.pai) at --k, "
+                        "then train the kept weights with the mask held fixed")
+    p.add_argument("--pai-check", choices=pai.CHECKS, default=None,
+                   help="sanity check of Frankle et al. 2021: shuffle the mask within each layer, or reinit the "
+                        "kept weights")
     p.add_argument("--evaluate", metavar="RUN_DIR", default=None,
                    help="evaluate a saved run on the test set (top-1, top-5) without training")
     add_training_args(p)
@@ -147,12 +156,18 @@ def validate(args):
         raise UsageError(f"--random-subnet needs an in-memory dataset, not {args.dataset}")
     if args.schedule == "multistep" and not args.milestones:
         raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
+    pai.validate_args(args)  # --prune-at-init / --pai-check, and --topk's default
 
 
 def run_config(args) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    for key in ("prune_at_init", "pai_check"):  # in a run's identity only when set: older runs keep their names
+        if config.get(key) is None:
+            config.pop(key, None)
     if config["dense"]:  # mask flags mean nothing for a dense run: keep them out of its identity
-        for key in ("k", "scale_fan", "topk", "mask", "sampled_eval", "score_init_constant", "random_subnet",
+        for key in () if config.get("prune_at_init") else ("k", "topk"):
+            config.pop(key, None)
+        for key in ("scale_fan", "mask", "sampled_eval", "score_init_constant", "random_subnet",
                     "first_layer_dense", "last_layer_dense"):
             config.pop(key, None)
     config["milestones"] = list(config["milestones"])
@@ -161,6 +176,8 @@ def run_config(args) -> dict:
 
 def run_name(config: dict) -> str:
     kind = "dense" if config["dense"] else "sampled" if config.get("mask") == "sampled" else f"k{config['k']:g}"
+    if config.get("prune_at_init"):
+        kind = f"{config['prune_at_init']}{config['k']:g}" + (f"-{config['pai_check']}" if config.get("pai_check") else "")
     if config.get("random_subnet"):
         kind = f"random{config['k']:g}"
     return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}_{config_hash(config)}"
@@ -296,6 +313,10 @@ def _train_run(args, device, config, out, state, resume, backend, dataset) -> in
     model = build_model(config, dataset.input_shape, dataset.num_classes)
     set_backend(model, backend)
     kind = "dense" if args.dense else f"supermask k={args.k}"
+    keeper, extra = None, None
+    if args.prune_at_init:  # the mask at init, held fixed while training
+        keeper, extra = pai.prepare_training(model, config, dataset, device, resume)
+        kind = f"dense, {args.prune_at_init} at init, k={args.k}" + (f", {args.pai_check}" if args.pai_check else "")
     ranks = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     say(f"{args.model} x{args.width:g} ({kind}) on {args.dataset}, {device}{ranks}, backend {backend} -> {out}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -306,8 +327,8 @@ def _train_run(args, device, config, out, state, resume, backend, dataset) -> in
     if args.random_subnet:
         results = evaluate_untrained(model, dataset, cfg, device, out, config=config)
     else:
-        results = train(model, dataset, cfg, device, out, resume, progress=not args.no_progress,
-                        tensorboard=not args.no_tensorboard, config=config)
+        results = train(model, dataset, cfg, device, out, resume, after_step=keeper, progress=not args.no_progress,
+                        checkpoint_extra=extra, tensorboard=not args.no_tensorboard, config=config)
     speed = f"{results['seconds_per_epoch']:.2f} s/epoch" if results["seconds_per_epoch"] else "not trained"
     say(f"test accuracy {results['test_acc']:.2f}% (best {results['best_test_acc']:.2f}%, "
           f"top-5 {results['test_acc5']:.2f}%), {results['params_kept']}/{results['params_total']} weights kept, "

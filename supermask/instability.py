@@ -1,0 +1,457 @@
+"""Instability analysis (linear mode connectivity) and stability to pruning.
+
+    python -m supermask.instability --dataset fashion-mnist --epochs 5 --rewind-iters 0,50,200
+    python -m supermask.instability --dataset fashion-mnist --epochs 5 --ticket runs/imp_... --round 4
+    python -m supermask.instability --dataset fashion-mnist --epochs 5 --edge-popup --k 0.5
+
+Frankle, Dziugaite, Roy & Carbin, "Linear mode connectivity and the lottery ticket hypothesis"
+(ICML 2020): the network at rewind iteration k (k = 0: the initialisation) is trained to the end
+twice, with two data orders (--data-seeds; same weights at k, same mask, same hyperparameters,
+the learning-rate schedule continuing from k as imp --rewind-iter does). The test error of
+(1 - a) W1 + a W2 is evaluated at --points evenly spaced a in [0, 1] (BatchNorm statistics
+re-estimated on the training set at every point when the network has BatchNorm); the error
+barrier is the largest error on the path minus the mean of the two end points' errors. The
+network is "stable" at k when the barrier is below 2 percentage points.
+
+What is analysed: the dense network (default); an IMP ticket (--ticket IMP_DIR --round R: the
+mask of round R applied to the dense network's weights at iteration k, pruned weights held at
+zero, so the path runs over the kept weights; the mask is the one that IMP run found, with its own
+--rewind-iter, whereas the paper runs IMP again for every k); or an edge-popup supermask (--edge-popup --k K:
+the scores are trained and interpolated, the masks follow from the interpolated scores). With a
+ticket, also the stability to pruning of Frankle et al. 2019 ("Stabilizing the lottery ticket
+hypothesis"): the L2 distance, over the ticket's kept weights, between the ticket trained from k
+and the dense network trained from k (same data order), divided by the norm of the latter.
+
+Everything is stored and never recomputed: the weights at each rewind iteration in
+RUNS/instability_rewind_<...> (one partial training pass from the initialisation, data order of
+--seed), each trained copy in its own training run folder RUNS/instability_copy_<...> named after
+its configuration (a dense copy is shared by the dense analysis and a ticket's stability to
+pruning), each path in OUT/path_kNNNNNN.json. OUT (default RUNS/instability_<...>) receives
+instability.json, table.md and plot.png for the rewind iterations asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import training
+from .cli import Parser, resolve_backend, resolve_device, run_main
+from .convert import TOPK_SCOPES, set_backend
+from .init import INITS
+from .pruning import MaskKeeper, prunable_layers
+from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_run_config,
+                   save_checkpoint, write_json)
+from .train import add_model_args, add_training_args, build_model, validate_common
+
+PROG = "python -m supermask.instability"
+STABLE_BELOW = 2.0  # percentage points of error barrier (the paper's threshold)
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "milestones",
+                 "gamma", "warmup_epochs", "label_smoothing", "nesterov", "no_bn_decay")
+ARCH_KEYS = ("model", "width", "dataset")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="weight init (default kaiming_normal; signed_constant with --edge-popup)")
+    p.add_argument("--rewind-iters", default="0",
+                   help="comma-separated rewind iterations k to analyse, e.g. 0,50,200 (default 0)")
+    p.add_argument("--points", type=int, default=30, help="points on the linear path, end points included (default 30)")
+    p.add_argument("--data-seeds", default="1,2", help="the two copies' data orders (default 1,2)")
+    p.add_argument("--ticket", default=None, help="an IMP run folder: analyse its ticket of --round")
+    p.add_argument("--round", type=int, default=None, help="with --ticket: the IMP round whose mask is analysed")
+    p.add_argument("--edge-popup", action="store_true", help="analyse an edge-popup supermask (scores interpolated)")
+    p.add_argument("--k", type=float, default=0.5, help="with --edge-popup: fraction of weights kept (default 0.5)")
+    p.add_argument("--scale-fan", action="store_true", help="with --edge-popup: init with fan_in * k")
+    p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="with --edge-popup: top-k scope")
+    add_training_args(p)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
+                   help="edge-popup's mask implementation (as in supermask.train)")
+    p.add_argument("--runs-dir", default="runs", help="where rewind states and trained copies are stored (default runs/)")
+    p.add_argument("--out", default=None, help="folder for the results (default RUNS/instability_<name from the flags>)")
+    return p
+
+
+def validate(args):
+    """Checks that need no data. Raises UsageError."""
+    validate_common(args)
+    if args.dataset in data_mod.STREAMED:
+        raise UsageError(f"the instability analysis needs an in-memory dataset, not {args.dataset}")
+    args.rewind_list = sorted(set(_ints(args.rewind_iters, "--rewind-iters")))
+    if not args.rewind_list:
+        raise UsageError("--rewind-iters is empty")
+    if args.rewind_list[0] < 0:
+        raise UsageError(f"--rewind-iters must be >= 0, got {args.rewind_list[0]}")
+    args.data_seed_list = _ints(args.data_seeds, "--data-seeds")
+    if len(args.data_seed_list) != 2:
+        raise UsageError(f"--data-seeds takes two seeds (one per copy), got {args.data_seeds!r}")
+    if args.points < 2:
+        raise UsageError(f"--points must be >= 2 (the two end points), got {args.points}")
+    if args.ticket is not None and args.round is None:
+        raise UsageError("--ticket needs --round R (the IMP round whose mask is analysed)")
+    if args.round is not None and args.ticket is None:
+        raise UsageError("--round needs --ticket IMP_DIR")
+    if args.round is not None and args.round < 0:
+        raise UsageError(f"--round must be >= 0, got {args.round}")
+    if args.ticket is not None and args.edge_popup:
+        raise UsageError("--ticket and --edge-popup analyse different networks: choose one")
+    if not 0 < args.k <= 1:
+        raise UsageError(f"--k must be in (0, 1], got {args.k}")
+    if args.schedule == "multistep" and not args.milestones:
+        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
+    if args.init is None:
+        args.init = "signed_constant" if args.edge_popup else "kaiming_normal"
+
+
+def base_config(args) -> dict:
+    """The network and its training: what every stored piece of the analysis shares (JSON types)."""
+    config = {"model": args.model, "width": args.width, "dataset": args.dataset, "val_size": args.val_size,
+              "seed": args.seed, "init": args.init, "dense": not args.edge_popup}
+    if args.edge_popup:
+        config.update(k=args.k, scale_fan=args.scale_fan, topk=args.topk)
+    for key in TRAINING_KEYS:
+        v = getattr(args, key)
+        config[key] = list(v) if isinstance(v, tuple) else v
+    return config
+
+
+def train_config(config: dict, data_seed: int) -> training.TrainConfig:
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in TRAINING_KEYS}
+    return training.TrainConfig(seed=data_seed, **kwargs)
+
+
+def _name(config: dict) -> str:
+    kind = f"ep{config['k']:g}" if not config["dense"] else "dense"
+    return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}"
+
+
+def mask_id(masks: dict | None) -> str | None:
+    """A short content hash of a mask set (layer names and bits): a copy's identity names the mask
+    it was trained with, not the folder it came from."""
+    if masks is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(masks[name].to(torch.bool).contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def load_ticket(ticket: Path, rnd: int, config: dict, model: torch.nn.Module) -> dict:
+    """The masks of round rnd of the IMP run in ticket, checked against the analysed network.
+    Raises UsageError (one line) for a folder that is not an IMP run, a ticket of another
+    architecture or initialisation, or a round that is not finished."""
+    ticket = Path(ticket)
+    try:
+        tcfg = read_run_config(ticket)
+    except UsageError as e:
+        raise UsageError(f"--ticket: {e}") from None
+    if tcfg.get("command") != "imp":
+        raise UsageError(f"--ticket {ticket} is not a supermask.imp run")
+    differ = [k for k in ARCH_KEYS if tcfg.get(k) != config[k]]
+    if differ:
+        raise UsageError(f"--ticket {ticket} is a ticket of another architecture ({tcfg.get('model')} x"
+                         f"{tcfg.get('width')} on {tcfg.get('dataset')}); pass its --model, --width and --dataset")
+    differ = [k for k in ("init", "seed") if tcfg.get(k) != config[k]]
+    if differ:
+        raise UsageError(f"--ticket {ticket} was found from another initialisation ("
+                         f"{', '.join(f'{k} {tcfg.get(k)}, not {config[k]}' for k in differ)}); "
+                         "pass the same --init and --seed")
+    rdir = ticket / f"round_{rnd:02d}"
+    if not (rdir / "results.json").is_file():
+        raise UsageError(f"--ticket {ticket} has no finished round {rnd}")
+    masks = load_checkpoint(rdir / "checkpoint.pt").get("masks")
+    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(model)}
+    if masks is None or {n: tuple(m.shape) for n, m in masks.items()} != shapes:
+        raise UsageError(f"--ticket {ticket}: the masks of round {rnd} do not fit this architecture")
+    return {n: m.to(torch.bool) for n, m in masks.items()}
+
+
+class _Reached(Exception):
+    """Raised from after_step to stop the partial training pass at the last rewind iteration."""
+
+
+def rewind_states(config: dict, ks: list[int], dataset, device, runs_dir: Path, backend: str, progress: bool,
+                  log=print) -> tuple[Path, dict[int, dict]]:
+    """The network's state_dict at each iteration in ks, trained from the initialisation with the
+    data order of config's seed; stored in one folder (iter_NNNNNN.pt) and only computed when
+    missing, by one training pass stopped at the largest missing k."""
+    pconfig = {"command": "instability-rewind", **config}
+    folder = runs_dir / f"instability_rewind_{_name(config)}_{config_hash(pconfig)}"
+    path = {k: folder / f"iter_{k:06d}.pt" for k in ks}
+    missing = [k for k in ks if not path[k].is_file()]
+    if missing:
+        if (folder / "config.json").is_file() and read_run_config(folder) != pconfig:
+            raise UsageError(f"{folder} holds rewind states of another configuration; remove it")
+        folder.mkdir(parents=True, exist_ok=True)
+        with exclusive(folder):
+            if not (folder / "config.json").is_file():
+                write_json(folder / "config.json", pconfig)
+            model = build_model(config, dataset.input_shape, dataset.num_classes)
+            set_backend(model, backend)
+
+            def snapshot(k):
+                if not path[k].is_file():
+                    save_checkpoint(path[k], {n: v.detach().cpu().clone() for n, v in model.state_dict().items()})
+
+            if 0 in missing:
+                snapshot(0)
+            later = [k for k in missing if k > 0]
+            if later:
+                step = [0]
+
+                def after_step(m):
+                    step[0] += 1
+                    if step[0] in later:
+                        snapshot(step[0])
+                    if step[0] >= later[-1]:
+                        raise _Reached
+
+                log(f"training from the initialisation to iteration {later[-1]} for the rewind states -> {folder}")
+                with contextlib.suppress(_Reached):
+                    training.train(model, dataset, train_config(config, config["seed"]), device, None,
+                                   after_step=after_step, progress=progress, desc="rewind states ",
+                                   log=lambda *_a, **_k: None)
+    return folder, {k: load_checkpoint(path[k]) for k in ks}
+
+
+def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | None, dataset, device,
+               runs_dir: Path, backend: str, progress: bool, log=print) -> Path:
+    """Train the network from its state at iteration k to the end with the data order of
+    data_seed (masks held fixed if given), in a training run folder named after all of that;
+    a finished copy is only read, an interrupted one resumes. Returns the folder."""
+    cconfig = {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
+               "mask": mask_id(masks)}
+    kind = "" if masks is None else f"_m{cconfig['mask']}"
+    out = runs_dir / f"instability_copy_{_name(config)}{kind}_k{k}_d{data_seed}_{config_hash(cconfig)}"
+    if (out / "results.json").is_file():
+        prepare_run_dir(out, cconfig, True)  # checks that it holds this configuration ("done")
+        return out
+    with contextlib.ExitStack() as held:
+        has_cfg = (out / "config.json").is_file()
+        if has_cfg and not (out / "checkpoint.pt").is_file():
+            if read_run_config(out) != cconfig:
+                raise UsageError(f"{out} holds a run of another configuration; remove it")
+            state = "new"  # interrupted before its first epoch ended: start again
+        else:
+            state = prepare_run_dir(out, cconfig, resume=has_cfg)
+        held.enter_context(exclusive(out))
+        if (out / "results.json").is_file():  # finished by another process a moment ago
+            return out
+        resume = load_checkpoint(out / "checkpoint.pt") if state == "resume" else None
+        model = build_model(config, dataset.input_shape, dataset.num_classes)
+        model.load_state_dict(start)
+        set_backend(model, backend)
+        model.to(device)
+        keeper = MaskKeeper(model, masks) if masks is not None else None
+        label = "ticket" if masks is not None else ("edge-popup" if not config["dense"] else "dense")
+        log(f"{label} copy from iteration {k}, data order {data_seed} -> {out}")
+        training.train(model, dataset, train_config(config, data_seed), device, out, resume, after_step=keeper,
+                       progress=progress, desc=f"k={k} d={data_seed} ", log=log,
+                       checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k)
+        if keeper is not None:
+            keeper.remove()
+    return out
+
+
+def interpolate(state_a: dict, state_b: dict, alpha: float) -> dict:
+    """(1 - alpha) * A + alpha * B for every floating tensor (exactly A at 0 and B at 1); integer
+    buffers (BatchNorm's num_batches_tracked) are A's."""
+    return {n: ((1 - alpha) * a + alpha * state_b[n]) if a.is_floating_point() else a.clone()
+            for n, a in state_a.items()}
+
+
+def error_path(config: dict, state_a: dict, state_b: dict, dataset, device, points: int, backend: str) -> list[dict]:
+    """Test error (%) at `points` evenly spaced points of the linear path from A to B. With
+    BatchNorm, its running statistics are re-estimated on the training set at every point
+    (training.evaluate_untrained); without, the end points' errors are exactly the trained
+    networks'. Returns [{"alpha", "test_error", "test_acc"}]."""
+    cfg = train_config(config, config["seed"])
+    rows = []
+    for i in range(points):
+        alpha = i / (points - 1)
+        model = build_model(config, dataset.input_shape, dataset.num_classes)
+        model.load_state_dict(interpolate(state_a, state_b, alpha))
+        set_backend(model, backend)
+        res = training.evaluate_untrained(model, dataset, cfg, device)
+        rows.append({"alpha": alpha, "test_acc": res["test_acc"], "test_error": 100.0 - res["test_acc"]})
+    return rows
+
+
+def error_barrier(errors: list[float]) -> float:
+    """max over the path of the error minus the mean of the two end points' errors (the same
+    units as errors; 0 when the path is no worse than its ends)."""
+    return max(errors) - (errors[0] + errors[-1]) / 2
+
+
+def stability_to_pruning(ticket_state: dict, dense_state: dict, masks: dict) -> dict:
+    """Frankle et al. 2019: || m * (W_ticket - W_dense) ||_2 over the kept weights of every masked
+    layer, and that divided by || m * W_dense ||_2 (both networks trained from the same rewind
+    point with the same data order)."""
+    diff = dense = 0.0
+    for name, m in masks.items():
+        keep = m.to(torch.bool)
+        a, b = ticket_state[f"{name}.weight"].double(), dense_state[f"{name}.weight"].double()
+        diff += float(((a - b)[keep] ** 2).sum())
+        dense += float((b[keep] ** 2).sum())
+    return {"l2_distance": math.sqrt(diff), "normalised": math.sqrt(diff) / math.sqrt(dense) if dense else None}
+
+
+def out_config(args, config: dict, masks: dict | None) -> dict:
+    mode = "ticket" if args.ticket else "edge-popup" if args.edge_popup else "dense"
+    return {"command": "instability", **config, "mode": mode, "mask": mask_id(masks),
+            "data_seeds": args.data_seed_list, "points": args.points}
+
+
+def check_out(out: Path, oconfig: dict):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if (out / "config.json").is_file():
+        stored = read_run_config(out)
+        if stored != oconfig:
+            changed = sorted(k for k in set(stored) | set(oconfig) if stored.get(k) != oconfig.get(k))
+            raise UsageError(f"{out} holds an analysis of another configuration ({', '.join(changed)} differ); "
+                             "choose another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty folder that holds no instability analysis; choose another")
+
+
+def write_table(rows: list[dict], out: Path, title: str):
+    lines = [f"**{title}**", "",
+             "| rewind iteration | test error copy 1 (%) | test error copy 2 (%) | max error on path (%) "
+             "| error barrier (pp) | stable (< 2 pp) | stability to pruning (normalised L2) |",
+             "|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        e = r["test_error"]
+        stp = r.get("stability_to_pruning")
+        stp = f"{stp['normalised']:.3f}" if stp and stp.get("normalised") is not None else "-"
+        lines.append(f"| {r['rewind_iteration']} | {e[0]:.2f} | {e[-1]:.2f} | {max(e):.2f} | {r['barrier']:.2f} | "
+                     f"{'yes' if r['stable'] else 'no'} | {stp} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], out: Path, title: str):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax_path, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        ax_path.plot(r["alpha"], r["test_error"], "o-", ms=3, label=f"k = {r['rewind_iteration']}")
+    ax_path.set_xlabel("interpolation a: (1 - a) W1 + a W2")
+    ax_path.set_ylabel("test error (%)")
+    ax_path.set_title("error along the linear path")
+    ax_path.legend(fontsize=8)
+    ax_path.grid(True, alpha=0.3)
+    ks = [r["rewind_iteration"] for r in rows]
+    ax_bar.plot(ks, [r["barrier"] for r in rows], "s-")
+    ax_bar.axhline(STABLE_BELOW, color="grey", ls="--", lw=1, label=f"stable below {STABLE_BELOW:g} pp")
+    ax_bar.set_xscale("symlog", linthresh=max(1, min([k for k in ks if k > 0], default=1)))
+    ax_bar.set_xticks(ks, [str(k) for k in ks])
+    ax_bar.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax_bar.set_xlabel("rewind iteration k")
+    ax_bar.set_ylabel("error barrier (percentage points)")
+    ax_bar.set_title("instability vs rewind iteration")
+    ax_bar.legend(fontsize=8)
+    ax_bar.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    validate(args)
+    device = resolve_device(args.device)
+    backend = resolve_backend(args.backend, device) if args.edge_popup else "torch"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    config = base_config(args)
+    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    total = args.epochs * math.ceil(len(dataset.train_y) / args.batch_size)
+    if args.rewind_list[-1] >= total:
+        raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "
+                         f"({total} iterations: --epochs {args.epochs} of {math.ceil(len(dataset.train_y) / args.batch_size)})")
+    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    masks = load_ticket(Path(args.ticket), args.round, config, model) if args.ticket else None
+    oconfig = out_config(args, config, masks)
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
+    out = Path(args.out) if args.out else runs_dir / f"instability_{oconfig['mode']}_{_name(config)}_{config_hash(oconfig)}"
+    check_out(out, oconfig)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
+        write_json(out / "config.json", oconfig)
+    seconds = {"rewind_states": 0.0, "copies": 0.0, "paths": 0.0}
+    with exclusive(out):
+        t = time.perf_counter()
+        _, states = rewind_states(config, args.rewind_list, dataset, device, runs_dir, backend, progress)
+        seconds["rewind_states"] = time.perf_counter() - t
+        rows = []
+        for k in args.rewind_list:
+            path_file = out / f"path_k{k:06d}.json"
+            t = time.perf_counter()
+            copies = [train_copy(config, k, d, states[k], masks, dataset, device, runs_dir, backend, progress)
+                      for d in args.data_seed_list]
+            dense_copy = (train_copy(config, k, args.data_seed_list[0], states[k], None, dataset, device, runs_dir,
+                                     backend, progress) if masks is not None else None)
+            seconds["copies"] += time.perf_counter() - t
+            if path_file.is_file():
+                rows.append(json.loads(path_file.read_text()))
+                continue
+            t = time.perf_counter()
+            finals = [load_checkpoint(c / "checkpoint.pt")["model"] for c in copies]
+            path = error_path(config, finals[0], finals[1], dataset, device, args.points, backend)
+            errors = [p["test_error"] for p in path]
+            barrier = error_barrier(errors)
+            row = {"rewind_iteration": k, "alpha": [p["alpha"] for p in path], "test_error": errors,
+                   "barrier": barrier, "stable": barrier < STABLE_BELOW,
+                   "copies": [str(c) for c in copies],
+                   "copies_test_acc": [json.loads((c / "results.json").read_text())["test_acc"] for c in copies],
+                   "stability_to_pruning": None}
+            if dense_copy is not None:
+                row["dense_copy"] = str(dense_copy)
+                row["stability_to_pruning"] = stability_to_pruning(
+                    finals[0], load_checkpoint(dense_copy / "checkpoint.pt")["model"], masks)
+            write_json(path_file, row)
+            seconds["paths"] += time.perf_counter() - t
+            rows.append(row)
+        kept = "" if masks is None else f", ticket of round {args.round} " \
+            f"({100 * sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()):.1f}% weights)"
+        kind = f"edge-popup k={args.k:g}" if args.edge_popup else "dense" if masks is None else "IMP"
+        title = (f"{args.model} x{args.width:g} ({kind}{kept}) on {args.dataset}, {args.epochs} epochs, seed "
+                 f"{args.seed}, data orders {args.data_seed_list[0]} and {args.data_seed_list[1]}")
+        write_json(out / "instability.json", {"config": oconfig, "ticket": args.ticket, "round": args.round,
+                                              "rows": rows, "seconds_this_call": seconds})
+        write_table(rows, out, title)
+        write_plot(rows, out, title)
+    print((out / "table.md").read_text())
+    print(f"took {seconds['rewind_states']:.0f} s for rewind states, {seconds['copies']:.0f} s for copies, "
+          f"{seconds['paths']:.0f} s for paths; wrote {out / 'instability.json'}, {out / 'table.md'}, {out / 'plot.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(PROG, main))
