@@ -43,7 +43,7 @@ import torch
 
 from . import data as data_mod
 from . import training
-from .cli import Parser, resolve_backend, resolve_device, run_main
+from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
@@ -58,26 +58,19 @@ TRAINING_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_
 ARCH_KEYS = ("model", "width", "dataset")
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
-
-
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--init", choices=INITS, default=None,
                    help="weight init (default kaiming_normal; signed_constant with --edge-popup)")
-    p.add_argument("--rewind-iters", default="0",
+    p.add_argument("--rewind-iters", type=number(int, 0, list_of=True), default="0",
                    help="comma-separated rewind iterations k to analyse, e.g. 0,50,200 (default 0)")
-    p.add_argument("--points", type=int, default=30, help="points on the linear path, end points included (default 30)")
-    p.add_argument("--data-seeds", default="1,2", help="the two copies' data orders (default 1,2)")
+    p.add_argument("--points", type=number(int, 2), default=30, help="points on the linear path, end points included (default 30)")
+    p.add_argument("--data-seeds", type=number(int, 0, 2**32 - 1, list_of=True), default="1,2", help="the two copies' data orders (default 1,2)")
     p.add_argument("--ticket", default=None, help="an IMP run folder: analyse its ticket of --round")
-    p.add_argument("--round", type=int, default=None, help="with --ticket: the IMP round whose mask is analysed")
+    p.add_argument("--round", type=number(int, 0), default=None, help="with --ticket: the IMP round whose mask is analysed")
     p.add_argument("--edge-popup", action="store_true", help="analyse an edge-popup supermask (scores interpolated)")
-    p.add_argument("--k", type=float, default=0.5, help="with --edge-popup: fraction of weights kept (default 0.5)")
+    p.add_argument("--k", type=number(float, 0, 1, low_open=True), default=0.5, help="with --edge-popup: fraction of weights kept (default 0.5)")
     p.add_argument("--scale-fan", action="store_true", help="with --edge-popup: init with fan_in * k")
     p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="with --edge-popup: top-k scope")
     add_training_args(p)
@@ -93,26 +86,18 @@ def validate(args):
     validate_common(args)
     if args.dataset in data_mod.STREAMED:
         raise UsageError(f"the instability analysis needs an in-memory dataset, not {args.dataset}")
-    args.rewind_list = sorted(set(_ints(args.rewind_iters, "--rewind-iters")))
+    args.rewind_list = sorted(set(args.rewind_iters))
     if not args.rewind_list:
         raise UsageError("--rewind-iters is empty")
-    if args.rewind_list[0] < 0:
-        raise UsageError(f"--rewind-iters must be >= 0, got {args.rewind_list[0]}")
-    args.data_seed_list = _ints(args.data_seeds, "--data-seeds")
+    args.data_seed_list = list(args.data_seeds)
     if len(args.data_seed_list) != 2:
         raise UsageError(f"--data-seeds takes two seeds (one per copy), got {args.data_seeds!r}")
-    if args.points < 2:
-        raise UsageError(f"--points must be >= 2 (the two end points), got {args.points}")
     if args.ticket is not None and args.round is None:
         raise UsageError("--ticket needs --round R (the IMP round whose mask is analysed)")
     if args.round is not None and args.ticket is None:
         raise UsageError("--round needs --ticket IMP_DIR")
-    if args.round is not None and args.round < 0:
-        raise UsageError(f"--round must be >= 0, got {args.round}")
     if args.ticket is not None and args.edge_popup:
         raise UsageError("--ticket and --edge-popup analyse different networks: choose one")
-    if not 0 < args.k <= 1:
-        raise UsageError(f"--k must be in (0, 1], got {args.k}")
     if args.schedule == "multistep" and not args.milestones:
         raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:

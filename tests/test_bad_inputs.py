@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import torch
 
-from supermask import analyze, compare, export
+from supermask import analyze, compare, export, instability
 from supermask import imp as imp_mod
 from supermask import train as train_mod
 from supermask.cli import run_main
@@ -38,6 +38,7 @@ COMMANDS = {
     "compare": (compare.PROG, compare.main, compare.parser),
     "export": (export.PROG, export.main, export.parser),
     "analyze": (analyze.PROG, analyze.main, analyze.parser),
+    "instability": (instability.PROG, instability.main, instability.parser),
 }
 # The argv each command's flag rows start from: valid, fast, writing only under the case's folder.
 BASE_ARGV = {
@@ -46,15 +47,16 @@ BASE_ARGV = {
     "compare": ["--dataset", "synthetic", "--epochs", "1", "--ks", "0.5", "--widths", "0.25", "--imp-widths", "0.25",
                 "--rounds", "1", "--controls", "", "--val-size", "200", "--no-progress", "--runs-dir", "{root}/cruns",
                 "--out", "{root}/cmp"],
+    "instability": [*TINY, "--rewind-iters", "0", "--points", "3", "--runs-dir", "{root}/iruns", "--out", "{root}/inst"],
 }
-TRAINING = ("train", "imp", "compare")
+TRAINING = ("train", "imp", "compare", "instability")
 
 # Numeric flags: (flag, commands that have it, bad values). Non-finite, wrong sign, out of range,
 # not an integer where an integer is meant, not a number.
 NUMERIC_FLAGS = [
-    ("--width", ("train", "imp"), ["0", "-1", "nan", "inf"]),
+    ("--width", ("train", "imp", "instability"), ["0", "-1", "nan", "inf"]),
     ("--val-size", TRAINING, ["-1", "1.5", "x"]),
-    ("--seed", ("train", "imp"), ["-1", "1.5", "nan", str(2**40)]),
+    ("--seed", ("train", "imp", "instability"), ["-1", "1.5", "nan", str(2**40)]),
     ("--epochs", TRAINING, ["0", "-3", "nan", "2.5"]),
     ("--batch-size", TRAINING, ["0", "-1", "inf"]),
     ("--lr", TRAINING, ["0", "-0.1", "nan", "inf", "-inf"]),
@@ -66,7 +68,7 @@ NUMERIC_FLAGS = [
     ("--label-smoothing", TRAINING, ["-0.1", "1", "nan"]),
     ("--threads", TRAINING, ["-1", "1.5"]),
     ("--workers", TRAINING, ["-1", "nan"]),
-    ("--k", ("train",), ["0", "1.5", "nan", "-0.5", "inf"]),
+    ("--k", ("train", "instability"), ["0", "1.5", "nan", "-0.5", "inf"]),
     ("--score-init-constant", ("train",), ["nan", "inf", "-inf"]),
     ("--rounds", ("imp", "compare"), ["-1", "100", "nan"]),
     ("--prune-rate", ("imp", "compare"), ["0", "1", "nan", "-0.2"]),
@@ -77,6 +79,10 @@ NUMERIC_FLAGS = [
     ("--ks", ("compare",), ["0", "1.5", "nan", "0.5,inf"]),
     ("--widths", ("compare",), ["0", "nan", "inf"]),
     ("--imp-widths", ("compare",), ["-1", "nan"]),
+    ("--rewind-iters", ("instability",), ["-1", "0,x", "1.5"]),
+    ("--points", ("instability",), ["1", "0", "nan"]),
+    ("--data-seeds", ("instability",), ["-1,2", "1,x", str(2**40)]),
+    ("--round", ("instability",), ["-1", "1.5"]),
 ]
 
 

@@ -19,7 +19,10 @@ SYN = ["--dataset", "synthetic", "--width", "0.25", "--epochs", "2", "--no-progr
 
 
 def run(argv):
-    return run_main(inst.PROG, inst.main, argv)
+    try:
+        return run_main(inst.PROG, inst.main, argv)
+    except SystemExit as e:  # argparse's one-line error for a flag's value
+        return e.code
 
 
 def files(folder: Path) -> dict:
@@ -150,9 +153,9 @@ def test_edge_popup_interpolates_scores_and_end_points_are_exact(tmp_path):
 BAD = [
     (["--rewind-iters", "80"], "is not before the end of training (40 iterations"),
     (["--rewind-iters", "0,40"], "is not before the end of training"),
-    (["--rewind-iters", "-5"], "--rewind-iters must be >= 0"),
-    (["--rewind-iters", "a,b"], "comma-separated list of integers"),
-    (["--points", "1"], "--points must be >= 2"),
+    (["--rewind-iters", "-5"], "argument --rewind-iters: expected an integer >= 0"),
+    (["--rewind-iters", "a,b"], "argument --rewind-iters: expected an integer"),
+    (["--points", "1"], "argument --points: expected an integer >= 2"),
     (["--data-seeds", "1"], "--data-seeds takes two seeds"),
     (["--round", "1"], "--round needs --ticket"),
     (["--ticket", "TICKET"], "--ticket needs --round"),
@@ -162,8 +165,8 @@ BAD = [
     (["--ticket", "TICKET", "--round", "3"], "has no finished round 3"),
     (["--ticket", "TICKET", "--round", "1", "--edge-popup"], "choose one"),
     (["--ticket", "NOWHERE", "--round", "1"], "--ticket: "),
-    (["--edge-popup", "--k", "0"], "--k must be in (0, 1]"),
-    (["--edge-popup", "--k", "1.5"], "--k must be in (0, 1]"),
+    (["--edge-popup", "--k", "0"], "argument --k: expected a number in (0, 1]"),
+    (["--edge-popup", "--k", "1.5"], "argument --k: expected a number in (0, 1]"),
     (["--model", "vgg99"], "unknown model"),
 ]
 
