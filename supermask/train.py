@@ -141,8 +141,6 @@ def validate_common(args):
 
 
 def validate(args):
-    if not 0 < args.k <= 1:
-        raise UsageError(f"--k must be in (0, 1], got {args.k}")
     validate_common(args)
     if args.init is None:
         args.init = "kaiming_normal" if args.dense else "signed_constant"

@@ -247,9 +247,9 @@ def test_a_finished_pai_run_is_only_read(tmp_path, monkeypatch):
 
 BAD_INPUTS = [
     (["--prune-at-init", "obd", "--k", "0.1"], "invalid choice"),
-    (["--prune-at-init", "snip", "--k", "0"], "--k must be in (0, 1]"),
-    (["--prune-at-init", "snip", "--k", "1.5"], "--k must be in (0, 1]"),
-    (["--prune-at-init", "snip", "--k", "-0.1"], "--k must be in (0, 1]"),
+    (["--prune-at-init", "snip", "--k", "0"], "argument --k: expected a number in (0, 1]"),
+    (["--prune-at-init", "snip", "--k", "1.5"], "argument --k: expected a number in (0, 1]"),
+    (["--prune-at-init", "snip", "--k", "-0.1"], "argument --k: expected a number in (0, 1]"),
     (["--pai-check", "shuffle"], "--pai-check needs --prune-at-init"),
     (["--prune-at-init", "snip", "--pai-check", "flip"], "invalid choice"),
     (["--prune-at-init", "snip", "--topk", "row"], "invalid choice"),
