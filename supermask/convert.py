@@ -106,6 +106,5 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
 
         if not cpu_kernels.available():
             raise cpu_kernels.CPUKernelsUnavailable(cpu_kernels.why_unavailable())
-    on_cpu = all(not p.is_cuda for p in model.parameters())
-    ops.use_path({"torch": "reference", "cpu": "auto", "triton": "triton" if on_cpu else "auto"}[backend])
+    ops.use_path({"torch": "reference", "cpu": "auto", "triton": "triton"}[backend])
     return model

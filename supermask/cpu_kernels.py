@@ -1,5 +1,6 @@
-"""Fused CPU kernels (backend "cpu"): the masked weight and its straight-through gradient in one
-pass each, and the top-k selection folded into the masked-weight pass.
+"""Fused CPU kernels, the CPU implementation of the supermask ops (``supermask.ops``): the masked
+weight and its straight-through gradient in one pass each, and the top-k selection folded into the
+masked-weight pass.
 
 Why: on a CPU these element-wise passes run at memory speed, so their number is their cost. The
 reference path (supermask.mask) needs about eight weight-sized passes a step (|s|, compares,
@@ -13,6 +14,12 @@ The C file is compiled on first use with the system C compiler (``cc``, or $CC) 
 cached under ~/.cache/supermask (or $XDG_CACHE_HOME/supermask), keyed by the source, the compiler
 and the CPU (it is built with -march=native).
 ``available()`` says whether that worked; ``why_unavailable()`` says why not.
+
+Why a runtime ``cc`` build through ctypes rather than a torch C++ extension
+(torch.utils.cpp_extension): the kernels are plain C on raw pointers (no ATen), so they need no
+C++ toolchain matching torch's ABI, build in a second with any C compiler and are loaded lazily;
+PyTorch still sees them only as the supermask ops' CPU implementation (registered with
+torch.library in supermask.ops), so compile, export and autocast treat them like any operator.
 """
 from __future__ import annotations
 
@@ -206,7 +213,7 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: 
 
 # ---------------------------------------------------------------------------------------------
 # A layer's masked weight, top-k selection included, and its straight-through backward.
-# The masked weight lives in one buffer per layer (mask._layer_buffer) that is kept from step to
+# masked_linear's masked weight lives in one buffer per layer (state.buf) that is kept from step to
 # step: the forward pass updates it in place, writing only the entries whose mask changed.
 # ---------------------------------------------------------------------------------------------
 # The band of the forward pass: aim for this many entries around the previous threshold (a wider

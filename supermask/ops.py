@@ -84,17 +84,21 @@ def current_path() -> str:
 # Per-layer state registry.
 # ---------------------------------------------------------------------------------------------
 class LayerState(TopKWarmStart):
-    """A layer's warm-start state (TopKWarmStart) plus what the backward reuses from the forward:
-    ``saved`` = (key, threshold) of the last forward (reference and Triton paths); the CPU kernels
-    keep their masked weight and state bytes in ``buf`` / ``bits`` with ``fwd_key``."""
+    """A layer's warm-start selection state (mask.TopKWarmStart) plus what the kernels reuse between
+    steps and what the backward reuses from the forward: ``saved`` = (key, threshold) of the last
+    forward (reference and Triton paths); the CPU kernels' masked weight ``buf`` (updated in place,
+    valid for the weight ``buf_key``) and state bytes ``bits``, both valid for the forward
+    ``fwd_key``; masked_weight's state bytes ``fresh_bits`` for ``fresh_key``; the band lists
+    ``band`` and the signed-constant weight test ``wconst`` (see supermask.cpu_kernels)."""
 
-    __slots__ = ("saved", "fwd_key", "fresh_bits", "fresh_key")
+    __slots__ = ("saved", "fwd_key", "fresh_bits", "fresh_key", "buf", "buf_key", "bits", "band", "wconst")
 
     def __init__(self):
         super().__init__()
         self.saved = None
-        self.fwd_key = None  # what buf and bits hold (masked_linear's CPU path)
-        self.fresh_bits = self.fresh_key = None  # the state bytes of masked_weight's CPU path
+        self.fwd_key = None
+        self.fresh_bits = self.fresh_key = None
+        self.buf = self.buf_key = self.bits = self.band = self.wconst = None
 
 
 _states: dict[int, LayerState] = {}
