@@ -132,6 +132,8 @@ def _load() -> ctypes.CDLL:
 
 
 def available() -> bool:
+    if _lib is not None:  # (asked on every op call: no lock once loaded)
+        return True
     try:
         _load()
     except CPUKernelsUnavailable:
