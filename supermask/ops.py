@@ -173,12 +173,18 @@ def _check_shapes(weight: Tensor, scores: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Which implementation.
 # ---------------------------------------------------------------------------------------------
+_have_triton: bool | None = None
+
+
 def _triton_ok(*tensors: Tensor) -> bool:
-    try:
-        from . import kernels  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
+    global _have_triton
+    if _have_triton is None:  # imported once, when first needed (Triton only where it is used)
+        try:
+            from . import kernels  # noqa: F401, PLC0415
+            _have_triton = True
+        except ImportError:
+            _have_triton = False
+    return _have_triton and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
 
 
 def _choose(*tensors: Tensor) -> str:
