@@ -30,7 +30,7 @@ fi
 tests="tests/test_ops.py tests/test_kernels_threshold.py tests/test_kernels_matmul.py"
 if [ $gpu = 1 ]; then
     echo "== 1. GPU tests (SUPERMASK_TEST_ON_GPU=1: the kernel tests on CUDA, compiled)"
-    SUPERMASK_TEST_ON_GPU=1 timeout 240 python -m pytest -q -x $tests || status=1
+    SUPERMASK_TEST_ON_GPU=1 timeout 300 python -m pytest -q -x $tests || status=1
 else
     echo "== 1. SKIPPED the GPU tests (no CUDA); running the op tests on the CPU instead (Triton interpreted):"
     timeout 240 python -m pytest -q -x tests/test_ops.py -k "opcheck or reference_mask or autocast or export" \
