@@ -8,19 +8,24 @@ these ways:
   sort         GetSubnet as in the official hidden-networks code (SubnetLinear / SubnetConv):
                |scores| sorted every step, an autograd.Function returns the 0/1 mask, weight * mask
   kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
-  supermask    this library's reference path (supermask.convert): exact top-k without sorting,
-               warm-started from the previous step's threshold
-  cpu          this library's fused CPU kernels (supermask.set_backend(model, "cpu"); C compiled on
-               first use): the same masks and gradients, one pass forward (selection included),
-               one backward
+  supermask    this library's reference path (supermask.convert, run under
+               supermask.ops.use_path("reference")): exact top-k without sorting, warm-started from
+               the previous step's threshold
+  cpu          this library's default on a CPU: the supermask custom ops' CPU implementation, the
+               fused C kernels (C compiled on first use): the same masks and gradients, one pass
+               forward (selection included), one backward
+  compiled     torch.compile(model) of the cpu way (the ops stay opaque kernels in the graph;
+               inductor fuses the rest); its ratio is to dense_compiled, torch.compile of the dense
+               model. Compilation happens in the warm-up, untimed (--no-compiled: skip both)
   floor        not a method: a lower bound. The per-step work every exact eager supermask path
                has to do beyond dense training (|s| and a compare into a 0/1 mask, weight * mask,
                the straight-through gradient g * w * sign(s)) with the top-k selection removed:
                the threshold is fixed at the first step's median. Its ratio to dense is the best
                any eager (unfused) reference path can reach on this machine
-  triton       supermask.set_backend(model, "triton"), only when torch.cuda.is_available()
+  triton       the supermask model on CUDA (the ops pick the Triton kernels), only when
+               torch.cuda.is_available()
 
-dense, cpu, supermask and floor are timed in --repeats rounds; within a round their epochs run
+dense, cpu, supermask, floor, dense_compiled and compiled are timed in --repeats rounds; within a round their epochs run
 interleaved, --chunk-steps steps at a time, and each epoch's ratio is to the dense epoch run beside
 it (the headline is the median over the rounds). The slow ways run once, alone.
 
@@ -57,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import supermask  # noqa: E402
 from supermask.data import read_idx  # noqa: E402
 from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa: E402
-from supermask import cpu_kernels  # noqa: E402
+from supermask import cpu_kernels, ops  # noqa: E402
 from supermask.models import build as build_model  # noqa: E402
 from supermask.select import kth_largest  # noqa: E402
 
@@ -176,20 +181,26 @@ class Floor(Subnet):
         return FloorMask.apply(self.layer.weight, self.scores, self.threshold, self.buffers)
 
 
+# The implementation each way's supermask ops run (supermask.ops.use_path, set around its steps).
+PATH = {"supermask": "reference"}
+
+
 def build(method: str, model: str, width: float, k: float) -> nn.Module:
     torch.manual_seed(0)
     dense = build_model(model, INPUT_SHAPE, 10, width)
     if method == "dense":
         return dense
+    if method == "dense_compiled":
+        return torch.compile(dense)
+    if method == "compiled":
+        return torch.compile(supermask.convert(dense, k))
     if method in ("sort", "kthvalue"):
         return with_layers(dense, lambda m: Subnet(m, k, GetSubnetSort if method == "sort" else GetSubnetKth))
     if method == "floor":
         return with_layers(dense, lambda m: Floor(m, k))
     model = supermask.convert(dense, k)
-    if method == "cpu":
-        model = supermask.set_backend(model, "cpu")
     if method == "triton":
-        model = supermask.set_backend(model.cuda(), "triton")
+        model = model.cuda()
     return model
 
 
@@ -205,8 +216,8 @@ class EpochRun:
     """One way's training (model, SGD, data), an epoch at a time, run a chunk of steps per call so
     that the ways' epochs can be interleaved. `seconds`: the time of the epoch's steps so far."""
 
-    def __init__(self, model, x, y, batch_size, device):
-        self.model, self.device, self.batch_size = model, device, batch_size
+    def __init__(self, model, x, y, batch_size, device, path="auto"):
+        self.model, self.device, self.batch_size, self.path = model, device, batch_size, path
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
         self.x, self.y = x.to(device), y.to(device)
@@ -215,16 +226,19 @@ class EpochRun:
 
     def _step(self, i):
         b = self.batch_size
-        loss = F.cross_entropy(self.model(self.x[i * b:(i + 1) * b]), self.y[i * b:(i + 1) * b])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        with ops.use_path(self.path):
+            loss = F.cross_entropy(self.model(self.x[i * b:(i + 1) * b]), self.y[i * b:(i + 1) * b])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
         return loss
 
     def warm_up(self, steps):
         self.model.train()
         for i in range(steps):
             self._step(i % self.steps)
+        # the last, smaller batch too: a compiled model compiles its shape here, not in a timed epoch
+        self._step(self.steps - 1)
         sync(self.device)
 
     def new_epoch(self):
@@ -265,6 +279,8 @@ def run_epochs(runs: dict, warmup_steps, epochs, chunk_steps):
 
 def bench_training(args, x, y):
     fast = ["dense", "cpu", "supermask", "floor"]  # timed in every round; the others once
+    if not args.no_compiled:
+        fast += ["dense_compiled", "compiled"]
     slow = [] if args.skip_slow else ["kthvalue", "sort"]
     if torch.cuda.is_available():
         slow.append("triton")
@@ -298,7 +314,7 @@ def bench_training(args, x, y):
         print(f"{method:10s} epoch {min(times):7.3f} s  (loss {loss:.3f})", flush=True)
 
     def start(method):
-        return EpochRun(models[method], x, y, args.batch_size, device(method))
+        return EpochRun(models[method], x, y, args.batch_size, device(method), PATH.get(method, "auto"))
 
     for r in range(args.repeats):
         runs = {m: start(m) for m in fast if m in models}
@@ -323,13 +339,17 @@ def bench_training(args, x, y):
             row["best_epoch_s"] = min(row["epoch_s"])
             row["paired_ratios"] = [t / d for t, d in zip(row["epoch_s"], dense)]
             row["ratio_to_dense"] = statistics.median(row["paired_ratios"])
-    for method in ("supermask", "cpu"):
+    if "epoch_s" in rows.get("compiled", {}) and "epoch_s" in rows.get("dense_compiled", {}):
+        row = rows["compiled"]
+        row["paired_ratios_compiled"] = [t / d for t, d in zip(row["epoch_s"], rows["dense_compiled"]["epoch_s"])]
+        row["ratio_to_dense_compiled"] = statistics.median(row["paired_ratios_compiled"])
+    for method in ("supermask", "cpu", "compiled"):
         if method not in models or "epoch_s" not in rows.get(method, {}):
             continue
         stats = {}
         for name, layer in supermask.supermask_layers(models[method]):
-            st = layer.__dict__.get("_topk_warm")
-            if st is not None and st.key is not None:
+            st = ops.get_state(layer._state.id)
+            if st.key is not None:
                 stats[name] = {"numel": layer.scores.numel(), "fused": st.fused, "candidates": st.guessed,
                                "band": st.warm, "widened": st.widened, "cold": st.cold}
         rows[method]["warm_start"] = stats
@@ -363,7 +383,7 @@ def bench_select(sizes, device):
         k = n // 2
         state = TopKWarmStart()
         scores = x.clone()
-        warm_topk_threshold(scores, k, state, stash=True)
+        warm_topk_threshold(scores, k, state)
         drift = torch.randn(n, generator=g).to(device) * 1e-4
         flip = [1.0]
 
@@ -373,14 +393,14 @@ def bench_select(sizes, device):
             flip[0] = -flip[0]
 
         def warm():
-            # the threshold found again, as a layer calls it (stash: the mask lands in its buffer)
-            warm_topk_threshold(scores, k, state, stash=True)
+            # the threshold found again, as the reference path finds it for a layer
+            warm_topk_threshold(scores, k, state)
 
-        cpu_state, weight = TopKWarmStart(), torch.randn(n, generator=g).to(device)
+        cpu_state, weight = ops.LayerState(), torch.randn(n, generator=g).to(device)
 
         def cpu_pass():
             # the CPU kernels' one pass: threshold and masked weight, updated in place (as in training)
-            cpu_kernels._build(weight, scores, k, cpu_state, None)
+            cpu_kernels.masked_weight_cached(weight, scores, k, cpu_state)
 
         def sync_fn(f):
             def run():
@@ -427,11 +447,12 @@ def markdown(args, data_name, rows, sel_rows) -> str:
              "| method | best epoch (s) | ratio to dense (median of rounds) | ratios of the rounds |",
              "|---|---:|---:|---|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
-             "supermask": "supermask reference path (backend torch, the ground truth)",
+             "supermask": "supermask reference path (ops.use_path(\"reference\"), --backend torch; the ground truth)",
              "triton": "supermask Triton backend",
-             "cpu": "supermask CPU kernels (backend cpu, what train uses on a CPU)",
-             "floor": "floor: mask passes only, no selection (lower bound, not a method)"}
-    for method in ("dense", "sort", "kthvalue", "cpu", "supermask", "floor", "triton"):
+             "cpu": "supermask CPU kernels (the ops' CPU implementation, what train uses on a CPU)",
+             "floor": "floor: mask passes only, no selection (lower bound, not a method)",
+             "dense_compiled": "dense, torch.compile", "compiled": "supermask CPU kernels, torch.compile"}
+    for method in ("dense", "sort", "kthvalue", "cpu", "supermask", "floor", "triton", "dense_compiled", "compiled"):
         row = rows.get(method)
         if row is None:
             continue
@@ -440,7 +461,13 @@ def markdown(args, data_name, rows, sel_rows) -> str:
         else:
             rounds = ", ".join(f"{r:.2f}" for r in row["paired_ratios"])
             lines.append(f"| {label[method]} | {row['best_epoch_s']:.2f} | {row['ratio_to_dense']:.2f}x | {rounds} |")
-    for method, who in (("cpu", "the CPU kernels"), ("supermask", "the reference path")):
+    comp = rows.get("compiled", {})
+    if "ratio_to_dense_compiled" in comp:
+        rounds = ", ".join(f"{r:.2f}" for r in comp["paired_ratios_compiled"])
+        lines += ["", f"Compiled supermask vs compiled dense (torch.compile both, epochs side by side): "
+                  f"{comp['ratio_to_dense_compiled']:.2f}x (median; rounds {rounds})"]
+    for method, who in (("cpu", "the CPU kernels"), ("supermask", "the reference path"),
+                        ("compiled", "the compiled model's CPU kernels")):
         stats = rows.get(method, {}).get("warm_start")
         if stats:
             lines += ["", f"How {who} found each layer's threshold (steps): " + "; ".join(
@@ -488,6 +515,7 @@ def main(argv=None):
     p.add_argument("--chunk-steps", type=int, default=20,
                    help="steps each way runs before the next one's turn within a round's interleaved epochs")
     p.add_argument("--skip-slow", action="store_true", help="skip the sort and kthvalue GetSubnet epochs")
+    p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile ways (compiling takes minutes)")
     p.add_argument("--select-sizes", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--no-select", action="store_true")
     p.add_argument("--no-train", action="store_true")

@@ -10,11 +10,12 @@ triton is imported they run on CPU tensors in Triton's interpreter. ``python -m
 supermask.kernels.aot`` compiles every kernel and config ahead of time for sm_80 and sm_90.
 """
 from ._common import get_fp32_precision, interpreting, poisoned_outputs, set_fp32_precision
-from .masked_linear import MaskedLinear, masked_linear, masked_matmul, matmul_ste
+from .masked_linear import (MaskedLinear, masked_linear, masked_linear_backward, masked_linear_forward, masked_matmul,
+                            matmul_ste)
 from .masked_weight import MaskedWeightFused, masked_weight_fused, masked_weight_kernel, ste_grad_kernel
 from .threshold import global_thresholds, topk_threshold
 
-__all__ = ["topk_threshold", "global_thresholds", "masked_linear", "MaskedLinear", "masked_matmul",
+__all__ = ["topk_threshold", "global_thresholds", "masked_linear", "MaskedLinear", "masked_linear_forward", "masked_linear_backward", "masked_matmul",
            "matmul_ste", "masked_weight_fused", "MaskedWeightFused", "masked_weight_kernel",
            "ste_grad_kernel", "set_fp32_precision", "get_fp32_precision", "interpreting",
            "poisoned_outputs"]

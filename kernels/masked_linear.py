@@ -251,6 +251,31 @@ def matmul_ste(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, s: torch.Tenso
     return out
 
 
+def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                          value: torch.Tensor) -> torch.Tensor:
+    """Y = x @ (weight ⊙ [|scores| >= value])^T (no autograd; the supermask::masked_linear op's
+    Triton implementation). x (..., K), weight and scores (N, K), weight in x's dtype."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    y = _common.empty((x2.shape[0], N), x.dtype, x.device)
+    masked_matmul(weight, scores, value, x2.t(), out=y.t())
+    return y.reshape(*x.shape[:-1], N)
+
+
+def masked_linear_backward(gy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                           value: torch.Tensor, need_x: bool = True, need_scores: bool = True):
+    """(dX, dS) of masked_linear_forward for 2-D gy2 (M, N) and x2 (M, K); None for one not asked for.
+    dX = dY @ (W ⊙ mask), dS = (dY^T @ X) ⊙ W ⊙ sign(S) (the product fused into the GEMM epilogue)."""
+    N, K = weight.shape
+    gx = gs = None
+    if need_x:
+        gx = _common.empty((gy2.shape[0], K), gy2.dtype, gy2.device)
+        masked_matmul(weight.t(), scores.t(), value, gy2.t(), out=gx.t())
+    if need_scores:
+        gs = matmul_ste(gy2.t(), x2, weight, scores, out_dtype=scores.dtype)
+    return gx, gs
+
+
 class MaskedLinear(torch.autograd.Function):
     """y = x @ (weight * mask)^T; dx = dy @ (weight * mask); d scores = (dy^T @ x) * weight *
     sign(scores) (edge-popup's straight-through estimator); the frozen weight gets no gradient."""

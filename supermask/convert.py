@@ -10,7 +10,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from .layers import BACKENDS, MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
+from . import ops
+from .layers import MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
 from .mask import global_thresholds
 
 TOPK_SCOPES = ("layer", "global")
@@ -72,7 +73,7 @@ class _GlobalTopK:
         key = tuple((m.scores._version, m.scores.data_ptr()) for m in layers) + (self.k,)
         if model.training or torch.is_grad_enabled() or key != self._key:
             select = global_thresholds
-            if layers and layers[0].backend == "triton":  # the radix-select kernel, same answer
+            if layers and ops._choose(layers[0].scores) == "triton":  # the radix-select kernel, same answer
                 from .kernels import global_thresholds as select  # noqa: PLC0415
             for m, t in zip(layers, select([m.scores for m in layers], self.k)):
                 m.shared_threshold = t
@@ -88,7 +89,16 @@ def use_global_topk(model: nn.Module, k: float) -> nn.Module:
     return model
 
 
+BACKENDS = ("torch", "cpu", "triton")
+
+
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Which implementation the supermask ops run, for the --backend flag. The device of the tensors
+    picks the kernels (C kernels on the CPU, Triton on CUDA); this only forces one, process-wide
+    (``supermask.ops.use_path``): "torch" the reference path (plain torch, the ground truth);
+    "cpu" the default, raising CPUKernelsUnavailable when the C kernels do not build; "triton" the
+    Triton kernels, on CPU tensors too when Triton's interpreter is on (TRITON_INTERPRET=1).
+    Returns model unchanged. Raises ValueError for another name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu":
@@ -96,6 +106,5 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
 
         if not cpu_kernels.available():
             raise cpu_kernels.CPUKernelsUnavailable(cpu_kernels.why_unavailable())
-    for _, m in supermask_layers(model):
-        m.backend = backend
+    ops.use_path({"torch": "reference", "cpu": "auto", "triton": "triton"}[backend])
     return model

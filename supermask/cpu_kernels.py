@@ -1,5 +1,6 @@
-"""Fused CPU kernels (backend "cpu"): the masked weight and its straight-through gradient in one
-pass each, and the top-k selection folded into the masked-weight pass.
+"""Fused CPU kernels, the CPU implementation of the supermask ops (``supermask.ops``): the masked
+weight and its straight-through gradient in one pass each, and the top-k selection folded into the
+masked-weight pass.
 
 Why: on a CPU these element-wise passes run at memory speed, so their number is their cost. The
 reference path (supermask.mask) needs about eight weight-sized passes a step (|s|, compares,
@@ -13,6 +14,12 @@ The C file is compiled on first use with the system C compiler (``cc``, or $CC) 
 cached under ~/.cache/supermask (or $XDG_CACHE_HOME/supermask), keyed by the source, the compiler
 and the CPU (it is built with -march=native).
 ``available()`` says whether that worked; ``why_unavailable()`` says why not.
+
+Why a runtime ``cc`` build through ctypes rather than a torch C++ extension
+(torch.utils.cpp_extension): the kernels are plain C on raw pointers (no ATen), so they need no
+C++ toolchain matching torch's ABI, build in a second with any C compiler and are loaded lazily;
+PyTorch still sees them only as the supermask ops' CPU implementation (registered with
+torch.library in supermask.ops), so compile, export and autocast treat them like any operator.
 """
 from __future__ import annotations
 
@@ -23,14 +30,11 @@ import platform
 import shutil
 import subprocess
 import threading
-import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .mask import (_as_dtype, _layer_buffer, _threshold_from_counts, _warm_key, mask_from_threshold, masked_weight,
-                   warm_topk_threshold)
+from .mask import _as_dtype, _threshold_from_counts, _warm_key, mask_from_threshold, warm_topk_threshold
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = (torch.float32, torch.float64)
@@ -125,6 +129,8 @@ def _load() -> ctypes.CDLL:
 
 
 def available() -> bool:
+    if _lib is not None:  # (asked on every op call: no lock once loaded)
+        return True
     try:
         _load()
     except CPUKernelsUnavailable:
@@ -206,7 +212,7 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: 
 
 # ---------------------------------------------------------------------------------------------
 # A layer's masked weight, top-k selection included, and its straight-through backward.
-# The masked weight lives in one buffer per layer (mask._layer_buffer) that is kept from step to
+# masked_linear's masked weight lives in one buffer per layer (state.buf) that is kept from step to
 # step: the forward pass updates it in place, writing only the entries whose mask changed.
 # ---------------------------------------------------------------------------------------------
 # The band of the forward pass: aim for this many entries around the previous threshold (a wider
@@ -302,91 +308,88 @@ def _constant_magnitude(weight: torch.Tensor, weight_key, state) -> float | None
     return state.wconst[1]
 
 
-def _build(weight: torch.Tensor, s: torch.Tensor, n_keep: int, state, threshold):
-    """(masked weight, st, sigma) in the layer's buffers: updated in place when they still hold
-    the last ones built here for this weight (any other use of the buffer clears state.buf_key)."""
-    weight_key = (weight.data_ptr(), weight._version, weight.shape)
-    prev = state.buf
-    valid = prev is not None and state.buf_key == weight_key
-    out = _layer_buffer(state, s)
-    reused = prev is not None and out.data_ptr() == prev.data_ptr()
+def _ensure_bits(state, n: int) -> torch.Tensor:
     st = state.bits
-    if not reused or st is None or st.numel() != out.numel():
-        # a new buffer (the last one is still held, e.g. by a graph not yet run backward): new
-        # state bytes too, as that graph's backward reads the ones it holds
-        st = state.bits = torch.empty(out.numel(), dtype=torch.uint8)
-    update = valid and reused
-    if threshold is None:
-        _topk_into(out, st, weight, s, n_keep, state, update)
-    else:
-        _threshold_into(out, st, weight, s, threshold)
+    if st is None or st.numel() != n:
+        st = state.bits = torch.empty(n, dtype=torch.uint8)
+        state.buf_key = None  # the bytes no longer describe any masked weight
+    return st
+
+
+def _fwd_key(weight, scores, n_keep):
+    # the same key as supermask.ops._key: the backward reuses what a forward of these very tensors left
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype,
+            scores.data_ptr(), scores._version, tuple(scores.shape), scores.dtype, n_keep)
+
+
+def masked_weight_cached(weight: torch.Tensor, s: torch.Tensor, n_keep: int, state) -> torch.Tensor:
+    """The masked weight in the layer's own buffer (state.buf), updated in place from the last step:
+    only the entries whose mask changed are written. The buffer never leaves the state (the op
+    returns F.linear of it), so nothing outside can hold it while it changes; the backward reads it
+    (and the state bytes) only when state.fwd_key says it still holds this forward's masked weight."""
+    n = s.numel()
+    weight_key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
+    out = state.buf
+    if out is None or out.numel() != n or out.dtype != s.dtype:
+        out = state.buf = torch.empty(n, dtype=s.dtype)
+        state.buf_key = None
+    st = _ensure_bits(state, n)
+    update = state.buf_key == weight_key
+    state.buf_key = state.fwd_key = None  # while being rewritten
+    out = out.view(s.shape)
+    _topk_into(out, st, weight, s, n_keep, state, update)
     state.buf_key = weight_key
-    state.last = weakref.ref(out)  # not reused while a graph (or anyone) still holds it
-    return out, st, _constant_magnitude(weight, weight_key, state)
+    state.fwd_key = _fwd_key(weight, s, n_keep)
+    return out
 
 
-def _grad_scores(G: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, ctx, owned: bool) -> torch.Tensor:
-    if supports(G, weight, scores):
-        return ste_grad(G, weight, ctx.st, ctx.sigma, out=G if owned else None)
-    return (G * weight * torch.sign(scores)).to(scores.dtype)
+def masked_weight_fresh(weight: torch.Tensor, s: torch.Tensor, n_keep: int, state) -> torch.Tensor:
+    """The masked weight in a new tensor (what the masked_weight op hands out, e.g. for a conv); its
+    state bytes stay in state.fresh_bits for the backward (ste_from_state), valid for state.fresh_key."""
+    out = torch.empty(s.shape, dtype=s.dtype)
+    n = s.numel()
+    st = state.fresh_bits
+    if st is None or st.numel() != n:
+        st = state.fresh_bits = torch.empty(n, dtype=torch.uint8)
+    state.fresh_key = None  # while being rewritten
+    _topk_into(out, st, weight, s, n_keep, state, False)
+    state.fresh_key = _fwd_key(weight, s, n_keep)
+    return out
 
 
-class FusedMaskedWeight(torch.autograd.Function):
-    """weight * mask (built by _build); backward (grad * weight) * sign(scores) in one pass.
-    The same values as mask.MaskedWeight. Used for convolutions."""
-
-    @staticmethod
-    def forward(ctx, weight, scores, n_keep, state, threshold):
-        ctx.save_for_backward(weight, scores)
-        masked, ctx.st, ctx.sigma = _build(weight, scores.detach(), n_keep, state, threshold)
-        return masked
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, scores = ctx.saved_tensors
-        grad_scores = None
-        if ctx.needs_input_grad[1]:
-            grad_scores = _grad_scores(grad_out.contiguous(), weight, scores, ctx, owned=False)
-        return None, grad_scores, None, None, None
+def ste_from_state(grad: torch.Tensor, weight: torch.Tensor, state, bits: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """(grad * weight) * sign(scores) in one pass, sign(scores) (and for a signed-constant weight the
+    weight) read from the state bytes a forward left (the caller checked they are this forward's)."""
+    weight_key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
+    sigma = _constant_magnitude(weight, weight_key, state)
+    return ste_grad(grad, weight, bits, sigma, out=out)
 
 
-class FusedMaskedLinear(torch.autograd.Function):
-    """x @ (weight * mask)^T with the straight-through backward. Owning the weight gradient of
-    the matmul lets the backward turn it into the scores' gradient in place, in the one pass."""
+def linear_backward(gy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, n_keep: int,
+                    state, cached: bool, need_x: bool, need_scores: bool):
+    """(grad_x, grad_scores) of F.linear(x, masked weight) for 2-D gy2 (M, out) and x2 (M, in): the
+    masked weight and state bytes of the forward when the state still holds them (cached, checked by
+    the caller), else recomputed
+    (the reference mask). grad_scores: (gy2^T @ x2) turned into the straight-through gradient in
+    place, in the one pass."""
+    from .mask import topk_threshold  # noqa: PLC0415
 
-    @staticmethod
-    def forward(ctx, x, weight, scores, n_keep, state, threshold):
-        masked, ctx.st, ctx.sigma = _build(weight, scores.detach(), n_keep, state, threshold)
-        # Saved (not a ctx attribute) so that backward frees it: the layer's buffer is reused for
-        # the next step only once nothing holds this one (see mask._layer_buffer).
-        ctx.save_for_backward(x, weight, scores, masked)
-        return F.linear(x, masked)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, scores, masked = ctx.saved_tensors
-        grad_x = grad_scores = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y.matmul(masked)
-        if ctx.needs_input_grad[2]:
-            g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_scores = _grad_scores(g2.t().mm(x2), weight, scores, ctx, owned=True)
-        return grad_x, None, grad_scores, None, None, None
-
-
-def masked_weight_cpu(weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
-                      threshold=None) -> torch.Tensor:
-    """A top-k supermask layer's masked weight through the kernels. state: the layer's
-    TopKWarmStart; threshold: a given (e.g. global) Threshold instead of the layer's own top-k.
-    Tensors the kernels do not take (half precision, CUDA) go the reference way."""
-    if not supports(scores, weight):
-        return masked_weight(weight, scores, threshold or warm_topk_threshold(scores, n_keep, state))
-    return FusedMaskedWeight.apply(weight, scores, n_keep, state, threshold)
-
-
-def masked_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, n_keep: int, state,
-                      threshold=None) -> torch.Tensor:
-    """F.linear(x, masked weight) through the kernels, backward included (see FusedMaskedLinear)."""
-    if x.dtype is not weight.dtype or not supports(scores, weight):
-        return F.linear(x, masked_weight_cpu(weight, scores, n_keep, state, threshold))
-    return FusedMaskedLinear.apply(x, weight, scores, n_keep, state, threshold)
+    gx = gs = None
+    if need_x:
+        if cached:
+            masked = state.buf.view(weight.shape)
+        else:
+            masked = torch.mul(mask_from_threshold(scores.detach().abs(), topk_threshold(scores.detach().abs(),
+                                                                                          n_keep)).to(weight.dtype),
+                               weight)
+        gx = gy2.mm(masked if masked.dtype == gy2.dtype else masked.to(gy2.dtype))
+    if need_scores:
+        G = gy2.t().mm(x2)
+        if G.dtype != scores.dtype:
+            G = G.to(scores.dtype)
+        if cached and supports(G, weight, scores):
+            gs = ste_from_state(G, weight, state, state.bits, out=G)
+        else:
+            gs = torch.mul(G, weight).mul_(torch.sign(scores))
+    return gx, gs

@@ -1,7 +1,7 @@
 """Tickets as artifacts: a compact supermask file, and a deployable model that needs only torch.
 
     python -m supermask.export RUN_DIR --compact --out model.smask   # config + seed + 1 bit per weight
-    python -m supermask.export RUN_DIR --out model.pt2               # masked weights baked in (torch.export)
+    python -m supermask.export RUN_DIR --out model.pt2               # deployable model (torch.export)
 
 Compact file (edge-popup runs): a supermask model is its config (which names the seed that
 generated the frozen weights) plus one bit per weight. The file is a safetensors file (an 8-byte
@@ -14,10 +14,12 @@ the data, so a corrupted or truncated file is refused. ``load_compact(path)`` re
 weights from the seed (on the CPU, then moved: the same on any device) and sets each layer's
 scores to its mask (1 kept, 0 dropped), so the model computes exactly what the trained one did.
 
-Deployable model (edge-popup runs and IMP round folders): the network with weight * mask baked into
-ordinary nn.Linear / nn.Conv2d / BatchNorm layers, saved with torch.export (a .pt2 file). Load it
-in any process with only torch: ``torch.export.load(path).module()(x)``. The batch dimension is
-dynamic. Scores are not needed for inference and are not stored in either format.
+Deployable model (a .pt2 file written by torch.export): for an edge-popup run with per-layer top-k,
+the supermask model itself in eval mode, its supermask ops (``supermask.ops``) in the graph, nothing
+baked: load it with ``import supermask; torch.export.load(path).module()(x)`` (the import registers
+the ops). IMP round folders and global top-k runs: the network with weight * mask baked into
+ordinary nn.Linear / nn.Conv2d / BatchNorm layers, loadable with only torch. The batch dimension is
+dynamic.
 """
 from __future__ import annotations
 
@@ -322,8 +324,16 @@ def bake(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.M
     return out.eval()
 
 
+def deployable(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> nn.Module:
+    """What the .pt2 holds: the supermask model itself in eval mode (per-layer top-k supermasks, whose
+    ops export as they are), else the baked model (IMP masks, global top-k: a model-level hook)."""
+    if masks is None and supermask_layers(model) and getattr(model, "_supermask_global_hook", None) is None:
+        return model.eval()
+    return bake(model, masks)
+
+
 def export_program(model: nn.Module, input_shape):
-    """torch.export's program of a baked model, with a dynamic batch dimension."""
+    """torch.export's program of a model in eval mode, with a dynamic batch dimension."""
     example = torch.zeros((2, *input_shape))
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -411,11 +421,13 @@ def main(argv=None) -> int:
               f"({8 * size / n_weights:.3f} bits/weight); fp32 state dict {dense_bytes:,} bytes: "
               f"{dense_bytes / size:.1f}x smaller")
     else:
-        program = export_program(baked, input_shape)
+        target = deployable(model, masks)
+        program = export_program(target, input_shape)
         buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of Python's, not a C++ abort
         torch.export.save(program, buf)
         atomic_write(out, buf.getvalue())
-        print(f"{out}: deployable model (torch.export; load with torch.export.load(path).module()), "
+        how = ("import supermask; " if target is model else "") + "torch.export.load(path).module()"
+        print(f"{out}: deployable model (torch.export; load with {how}), "
               f"{out.stat().st_size:,} bytes; fp32 state dict {dense_bytes:,} bytes")
     if args.evaluate:
         from . import data as data_mod  # noqa: PLC0415

@@ -2,6 +2,12 @@
 
 Forward uses ``weight * mask`` where the mask keeps the top-k fraction of |scores|
 (``supermask.mask``); backward sends the gradient straight through to the scores.
+
+The top-k layers call the ``supermask`` custom ops (``supermask.ops``): the device of the tensors
+picks the implementation (C kernels on the CPU, Triton on CUDA, plain torch otherwise), so the layers
+compile with ``torch.compile(fullgraph=True)``, run under autocast and export with ``torch.export``.
+Each layer owns an id into the ops' warm-start state registry (``ops.StateHandle``); copies get
+their own.
 """
 from __future__ import annotations
 
@@ -9,12 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_kernels import masked_linear_cpu, masked_weight_cpu  # compiled on first use, not at import
+from . import ops
 from .init import init_scores, init_weight, layer_generator
-from .mask import (Threshold, TopKWarmStart, mask_from_threshold, masked_weight, num_kept,
-                   sampled_masked_weight, warm_topk_threshold)
+from .mask import Threshold, mask_from_threshold, num_kept, sampled_masked_weight
 
-BACKENDS = ("torch", "cpu", "triton")
 MASK_KINDS = ("topk", "sampled")
 
 
@@ -24,7 +28,7 @@ class SupermaskMixin:
     def _setup_supermask(self, k: float, init: str, scale_fan: bool, seed: int | None, name: str):
         num_kept(self.weight.numel(), k)  # validates k
         self.k = float(k)
-        self.backend = "torch"
+        self._state = ops.StateHandle()  # warm-start selection state, kept by supermask.ops
         # Set by a model-level hook for global top-k; None means per-layer top-k.
         self.shared_threshold: Threshold | None = None
         # "topk" (edge-popup) or "sampled" (Bernoulli(sigmoid(score)) masks, Zhou et al. 2019), which
@@ -48,23 +52,17 @@ class SupermaskMixin:
         self.scores.copy_(init_scores(self.scores.shape, gs))
 
     def threshold(self) -> Threshold:
+        """The layer's Threshold: the shared one (global top-k) or its own top-k (one host sync)."""
         if self.shared_threshold is not None:
             return self.shared_threshold
-        if self.backend == "triton":
-            from .kernels import topk_threshold as radix_topk_threshold  # noqa: PLC0415
-            return radix_topk_threshold(self.scores.detach(), self._n_keep())
-        return warm_topk_threshold(self.scores, self._n_keep(), self._warm_state(), stash=True)
+        return ops.topk_threshold(self.scores.detach(), self._n_keep())
 
     def _n_keep(self) -> int:
         return num_kept(self.scores.numel(), self.k)
 
-    def _warm_state(self) -> TopKWarmStart:
-        # Warm start: the exact selection starts from the entries near the previous threshold
-        # (state kept per layer, outside state_dict); the result equals topk_threshold's.
-        warm = self.__dict__.get("_topk_warm")
-        if warm is None:
-            warm = self.__dict__["_topk_warm"] = TopKWarmStart()
-        return warm
+    def _state_id(self) -> int:
+        # torch.export: no warm-start state (the exported program stands alone; exact either way)
+        return -1 if torch.compiler.is_exporting() else self._state.id
 
     def mask(self) -> torch.Tensor:
         """The boolean mask currently in use (sampled masks: where sigmoid(score) > 0.5)."""
@@ -75,16 +73,19 @@ class SupermaskMixin:
     def _masked_weight(self) -> torch.Tensor:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
-        if self.backend == "cpu":  # the fused C kernels, selection folded into the mask pass
-            return masked_weight_cpu(self.weight, self.scores, self._n_keep(),
-                                     self._warm_state(), self.shared_threshold)
-        return masked_weight(self.weight, self.scores, self.threshold())
+        if self.shared_threshold is not None:
+            return ops.masked_weight_at(self.weight, self.scores, self.shared_threshold)
+        return ops.masked_weight(self.weight, self.scores, self._n_keep(), self._state_id())
+
+    def _uses_eval_cache(self) -> bool:
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
     def effective_weight(self) -> torch.Tensor:
         """weight * mask. In eval mode without grad it is computed once and cached until the
         scores, the weight, k or the shared threshold change, so inference costs a dense layer."""
-        if self.training or torch.is_grad_enabled():
-            self._eval_cache = None
+        if not self._uses_eval_cache():
+            if not torch.compiler.is_compiling():
+                self._eval_cache = None
             return self._masked_weight()
         key = (self.scores._version, self.weight._version, self.scores.data_ptr(),
                self.weight.data_ptr(), self.k, id(self.shared_threshold), self.mask_kind, self.sampled_eval)
@@ -105,12 +106,8 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" and self.mask_kind == "topk":
-            from .kernels import masked_linear  # noqa: PLC0415 (Triton only when asked for)
-            return masked_linear(x, self.weight, self.scores, self.threshold())
-        if self.backend == "cpu" and self.mask_kind == "topk" and (self.training or torch.is_grad_enabled()):
-            return masked_linear_cpu(x, self.weight, self.scores, self._n_keep(),
-                                     self._warm_state(), self.shared_threshold)
+        if self.mask_kind == "topk" and self.shared_threshold is None and not self._uses_eval_cache():
+            return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id())
         return F.linear(x, self.effective_weight())
 
 
@@ -124,9 +121,6 @@ class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" and self.mask_kind == "topk":
-            from .kernels import masked_weight_fused  # noqa: PLC0415
-            return self._conv_forward(x, masked_weight_fused(self.weight, self.scores, self.threshold()), None)
         return self._conv_forward(x, self.effective_weight(), None)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -65,12 +64,10 @@ def mask_from_threshold(magnitudes: torch.Tensor, threshold: Threshold) -> torch
 # [lo, hi] around the previous threshold and at or above lo. The counts prove whether the new
 # threshold lies in the band; the band's few entries are then gathered (per-column counts of the
 # (16, n/16) view pick the columns holding them) and the exact selection runs on them alone.
-# The pass for `> hi` runs in place in the buffer of |s|; that 0/1 buffer, plus the band entries
-# that are kept, is the mask, and MaskedWeight turns it into the masked weight in place: a step
-# allocates one weight-sized tensor. A band that misses is widened (once), then the exact cold
-# selection runs. Every answer is exact; the band only decides the speed.
+# The pass for `> hi` runs in place in the buffer of |s|. A band that misses is widened (once),
+# then the exact cold selection runs. Every answer is exact; the band only decides the speed.
 # ---------------------------------------------------------------------------------------------
-WARM_MIN = KTH_DIRECT_MAX  # smaller layers use the plain cold selection (it is cheap there)
+WARM_MIN = KTH_DIRECT_MAX  # smaller layers: one kthvalue, proven by a count (cheap there)
 _WARM_DTYPES = (torch.float32, torch.float64)
 _BAND_TARGET = 600  # entries the band aims to hold
 _BAND_SHIFT = 4.0  # the band also covers this many times the last threshold move
@@ -78,21 +75,17 @@ _BAND_SHIFT = 4.0  # the band also covers this many times the last threshold mov
 
 class TopKWarmStart:
     """Per-layer warm-start state for ``warm_topk_threshold``: the last threshold, the density of
-    magnitudes around it and its last move (plain floats; outside any state_dict)."""
+    magnitudes around it and its last move (plain floats), the candidates (see below), and counts
+    of how steps were answered; outside any state_dict. (The supermask ops keep one per layer,
+    with what their kernels reuse between steps: ``supermask.ops.LayerState``.)"""
 
-    __slots__ = ("key", "value", "density", "shift", "guessed", "warm", "widened", "cold", "fused", "buf",
-                 "last", "cand", "cand_above", "band", "buf_key", "bits", "wconst", "__weakref__")
+    __slots__ = ("key", "value", "density", "shift", "guessed", "warm", "widened", "cold", "fused",
+                 "cand", "cand_above", "__weakref__")
 
     def __init__(self):
         self.key = None
-        self.buf: torch.Tensor | None = None  # storage of the layer's masked weight, reused
-        self.last = None  # weakref to the masked weight last handed out from buf
         self.cand: torch.Tensor | None = None  # flat indices of the candidates (see below)
         self.cand_above = 0  # entries above the candidates' band when it was drawn
-        self.band = None  # the CPU kernels' band lists (supermask.cpu_kernels)
-        self.buf_key = None  # set by the CPU kernels while buf holds their last masked weight
-        self.bits = None  # the CPU kernels' state byte per entry, beside buf
-        self.wconst = None  # the CPU kernels: whether the weight is signed constant
         self.value = 0.0
         self.density = 0.0  # entries per unit of magnitude near the threshold
         self.shift = 0.0  # |last threshold move|
@@ -101,8 +94,7 @@ class TopKWarmStart:
         self.guessed = self.warm = self.widened = self.cold = self.fused = 0
 
     def reset(self):
-        self.key = None
-        self.buf = self.last = self.cand = self.band = self.buf_key = self.bits = self.wconst = None
+        self.key = self.cand = None
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in ("key", "value", "density", "shift", "guessed", "warm", "widened",
@@ -112,45 +104,6 @@ class TopKWarmStart:
         self.__init__()
         for k, v in state.items():
             setattr(self, k, v)
-
-
-def _layer_buffer(state: TopKWarmStart, s: torch.Tensor) -> torch.Tensor:
-    """The layer's masked-weight buffer: reused once the masked weight handed out last step is gone
-    (its graph freed), else a fresh one. Keeps a step from faulting in a new weight-sized buffer."""
-    base, last = state.buf, state.last
-    state.last = state.buf_key = None
-    if (base is None or base.numel() != s.numel() or base.dtype != s.dtype or base.device != s.device
-            or (last is not None and last() is not None)):
-        base = state.buf = torch.empty(s.numel(), dtype=s.dtype, device=s.device)
-    return base.view(s.shape)
-
-
-class _StashedThreshold(Threshold):
-    """A Threshold that also carries, for one MaskedWeight call, the float 0/1 mask it implies."""
-
-    def __new__(cls, value, ties, split, mask=None, scores=None):
-        self = super().__new__(cls, value, ties, split)
-        self._stash = None if mask is None else (mask, scores, scores._version)
-        return self
-
-
-def _hand_out(th: Threshold, mask: torch.Tensor, scores: torch.Tensor, state: TopKWarmStart) -> Threshold:
-    """th carrying mask (0/1, in the layer's buffer) for the next MaskedWeight call on scores; the
-    buffer is reused once the masked weight made from it is gone (see _layer_buffer)."""
-    state.last = weakref.ref(mask)
-    return _StashedThreshold(th.value, th.ties, th.split, mask, scores)
-
-
-def _take_stash(threshold, scores: torch.Tensor, weight: torch.Tensor):
-    stash = getattr(threshold, "_stash", None)
-    if stash is None:
-        return None
-    mask, owner, version = stash
-    threshold._stash = None  # single use: the buffer becomes the masked weight
-    if (owner is not scores or version != scores._version or mask.dtype != weight.dtype
-            or mask.shape != weight.shape or mask.device != weight.device):
-        return None
-    return mask
 
 
 def _as_dtype(x: float, dtype: torch.dtype) -> float:
@@ -284,35 +237,28 @@ def _draw_candidates(s_flat: torch.Tensor, n_keep: int, state: TopKWarmStart) ->
         state.cand, state.cand_above = cand, c_above
 
 
-def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
-                        stash: bool = False) -> Threshold:
+def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart) -> Threshold:
     """``topk_threshold(scores.abs(), n_keep)``, warm-started from state: the same value and split,
-    the same ties when split (when not split every entry equal to value is kept; see Threshold).
-
-    With ``stash`` the returned Threshold also carries the float 0/1 mask for the next
-    ``masked_weight`` call on these scores, so the mask is not computed twice."""
+    the same ties when split (when not split every entry equal to value is kept; see Threshold)."""
     s = scores.detach()
     n = s.numel()
     if s.dtype not in _WARM_DTYPES or not s.is_contiguous() or (s.dtype == torch.float32 and n >= 1 << 24):
         return topk_threshold(s.abs(), n_keep)
-    if n <= WARM_MIN:
-        if stash:  # small: one kthvalue, proven by the count of the mask it gives (no ties split)
-            m = torch.abs(s, out=_layer_buffer(state, s))
-            v = torch.kthvalue(m.view(-1), n - n_keep + 1).values
-            if int(torch.ge(m, v, out=m).sum()) == n_keep:
-                return _hand_out(Threshold(v, 1, False), m, scores, state)
-        return topk_threshold(s.abs(), n_keep)
+    if n <= WARM_MIN:  # small: one kthvalue, proven by the count of the mask it gives (no ties split)
+        m = s.abs()
+        v = torch.kthvalue(m.view(-1), n - n_keep + 1).values
+        if int(torch.ge(m, v, out=torch.empty_like(m)).sum()) == n_keep:
+            return Threshold(v, 1, False)
+        return topk_threshold(m, n_keep)
     key = _warm_key(s, n_keep)
     s_flat = s.view(-1)
-    m = torch.abs(s, out=_layer_buffer(state, s)) if stash else s.abs()
+    m = s.abs()
     flat = m.view(-1)
     if state.key == key and state.cand is not None:
         th = _candidate_threshold(s_flat, flat, n_keep, state)
         if th is not None:
             state.guessed += 1
-            if not stash:
-                return th
-            return _hand_out(th, m, scores, state)
+            return th
         torch.abs(s_flat, out=flat)  # the failed guess left its mask in m
     if state.key == key and state.density > 0:
         half = max(_BAND_TARGET / (2 * state.density), _BAND_SHIFT * state.shift)
@@ -343,16 +289,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
             state.value = vf
             th = _threshold_from_counts(v, c_hi + sel.above, sel.equal, n_keep)
             _draw_candidates(s_flat, n_keep, state)
-            if not stash:
-                return th
-            # m holds (|s| > hi); set the band's kept entries. Every entry equal to v is in the
-            # band, whose indices are in flat order: split ties keep the first th.ties of them.
-            if th.split:
-                flat[index[band > v]] = 1.0
-                flat[index[band == v][:th.ties]] = 1.0
-            else:
-                flat[index[band >= v]] = 1.0
-            return _hand_out(th, m, scores, state)
+            return th
         torch.abs(s_flat, out=flat)
     # Cold: exact selection from scratch, then a density estimate for the next step's band.
     state.cold += 1
@@ -369,10 +306,7 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart,
     state.key, state.value, state.shift = key, vf, 0.0
     th = _threshold_from_counts(v, sel.above, sel.equal, n_keep)
     _draw_candidates(s_flat, n_keep, state)
-    if not stash or th.split:
-        return th
-    torch.ge(m, v, out=m)
-    return _hand_out(th, m, scores, state)
+    return th
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
@@ -424,16 +358,12 @@ class MaskedWeight(torch.autograd.Function):
     The frozen weight gets no gradient.
 
     Saved for backward: weight and scores themselves (no copies); the only weight-sized tensor a
-    call allocates is the masked weight it returns (built in the buffer of |scores|, or in the
-    buffer a warm-started Threshold carries).
+    call allocates is the masked weight it returns (built in the buffer of |scores|).
     """
 
     @staticmethod
     def forward(ctx, weight, scores, threshold: Threshold):
         ctx.save_for_backward(weight, scores)
-        stashed = _take_stash(threshold, scores, weight)
-        if stashed is not None:
-            return stashed.mul_(weight)
         return _masked(weight, scores, threshold)
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""The fused CPU kernels (backend "cpu") against the reference path: the same masks, masked
-weights and gradients, bit for bit, step after step, for every input the kernels take."""
+"""The fused CPU kernels (the supermask ops' CPU implementation) against the reference path: the
+same masks, masked weights and gradients, bit for bit, step after step, for every input the
+kernels take."""
 import copy
 import os
 import subprocess
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 import supermask
 from supermask import cpu_kernels as ck
-from supermask.mask import TopKWarmStart, masked_weight, num_kept, topk_mask, topk_threshold
+from supermask import ops
+from supermask.mask import masked_weight, num_kept, topk_mask, topk_threshold
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.why_unavailable()}")
 
@@ -56,19 +58,19 @@ def test_training_like_steps_give_the_reference_mask_weight_and_gradient(dtype, 
     weight = torch.randn(shape, generator=g, dtype=dtype)
     scores = torch.randn(shape, generator=g, dtype=dtype)
     n_keep = num_kept(scores.numel(), k)
-    state = TopKWarmStart()
+    sid = ops.new_state()
+    state = ops.get_state(sid)
     for step in range(25):
         # small moves (the band answers), a jump now and then (the band misses: fallback)
         drift(scores, g, 1.0 if step == 12 else 1e-3)
         s = scores.clone().requires_grad_()
-        out = ck.masked_weight_cpu(weight, s, n_keep, state)
+        out = ops.masked_weight(weight, s, n_keep, sid)
         ref, s_ref = reference(weight, scores, n_keep)
         assert torch.equal(bits(out), bits(ref)), step
         grad = torch.randn(shape, generator=g, dtype=dtype)
         out.backward(grad)
         ref.backward(grad)
         assert torch.equal(bits(s.grad), bits(s_ref.grad)), step
-        del out  # the buffer is reused (updated in place) once nothing holds the masked weight
     # the one-pass path answered (the rest: the first step and the jump), small layers too
     assert state.fused >= 20, (state.fused, state.cold)
 
@@ -78,72 +80,67 @@ def test_training_like_steps_give_the_reference_mask_weight_and_gradient(dtype, 
 def test_heavy_ties_are_split_in_flat_order(levels, shape):
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(shape, generator=g)
-    state = TopKWarmStart()
+    sid = ops.new_state()
     for step in range(6):
         # scores on a few levels: the threshold value is shared by many entries, some dropped
         scores = (torch.randint(1, levels + 2, shape, generator=g).float() * 0.25
                   * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0))
         if step % 2:
             scores.view(-1)[: 1000] += 1e-3 * step  # a few distinct values near the levels
-        out = ck.masked_weight_cpu(weight, scores, num_kept(scores.numel(), 0.5), state)
+        out = ops.masked_weight(weight, scores, num_kept(scores.numel(), 0.5), sid)
         mask = topk_mask(scores, 0.5)
         assert int(mask.sum()) == num_kept(scores.numel(), 0.5)
         assert torch.equal(out != 0, mask), step
         assert torch.equal(bits(out), bits(weight * mask))
-        del out
 
 
 def test_a_masked_weight_still_held_is_never_overwritten():
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(300, 300, generator=g)
     scores = torch.randn(300, 300, generator=g)
-    state = TopKWarmStart()
+    sid = ops.new_state()
     n_keep = num_kept(scores.numel(), 0.5)
-    first = ck.masked_weight_cpu(weight, scores, n_keep, state)
+    first = ops.masked_weight(weight, scores, n_keep, sid)
     first_copy = first.clone()
     drift(scores, g, 0.5)
-    second = ck.masked_weight_cpu(weight, scores, n_keep, state)
-    assert first.data_ptr() != second.data_ptr()
+    second = ops.masked_weight(weight, scores, n_keep, sid)
     assert torch.equal(first, first_copy)
     assert torch.equal(second, weight * topk_mask(scores, 0.5))
-    del first, first_copy
-    drift(scores, g, 1e-3)
-    third = ck.masked_weight_cpu(weight, scores, n_keep, state)  # reuses the freed buffer, in place
-    assert torch.equal(third, weight * topk_mask(scores, 0.5))
 
 
-def test_a_graph_not_yet_run_backward_keeps_its_masked_weight():
-    # forward, scores change, forward again before the first backward: the first graph's masked
-    # weight (what its backward multiplies by) must be left as it was
+def test_graphs_run_backward_late_and_out_of_order_get_their_own_gradients():
+    # two forwards (the second rewrites the layer's buffer, the second time with other scores),
+    # then backwards in reverse order: each equals the reference path's
     g = torch.Generator().manual_seed(4)
     layer = supermask.SupermaskLinear(300, 200, k=0.5, init="kaiming_normal", seed=0, name="l")
-    supermask.set_backend(nn.Sequential(layer), "cpu")
-    x = torch.randn(5, 300, generator=g)
+    x0, x1 = torch.randn(5, 300, generator=g), torch.randn(5, 300, generator=g)
+    gy = torch.randn(5, 200, generator=g)
     for _ in range(3):  # warm: the buffer is updated in place between steps
-        layer(x).sum().backward()
-    y0 = layer(x)
-    old = layer.weight * topk_mask(layer.scores, 0.5)
-    # (through .data: autograd's version check would otherwise refuse to unpack y0's saved scores)
-    layer.scores.data.add_(torch.randn(layer.scores.shape, generator=g) * 0.05)
-    y1 = layer(x)
-    new = layer.weight * topk_mask(layer.scores, 0.5)
-    assert not torch.equal(old, new)
-    assert torch.equal(y1, F.linear(x, new))
-    assert torch.equal(y0.grad_fn.saved_tensors[3], old)
-    assert torch.equal(y1.grad_fn.saved_tensors[3], new)
+        layer(x0).sum().backward()
+    for shared_scores in (True, False):
+        scores = layer.scores if shared_scores else nn.Parameter(layer.scores.detach() * 1.01 + 0.001)
+        x0g, x1g = x0.clone().requires_grad_(), x1.clone().requires_grad_()
+        y0 = layer(x0g)
+        layer.scores, old = scores, layer.scores
+        y1 = layer(x1g)
+        layer.scores = old
+        y1.backward(gy)
+        y0.backward(gy)
+        for xg, s in ((x0g, old), (x1g, scores)):
+            assert torch.equal(xg.grad, gy @ (layer.weight * topk_mask(s, 0.5)))
 
 
 def test_input_gradient_passes_gradcheck_and_scores_gradient_is_straight_through():
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(20, 30, generator=g, dtype=torch.float64)
     scores = torch.randn(20, 30, generator=g, dtype=torch.float64)
-    state = TopKWarmStart()
+    sid = ops.new_state()
     n_keep = num_kept(scores.numel(), 0.4)
     x = torch.randn(7, 30, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: ck.masked_linear_cpu(x, weight, scores, n_keep, state), (x,))
+    assert torch.autograd.gradcheck(lambda x: ops.masked_linear(x, weight, scores, n_keep, sid), (x,))
     s = scores.clone().requires_grad_()
     gy = torch.randn(7, 20, generator=g, dtype=torch.float64)
-    ck.masked_linear_cpu(x, weight, s, n_keep, state).backward(gy)
+    ops.masked_linear(x, weight, s, n_keep, sid).backward(gy)
     want = (gy.t() @ x.detach()) * weight * torch.sign(scores)
     assert torch.equal(s.grad, want)
 
@@ -163,36 +160,40 @@ def test_training_is_bit_identical_to_the_reference_backend(init, topk):
     ref_model = _model(init)
     if topk == "global":
         supermask.use_global_topk(ref_model, 0.5)
-    cpu_model = supermask.set_backend(copy.deepcopy(ref_model), "cpu")
+    cpu_model = copy.deepcopy(ref_model)
     g = torch.Generator().manual_seed(6)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5, momentum=0.9, weight_decay=1e-4)
             for m in (ref_model, cpu_model)]
     for step in range(12):
         x = torch.randn(16, 3, 8, 8, generator=g)
         target = torch.randint(0, 10, (16,), generator=g)
-        for model, opt in zip((ref_model, cpu_model), opts):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), target).backward()
-            opt.step()
+        for model, opt, path in zip((ref_model, cpu_model), opts, ("reference", "auto")):
+            with ops.use_path(path):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), target).backward()
+                opt.step()
         for (n, a), (_, b) in zip(ref_model.named_parameters(), cpu_model.named_parameters()):
             assert torch.equal(bits(a.detach()), bits(b.detach())), (n, step)
     for (_, a), (_, b) in zip(supermask.supermask_layers(ref_model), supermask.supermask_layers(cpu_model)):
         assert torch.equal(a.mask(), b.mask())
     if topk == "layer":  # the 300 x 72 layer was answered by the one-pass band
-        assert supermask.supermask_layers(cpu_model)[2][1]._topk_warm.fused >= 10
+        assert supermask.supermask_layers(cpu_model)[2][1]._state.state().fused >= 10
     ref_model.eval()
     cpu_model.eval()
     with torch.no_grad():
         x = torch.randn(4, 3, 8, 8, generator=g)
-        assert torch.equal(ref_model(x), cpu_model(x))
+        with ops.use_path("reference"):
+            want = ref_model(x)
+        assert torch.equal(want, cpu_model(x))
 
 
 def test_tensors_the_kernels_do_not_take_go_the_reference_way():
     layer = supermask.SupermaskLinear(40, 30, k=0.5, seed=0, name="l").to(torch.bfloat16)
     ref = copy.deepcopy(layer)
-    supermask.set_backend(nn.Sequential(layer), "cpu")
     x = torch.randn(3, 40, dtype=torch.bfloat16)
-    assert torch.equal(layer(x), ref(x))
+    with ops.use_path("reference"):
+        want = ref(x)
+    assert torch.equal(layer(x), want)
 
 
 def test_without_a_compiler_the_backend_says_why_and_auto_falls_back(tmp_path):

@@ -52,7 +52,7 @@ def test_big_layer_mask():
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal", "equal"])
 def test_warm_start_follows_training_like_drift(kind):
-    """Warm start over many steps of small and large score moves, with and without the stash."""
+    """Warm start over many steps of small and large score moves."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(300, 200, generator=g)
     s = _scores(60_000, kind, torch.float32, g).reshape(300, 200).requires_grad_()
@@ -66,7 +66,7 @@ def test_warm_start_follows_training_like_drift(kind):
                 if kind == "ties":
                     s.copy_((s * 4).round() / 4)
             want = oracle(s, nk)
-            th = warm_topk_threshold(s, nk, state, stash=step % 2 == 0)
+            th = warm_topk_threshold(s, nk, state)
             _same_threshold(th, topk_threshold(s.detach().abs(), nk))
             assert torch.equal(mask_from_threshold(s.detach().abs(), th), want)
             assert torch.equal(masked_weight(w, s, th), w * want)
@@ -108,7 +108,7 @@ def test_candidates_are_proven_by_the_count():
                 mags = flat.abs()[order]
                 flat[order[0]] = (mags[-nk] + mags[-nk + 1]) / 2
         before, above = state.guessed, state.cand_above
-        th = warm_topk_threshold(s, nk, state, stash=True)
+        th = warm_topk_threshold(s, nk, state)
         _same_threshold(th, topk_threshold(flat.abs(), nk))
         assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
         if step in (4, 6):
@@ -121,7 +121,7 @@ def test_candidates_are_proven_by_the_count():
 
 def test_warm_band_path_splits_ties_in_flat_order():
     """A tie straddling the threshold (two entries equal to the n_keep-th largest |s|, one kept):
-    the band path keeps the first in flat order, in its stashed mask as in the reference."""
+    the band path keeps the first in flat order, as the reference does."""
     g, w, s, nk, state, flat = _drifting_layer(8)
     for step in range(6):
         with torch.no_grad():
@@ -131,7 +131,7 @@ def test_warm_band_path_splits_ties_in_flat_order():
                 a, b = order[nk - 1], order[nk]
                 flat[b] = flat[a].abs() * flat[b].sign()
         warm_before = state.warm + state.widened + state.cold
-        th = warm_topk_threshold(s, nk, state, stash=True)
+        th = warm_topk_threshold(s, nk, state)
         _same_threshold(th, topk_threshold(flat.abs(), nk))
         assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
         if step >= 3:
@@ -148,23 +148,9 @@ def test_small_layers_one_kthvalue_proven_by_the_count(kind):
         s = _scores(n, kind, torch.float32, g)
         for k in (0.1, 0.5, 1.0):
             nk = num_kept(n, k)
-            th = warm_topk_threshold(s, nk, TopKWarmStart(), stash=True)
+            th = warm_topk_threshold(s, nk, TopKWarmStart())
             _same_threshold(th, topk_threshold(s.abs(), nk))
             assert torch.equal(masked_weight(w, s, th), w * oracle(s, nk))
-
-
-def test_stash_is_ignored_when_scores_changed():
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(200, 100, generator=g)
-    s = torch.randn(200, 100, generator=g).requires_grad_()
-    state = TopKWarmStart()
-    th = warm_topk_threshold(s, 10_000, state, stash=True)
-    with torch.no_grad():
-        s.mul_(-1.5)  # same order of |s|, new version: the stash must not be used
-        s[0, 0] = 100.0
-    th2 = topk_threshold(s.detach().abs(), 10_000)
-    assert torch.equal(masked_weight(w, s, th2), w * oracle(s, 10_000))
-    assert torch.equal(masked_weight(w, s, th), w * mask_from_threshold(s.detach().abs(), th))
 
 
 def test_layers_train_with_exact_masks():
