@@ -6,6 +6,7 @@ import torch
 
 import supermask
 from supermask import cpu_kernels as ck
+from supermask import ops
 from supermask.mask import TopKWarmStart, global_thresholds, mask_from_threshold, num_kept, topk_mask, \
     warm_topk_threshold
 
@@ -44,24 +45,28 @@ def test_reference_and_warm_start(n, n_keep, ties):
     assert num_kept(n, k) == n_keep
     want = oracle(s, n_keep)
     assert torch.equal(topk_mask(s, k), want)
-    # warm start over a few drifting steps (cold first step, then warm), with and without the stash
+    # warm start over a few drifting steps (cold first step, then warm)
     g = torch.Generator().manual_seed(n)
     state = TopKWarmStart()
     for step in range(4):
-        th = warm_topk_threshold(s, n_keep, state, stash=bool(step % 2))
+        th = warm_topk_threshold(s, n_keep, state)
         assert torch.equal(mask_from_threshold(s.abs(), th), oracle(s, n_keep)), step
         s = s + 1e-3 * torch.randn(n, generator=g)
 
 
-@pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.why_unavailable()}")
+@pytest.mark.parametrize("path", ["auto", "reference"])  # auto on CPU tensors: the C kernels
 @pytest.mark.parametrize("n, n_keep", cases())
-def test_cpu_kernels(n, n_keep):
+def test_masked_weight_op(n, n_keep, path):
+    """supermask::masked_weight with a warm-started state over drifting steps."""
+    if path == "auto" and not ck.available():
+        pytest.skip(f"CPU kernels unavailable: {ck.why_unavailable()}")
     s = scores_for(n, seed=1)
     w = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    state = TopKWarmStart()
+    state = ops.new_state()
     g = torch.Generator().manual_seed(n)
     for step in range(4):
-        out = ck.masked_weight_cpu(w, s, n_keep, state)
+        with ops.use_path(path):
+            out = ops.masked_weight(w, s, n_keep, state)
         want = oracle(s, n_keep)
         assert torch.equal(out != 0, want & (w != 0)), step
         assert torch.equal(out, w * want), step
@@ -88,15 +93,16 @@ def test_triton_radix_select(n, n_keep):
     assert torch.equal(got, oracle(s, n_keep))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_issue_example_k_1e_4(backend):
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_issue_example_k_1e_4(path):
     """SupermaskLinear(784, 300, k=1e-4): 24 weights kept, forward and backward work."""
-    if backend == "cpu" and not ck.available():
+    if path == "auto" and not ck.available():
         pytest.skip(ck.why_unavailable())
-    layer = supermask.set_backend(supermask.SupermaskLinear(784, 300, k=1e-4, seed=0, name="fc1"), backend)
+    layer = supermask.SupermaskLinear(784, 300, k=1e-4, seed=0, name="fc1")
     assert num_kept(784 * 300, 1e-4) == 24
     for _ in range(3):
-        y = layer(torch.randn(2, 784))
+        with ops.use_path(path):
+            y = layer(torch.randn(2, 784))
         y.sum().backward()
         assert int(layer.mask().sum()) == 24
         assert torch.equal(layer.mask(), oracle(layer.scores, 24))
