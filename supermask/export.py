@@ -17,9 +17,10 @@ scores to its mask (1 kept, 0 dropped), so the model computes exactly what the t
 Deployable model (a .pt2 file written by torch.export): for an edge-popup run with per-layer top-k,
 the supermask model itself in eval mode, its supermask ops (``supermask.ops``) in the graph, nothing
 baked: load it with ``import supermask; torch.export.load(path).module()(x)`` (the import registers
-the ops). IMP round folders and global top-k runs: the network with weight * mask baked into
-ordinary nn.Linear / nn.Conv2d / BatchNorm layers, loadable with only torch. The batch dimension is
-dynamic.
+the ops). With ``--bake``, and always for IMP round folders and global top-k runs: the network with
+weight * mask baked into ordinary nn.Linear / nn.Conv2d / BatchNorm layers, loadable with only torch
+and as fast as a dense network (the masks are not selected again on every call). The batch
+dimension is dynamic.
 """
 from __future__ import annotations
 
@@ -324,10 +325,12 @@ def bake(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.M
     return out.eval()
 
 
-def deployable(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> nn.Module:
+def deployable(model: nn.Module, masks: dict[str, torch.Tensor] | None, bake_masks: bool = False) -> nn.Module:
     """What the .pt2 holds: the supermask model itself in eval mode (per-layer top-k supermasks, whose
-    ops export as they are), else the baked model (IMP masks, global top-k: a model-level hook)."""
-    if masks is None and supermask_layers(model) and getattr(model, "_supermask_global_hook", None) is None:
+    ops export as they are), else (bake_masks, IMP masks, global top-k: a model-level hook) the baked
+    model: plain layers holding weight * mask, loadable with torch alone."""
+    if (not bake_masks and masks is None and supermask_layers(model)
+            and getattr(model, "_supermask_global_hook", None) is None):
         return model.eval()
     return bake(model, masks)
 
@@ -366,6 +369,9 @@ def parser() -> Parser:
                    help="write the compact supermask file (config + seed + 1 bit per weight) instead of a "
                         "deployable torch.export model")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--bake", action="store_true",
+                   help="deployable model: bake weight * mask into plain layers (loads with torch alone, "
+                        "no selection per call) instead of exporting the supermask ops")
     p.add_argument("--evaluate", action="store_true",
                    help="load the written file again and compare its test accuracy with the run's")
     p.add_argument("--data-dir", default="data", help="where datasets are found (default ./data)")
@@ -421,7 +427,7 @@ def main(argv=None) -> int:
               f"({8 * size / n_weights:.3f} bits/weight); fp32 state dict {dense_bytes:,} bytes: "
               f"{dense_bytes / size:.1f}x smaller")
     else:
-        target = deployable(model, masks)
+        target = deployable(model, masks, args.bake)
         program = export_program(target, input_shape)
         buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of Python's, not a C++ abort
         torch.export.save(program, buf)

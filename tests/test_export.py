@@ -201,13 +201,14 @@ def test_deployable_models_load_and_match(runs, compact_file, tmp_path, test_x):
     assert cli(runs / "ep", "--out", tmp_path / "ep.pt2") == 0
     assert cli(runs / "imp" / "round_01", "--out", tmp_path / "imp.pt2") == 0
     assert cli(compact_file, "--out", tmp_path / "from_compact.pt2") == 0
+    assert cli(runs / "ep", "--out", tmp_path / "ep_baked.pt2", "--bake") == 0
     torch.save(test_x, tmp_path / "x.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         outs = {{}}
-        for name in ("imp", "ep", "from_compact"):
-            if name == "ep":  # the IMP round is baked (plain torch); edge-popup models hold supermask ops
+        for name in ("imp", "ep_baked", "ep", "from_compact"):
+            if name == "ep":  # IMP rounds and --bake are plain torch; edge-popup models hold supermask ops
                 assert "supermask" not in sys.modules, "supermask was imported"
                 import supermask
             m = torch.export.load({str(tmp_path)!r} + "/" + name + ".pt2").module()
@@ -224,6 +225,7 @@ def test_deployable_models_load_and_match(runs, compact_file, tmp_path, test_x):
     with torch.no_grad():
         want_ep, want_imp, want_one = ep_model(test_x), imp_model(test_x), ep_model(test_x[:1])
     assert torch.equal(outs["ep"], want_ep) and torch.equal(outs["from_compact"], want_ep)
+    assert torch.equal(outs["ep_baked"], want_ep) and torch.equal(outs["ep_baked_one"], want_one)
     assert torch.equal(outs["imp"], want_imp)
     assert torch.equal(outs["ep_one"], want_one)  # the batch dimension is dynamic
     # The IMP round's pruned weights are exactly zero in the baked model.
