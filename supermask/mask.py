@@ -120,9 +120,18 @@ def _layer_buffer(state: TopKWarmStart, s: torch.Tensor) -> torch.Tensor:
     base, last = state.buf, state.last
     state.last = state.buf_key = None
     if (base is None or base.numel() != s.numel() or base.dtype != s.dtype or base.device != s.device
-            or (last is not None and last() is not None)):
+            or (last is not None and last() is not None) or _storage_shared(base)):
         base = state.buf = torch.empty(s.numel(), dtype=s.dtype, device=s.device)
     return base.view(s.shape)
+
+
+def _storage_shared(base: torch.Tensor) -> bool:
+    """Whether a tensor other than base holds base's storage. The weakref above is not enough: an
+    autograd graph saves the masked weight's C++ tensor while its Python object may be gone (a
+    layer called twice before one backward: a shared module, gradient accumulation, an eval forward
+    between a forward and its backward), and reusing the buffer then would overwrite it."""
+    # base itself and the temporary storage object of the call hold one reference each.
+    return torch._C._storage_Use_Count(base.untyped_storage()._cdata) > 2
 
 
 class _StashedThreshold(Threshold):
