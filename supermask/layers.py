@@ -31,7 +31,6 @@ class SupermaskMixin:
         # evaluates with the expected mask or the thresholded one (sampled_eval).
         self.mask_kind = "topk"
         self.sampled_eval = "expected"
-        self._eval_cache = None
         self.weight.requires_grad_(False)
         self.scores = nn.Parameter(torch.empty_like(self.weight))
         self.reinitialize(init, scale_fan, seed, name)
@@ -81,16 +80,10 @@ class SupermaskMixin:
         return masked_weight(self.weight, self.scores, self.threshold())
 
     def effective_weight(self) -> torch.Tensor:
-        """weight * mask. In eval mode without grad it is computed once and cached until the
-        scores, the weight, k or the shared threshold change, so inference costs a dense layer."""
-        if self.training or torch.is_grad_enabled():
-            self._eval_cache = None
-            return self._masked_weight()
-        key = (self.scores._version, self.weight._version, self.scores.data_ptr(),
-               self.weight.data_ptr(), self.k, id(self.shared_threshold), self.mask_kind, self.sampled_eval)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, self._masked_weight())
-        return self._eval_cache[1]
+        """weight * mask, recomputed on every call. (No eval-mode cache: a cache keyed on the
+        scores' version counter misses writes through ``scores.data``, which bypass it, and would
+        keep the old mask; recomputing costs one warm-started selection and one multiply.)"""
+        return self._masked_weight()
 
     def extra_repr(self) -> str:
         mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
