@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .layers import BACKENDS, MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, SupermaskMixin, supermask_layers
-from .mask import global_thresholds
+from .mask import global_thresholds, num_kept
 from .parametrize import SupermaskParametrization, mask_parameter
 
 TOPK_SCOPES = ("layer", "global")
@@ -122,9 +122,10 @@ def _read_by_parent(parents: list[tuple[nn.Module, str]]) -> bool:
     return False
 
 
-def _fuse_ok(m: nn.Module, parents: list[tuple[nn.Module, str]], tied: bool) -> bool:
+def _fuse_ok(m: nn.Module, parents: list[tuple[nn.Module, str]]) -> bool:
     """Whether m may become a SupermaskLinear / SupermaskConv2d: a plain layer (nn's forward, no
-    hooks, not parametrized) whose weight is not tied and that no parent reads past its forward."""
+    hooks, not parametrized, not the root) that no parent reads past its forward. (The caller
+    checks that its weight is not tied.)"""
     if type(m).__name__.startswith("Parametrized") or parametrize.is_parametrized(m):
         return False
     if isinstance(m, nn.Linear):
@@ -133,7 +134,7 @@ def _fuse_ok(m: nn.Module, parents: list[tuple[nn.Module, str]], tied: bool) -> 
         plain = type(m).forward is nn.Conv2d.forward and type(m)._conv_forward is nn.Conv2d._conv_forward
     else:
         return False
-    return (plain and not tied and bool(parents) and not any(getattr(m, h) for h in _HOOKS)
+    return (plain and bool(parents) and not any(getattr(m, h) for h in _HOOKS)
             and not _read_by_parent(parents))
 
 
@@ -168,8 +169,9 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
     Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k.
 
     A parameter named like a layer weight or bias (``weight``, ``bias_k``, ``weight_ih_l0``) of a
-    module convert does not know (nn.Embedding, nn.LSTM, nn.PReLU, a custom layer) cannot be masked: it is frozen dense with a warning, or with ``strict=True``
-    ConvertError is raised before anything is changed. A lazy layer not yet initialised always
+    module convert does not know (nn.Embedding, nn.LSTM, nn.PReLU, a custom layer) cannot be
+    masked: it is frozen dense with a warning, or with ``strict=True`` ConvertError is raised
+    before anything is changed. A lazy layer not yet initialised always
     raises ConvertError (run one forward first).
 
     The report (a ConvertReport: what was masked, made non-affine, removed, zeroed, frozen) is
@@ -180,6 +182,7 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
         raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
     if mask not in MASK_KINDS:
         raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+    num_kept(1, k)  # validates k before anything changes
     if not inplace:
         model = copy.deepcopy(model)
     skip = set(skip)
@@ -286,7 +289,7 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
         weight = m._parameters[n]
         report.masked.append(pname_of(m, n))
         report.masked_numel += weight.numel()
-        if len(holders) == 1 and _fuse_ok(m, parents[id(m)], tied=False):
+        if len(holders) == 1 and _fuse_ok(m, parents[id(m)]):
             fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
             report.fused += 1
         else:

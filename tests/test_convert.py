@@ -3,6 +3,7 @@ one test each, against outputs worked out from weight * mask by hand)."""
 import copy
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,13 @@ def test_supermask_models_still_convert_to_fused_layers():
         model, report = sm.convert(build(name, (3, 32, 32), 10, 0.25), k=0.5, return_report=True)
         assert report.fused == len(report.masked)
         assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_readme_vit_example_runs_as_written(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- example: vit -->\n```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "2 other tensors frozen (class_token, encoder.pos_embedding)" in out
+    loss, acc = re.search(r"loss ([0-9.]+), train accuracy ([0-9.]+)", out).groups()
+    assert float(loss) < 1.0 and float(acc) > 0.9  # random labels: ln(10) = 2.3 before training
