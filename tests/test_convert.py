@@ -323,3 +323,14 @@ def test_readme_vit_example_runs_as_written(capsys):
     assert "2 other tensors frozen (class_token, encoder.pos_embedding)" in out
     loss, acc = re.search(r"loss ([0-9.]+), train accuracy ([0-9.]+)", out).groups()
     assert float(loss) < 1.0 and float(acc) > 0.9  # random labels: ln(10) = 2.3 before training
+
+
+def test_deepcopy_of_a_converted_model_reads_its_own_weights():
+    model = sm.convert(nn.Sequential(nn.Conv1d(2, 3, 3)), k=0.5)
+    other = copy.deepcopy(model)
+    p, q = plist(model[0]), plist(other[0])
+    assert q is not p and q.weight is other[0].parametrizations.weight.original
+    assert q.weight is not p.weight and q.scores is not p.scores
+    with torch.no_grad():
+        other[0].parametrizations.weight.original.mul_(2)
+    torch.testing.assert_close(other[0].weight, 2 * model[0].weight, rtol=0, atol=0)
