@@ -334,3 +334,14 @@ def test_deepcopy_of_a_converted_model_reads_its_own_weights():
     with torch.no_grad():
         other[0].parametrizations.weight.original.mul_(2)
     torch.testing.assert_close(other[0].weight, 2 * model[0].weight, rtol=0, atol=0)
+
+
+def test_mask_parameter_masks_what_convert_cannot_then_strict_passes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    p = sm.mask_parameter([(model[0], "weight")], k=0.5, seed=0, name="0")
+    model = sm.convert(model, k=0.5, strict=True)
+    assert sorted(trained(model)) == ["0.parametrizations.weight.0.scores", "1.scores"]
+    idx = torch.tensor([[1, 7]])
+    torch.testing.assert_close(model[0](idx), masked(p)[idx], rtol=0, atol=0)
+    assert len(sm.supermask_layers(model)) == 2
