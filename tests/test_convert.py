@@ -345,3 +345,18 @@ def test_mask_parameter_masks_what_convert_cannot_then_strict_passes():
     idx = torch.tensor([[1, 7]])
     torch.testing.assert_close(model[0](idx), masked(p)[idx], rtol=0, atol=0)
     assert len(sm.supermask_layers(model)) == 2
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layer_called_again_before_backward_keeps_the_saved_masked_weight(mode):
+    """A second call (here without grad, as an eval pass between a forward and its backward) must
+    not reuse the buffer of the masked weight the first call's graph saved."""
+    torch.manual_seed(0)
+    layer = getattr(sm.SupermaskLinear(768, 10, k=0.3), mode)()
+    x = torch.randn(2, 768, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        layer(x)
+    layer(x)  # and one with grad (gradient accumulation)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, masked(layer).sum(0).expand(2, 768), rtol=1e-5, atol=1e-6)
