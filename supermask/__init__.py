@@ -1,9 +1,11 @@
 """supermask: edge-popup supermasks and lottery tickets in PyTorch."""
-from .convert import convert, set_backend, use_global_topk
+from .convert import ConvertError, ConvertReport, convert, set_backend, use_global_topk
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
+from .parametrize import SupermaskParametrization, mask_parameter
 from .mask import Threshold, global_thresholds, mask_from_threshold, masked_weight, num_kept, topk_mask, topk_threshold
 
-__all__ = ["convert", "set_backend", "use_global_topk", "NonAffineBatchNorm", "SupermaskConv2d",
+__all__ = ["convert", "ConvertError", "ConvertReport", "set_backend", "use_global_topk",
+           "SupermaskParametrization", "mask_parameter", "NonAffineBatchNorm", "SupermaskConv2d",
            "SupermaskLinear", "supermask_layers", "Threshold", "global_thresholds",
            "mask_from_threshold", "masked_weight", "num_kept", "topk_mask", "topk_threshold"]
 __version__ = "0.1.0"

@@ -1,87 +1,364 @@
 """Turn an ordinary model into a supermask model, torch.nn.utils.prune style.
 
-``convert(model, k)`` replaces every nn.Linear / nn.Conv2d by a supermask layer of the same shape
-(stride, padding, dilation, groups kept; biases dropped) and every BatchNorm by a non-affine one.
+``convert(model, k)`` leaves every float parameter of the model in one of these states:
+
+- **masked**: the weight of every nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d and
+  nn.MultiheadAttention's projections is redrawn (``init``, deterministic per seed and layer name),
+  frozen, and read as ``weight * mask`` with learned scores (edge-popup, Ramanujan et al. 2020).
+  A plain Linear / Conv2d whose weight only its own forward reads becomes the fused
+  ``SupermaskLinear`` / ``SupermaskConv2d``; every other masked weight (a Linear whose parent reads
+  ``child.weight`` itself, as nn.MultiheadAttention's out_proj and torchvision Swin's qkv / proj,
+  Conv1d/3d, transposed convs, tied weights, modules with hooks or their own forward) is masked
+  through ``torch.nn.utils.parametrize`` (``supermask.parametrize``), so no reader sees it unmasked;
+- **non-affine**: every normalisation (BatchNorm of any kind including SyncBatchNorm,
+  InstanceNorm, LayerNorm, GroupNorm, RMSNorm) loses its scale and shift;
+- **removed**: biases of masked layers; a bias that a reader needs as a tensor (nn.MultiheadAttention's
+  in_proj_bias and out_proj.bias for its fused inference kernel) stays as a frozen zero tensor;
+- **frozen**: anything else (class tokens, position embeddings, layer_scale, relative position bias
+  tables, ...) keeps its value with requires_grad False.
+
+So the scores are the only trained tensors. Shared modules stay shared (one supermask module, one
+scores tensor) and tied weights stay tied (one parametrization, one scores tensor).
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import logging
+import re
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from . import ops
-from .layers import MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .mask import global_thresholds
+from .layers import MASK_KINDS, NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, SupermaskMixin, supermask_layers
+from .mask import global_thresholds, num_kept
+from .parametrize import SupermaskParametrization, mask_parameter
 
 TOPK_SCOPES = ("layer", "global")
+log = logging.getLogger(__name__)
+
+_MASKED_MODULES = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1/2/3d and ConvTranspose1/2/3d
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# A parameter of a module convert does not know is a layer weight or bias by its name (nn's
+# conventions: weight, bias, in_proj_weight, weight_ih_l0, bias_k, ...); anything else (class_token,
+# pos_embedding, layer_scale, relative_position_bias_table, logit_scale) is a constant to freeze.
+_WEIGHT_LIKE = re.compile(r"^(weight|bias)($|_)|_(weight|bias)$")
+# A class that reads a child's tensor itself (``self.qkv.weight``) bypasses the child's forward.
+_CHILD_TENSOR_READ = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
 
 
-def _replacement(name: str, m: nn.Module, k, init, scale_fan, seed):
-    kw = dict(k=k, init=init, scale_fan=scale_fan, seed=seed, name=name,
-              device=m.weight.device if hasattr(m, "weight") and m.weight is not None else None)
-    if isinstance(m, SupermaskLinear | SupermaskConv2d):
-        return None
+class ConvertError(ValueError):
+    """convert(..., strict=True) met parameters it can neither mask, make non-affine nor remove."""
+
+
+@dataclass
+class ConvertReport:
+    """What convert did with each float parameter (names as in model.named_parameters() before
+    the conversion, shared tensors once)."""
+
+    masked: list[str] = field(default_factory=list)  # weights given scores
+    fused: int = 0  # of masked: as SupermaskLinear / SupermaskConv2d (the rest through parametrize)
+    masked_numel: int = 0
+    non_affine: list[str] = field(default_factory=list)  # normalisation scales and shifts removed
+    removed: list[str] = field(default_factory=list)  # biases removed
+    zeroed: list[str] = field(default_factory=list)  # biases kept as frozen zeros (a reader needs a tensor)
+    frozen: list[str] = field(default_factory=list)  # other parameters, frozen at their value
+    skipped: list[str] = field(default_factory=list)  # parameters of modules in skip, left as they were
+    unhandled: list[str] = field(default_factory=list)  # layer weights convert cannot mask (frozen, dense)
+
+    def __str__(self) -> str:
+        parts = [f"masked {len(self.masked)} weight tensors ({self.masked_numel} weights; {self.fused} fused "
+                 f"layers, {len(self.masked) - self.fused} parametrized)",
+                 f"{len(self.non_affine)} normalisation tensors removed (non-affine)",
+                 f"{len(self.removed)} biases removed", f"{len(self.zeroed)} biases frozen at zero",
+                 f"{len(self.frozen)} other tensors frozen" + (f" ({_few(self.frozen)})" if self.frozen else "")]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} left as they were (skip: {_few(self.skipped)})")
+        if self.unhandled:
+            parts.append(f"{len(self.unhandled)} layer weights NOT masked, frozen dense ({_few(self.unhandled)})")
+        return "convert: " + "; ".join(parts)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
+
+
+@functools.cache
+def _child_tensor_readers(cls: type) -> frozenset[str] | None:
+    """Names of the children whose weight or bias code of cls reads directly (``self.proj.weight``),
+    from the source of its methods (initialisers excluded: they run before convert); None when some
+    source is unavailable, i.e. it cannot be known."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for attr, value in vars(klass).items():
+            if "init" in attr or "reset" in attr:
+                continue
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                return None
+            names.update(_CHILD_TENSOR_READ.findall(source))
+    return frozenset(names)
+
+
+def _read_by_parent(parents: list[tuple[nn.Module, str]]) -> bool:
+    """Whether some parent reads this child's weight/bias itself (or might: source unavailable)."""
+    for parent, attr in parents:
+        readers = _child_tensor_readers(type(parent))
+        if readers is None or attr in readers:
+            return True
+    return False
+
+
+def _fuse_ok(m: nn.Module, parents: list[tuple[nn.Module, str]]) -> bool:
+    """Whether m may become a SupermaskLinear / SupermaskConv2d: a plain layer (nn's forward, no
+    hooks, not parametrized, not the root) that no parent reads past its forward. (The caller
+    checks that its weight is not tied.)"""
+    if type(m).__name__.startswith("Parametrized") or parametrize.is_parametrized(m):
+        return False
+    if isinstance(m, nn.Linear):
+        plain = type(m).forward is nn.Linear.forward
+    elif isinstance(m, nn.Conv2d):
+        plain = type(m).forward is nn.Conv2d.forward and type(m)._conv_forward is nn.Conv2d._conv_forward
+    else:
+        return False
+    return (plain and bool(parents) and not any(getattr(m, h) for h in _HOOKS)
+            and not _read_by_parent(parents))
+
+
+def _fused_layer(name: str, m: nn.Module, k, init, scale_fan, seed) -> nn.Module:
+    kw = dict(k=k, init=init, scale_fan=scale_fan, seed=seed, name=name, device=m.weight.device,
+              dtype=m.weight.dtype)
     if isinstance(m, nn.Linear):
         return SupermaskLinear(m.in_features, m.out_features, **kw)
-    if isinstance(m, nn.Conv2d):
-        return SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                               m.dilation, m.groups, m.padding_mode, **kw)
-    if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and not isinstance(m, NonAffineBatchNorm):
-        return NonAffineBatchNorm(m.num_features, m.eps, m.momentum if m.momentum is not None else 0.1,
-                                  m.track_running_stats, device=kw["device"])
-    return None
+    return SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                           m.dilation, m.groups, m.padding_mode, **kw)
+
+
+def _is_ours(m: nn.Module) -> bool:
+    """Already a supermask module (a fused layer, or the parametrization list of a masked tensor)."""
+    if isinstance(m, SupermaskMixin):
+        return True
+    return isinstance(m, parametrize.ParametrizationList) and any(
+        isinstance(p, SupermaskParametrization) for p in m)
 
 
 def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
-            skip: tuple[str, ...] = (), mask: str = "topk") -> nn.Module:
-    """Make model a supermask model (a copy unless inplace). With a seed, weights and scores are
-    generated deterministically per layer name; seed=None draws from torch's global RNG.
-    Module names in ``skip`` are left as they are (e.g. a dense first layer). mask="sampled" gives
-    Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k."""
+            skip: tuple[str, ...] = (), mask: str = "topk", strict: bool = False,
+            return_report: bool = False):
+    """Make model a supermask model (a copy unless inplace); see the module docstring for what
+    happens to each parameter.
+
+    k: fraction of each layer's weights kept (topk="global": of all masked weights together).
+    init: weight init of supermask.init.INITS. With a seed, weights and scores are generated
+    deterministically per layer name; seed=None draws from torch's global RNG. Module names in
+    ``skip`` are left as they are (e.g. a dense first layer). mask="sampled" gives
+    Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k.
+
+    A parameter named like a layer weight or bias (``weight``, ``bias_k``, ``weight_ih_l0``) of a
+    module convert does not know (nn.Embedding, nn.LSTM, nn.PReLU, a custom layer) cannot be
+    masked: it is frozen dense with a warning, or with ``strict=True`` ConvertError is raised
+    before anything is changed. A lazy layer not yet initialised always
+    raises ConvertError (run one forward first).
+
+    The report (a ConvertReport: what was masked, made non-affine, removed, zeroed, frozen) is
+    logged at INFO level on logger ``supermask.convert`` and, with return_report, returned as
+    ``(model, report)``. Raises ValueError for a bad topk, mask or k.
+    """
     if topk not in TOPK_SCOPES:
         raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
     if mask not in MASK_KINDS:
         raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+    num_kept(1, k)  # validates k before anything changes
     if not inplace:
         model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if full in skip:
+    skip = set(skip)
+    report = ConvertReport()
+
+    # --- the model's graph: module names, parents of each module, owners of each parameter ---
+    first_name: dict[int, str] = {}
+    skipped: set[int] = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        first_name.setdefault(id(m), name)
+        if name in skip:
+            skipped.add(id(m))
+    modules = [m for _, m in model.named_modules()]
+    parents: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for m in modules:
+        for attr, child in m._modules.items():
+            if child is not None:
+                parents[id(child)].append((m, attr))
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners[id(p)].append((m, pname))
+
+    def pname_of(m, pname):
+        prefix = first_name[id(m)]
+        return f"{prefix}.{pname}" if prefix else pname
+
+    # --- plan (nothing changes until the plan is complete and, with strict, clean) ---
+    to_mask: dict[int, list[tuple[nn.Module, str]]] = {}  # id(weight) -> every (module, name) holding it
+    biases: list[tuple[nn.Module, str, bool]] = []  # (module, name, keep as zero)
+    norms: list[nn.Module] = []
+    seen: set[int] = set()
+    for m in modules:
+        if _is_ours(m):
+            seen.update(id(p) for p in m._parameters.values() if p is not None)
+            continue
+        if id(m) in skipped:
+            for pname, p in m._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    report.skipped.append(pname_of(m, pname))
+            continue
+        params = {n: p for n, p in m._parameters.items() if p is not None}
+        if isinstance(m, _NORMS) and params:
+            norms.append(m)
+            continue
+        weights: tuple[str, ...] = ()
+        bias_names: tuple[str, ...] = ()
+        if isinstance(m, _MASKED_MODULES):
+            weights, bias_names = ("weight",), ("bias",)
+        elif isinstance(m, nn.MultiheadAttention):
+            weights, bias_names = _MHA_WEIGHTS, ("in_proj_bias",)
+        for n in weights:
+            p = params.get(n)
+            if p is None:
                 continue
-            new = _replacement(full, child, k, init, scale_fan, seed)
-            if new is not None:
-                setattr(module, child_name, new)
+            if isinstance(p, nn.parameter.UninitializedParameter):  # no shape yet: nothing to mask or freeze
+                raise ConvertError(f"{pname_of(m, n)}: lazy {type(m).__name__} not initialised; run one forward "
+                                   "through the model before convert")
+            to_mask.setdefault(id(p), [])
+        for n in bias_names:
+            if params.get(n) is not None:
+                # A reader outside the module's forward (the parent's code, MHA's fused kernel)
+                # may need a tensor: keep a frozen zero there; elsewhere remove it.
+                keep = isinstance(m, nn.MultiheadAttention) or _read_by_parent(parents[id(m)])
+                biases.append((m, n, keep))
+    # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
+    for pid in to_mask:
+        to_mask[pid] = [(m, n) for m, n in owners[pid] if id(m) not in skipped]
+    masked_ids = set(to_mask)
+    bias_ids = {id(m._parameters[n]) for m, n, _ in biases}
+    to_freeze: list[nn.Parameter] = []
+    norm_ids = {id(m) for m in norms}
+    for m in modules:
+        if _is_ours(m) or id(m) in skipped or id(m) in norm_ids:
+            continue
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in masked_ids or id(p) in bias_ids or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.is_floating_point():
+                continue
+            to_freeze.append(p)
+            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention))
+            if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
+                report.unhandled.append(f"{pname_of(m, pname)} (parametrized by {type(m[0]).__name__})")
+            elif _WEIGHT_LIKE.search(pname) and not known:
+                report.unhandled.append(f"{pname_of(m, pname)} ({type(m).__name__})")
+            else:
+                report.frozen.append(pname_of(m, pname))
+    if report.unhandled:
+        msg = ("convert cannot mask " + _few(report.unhandled) +
+               "; they would stay dense (frozen). Mask them yourself (supermask.parametrize.mask_parameter) "
+               "or skip their modules")
+        if strict:
+            raise ConvertError(msg)
+        warnings.warn(msg, stacklevel=2)
+
+    # --- carry out the plan ---
+    fused: dict[int, nn.Module] = {}
+    for pid, holders in to_mask.items():
+        m, n = holders[0]
+        name = first_name[id(m)] if n == "weight" else pname_of(m, n)
+        weight = m._parameters[n]
+        report.masked.append(pname_of(m, n))
+        report.masked_numel += weight.numel()
+        if len(holders) == 1 and _fuse_ok(m, parents[id(m)]):
+            fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
+            report.fused += 1
+        else:
+            mask_parameter(holders, k, init, scale_fan, seed, name)
+    for m, n, keep in biases:
+        if id(m) in fused:
+            report.removed.append(pname_of(m, n))
+            continue
+        p = m._parameters[n]
+        if keep:
+            with torch.no_grad():
+                p.zero_()
+            p.requires_grad_(False)
+            report.zeroed.append(pname_of(m, n))
+        else:
+            m.register_parameter(n, None)
+            report.removed.append(pname_of(m, n))
+    for m in norms:
+        report.non_affine += [pname_of(m, n) for n, p in m._parameters.items() if p is not None]
+        if (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and parents[id(m)]
+                and not any(getattr(m, h) for h in _HOOKS)):
+            # as before: NonAffineBatchNorm, which supermask.export bakes back into nn.BatchNorm2d
+            fused[id(m)] = NonAffineBatchNorm(m.num_features, m.eps, m.momentum, m.track_running_stats,
+                                              device=m.weight.device if m.weight is not None else None)
+        else:
+            for n in ("weight", "bias"):
+                if m._parameters.get(n) is not None:
+                    m.register_parameter(n, None)
+            for flag in ("affine", "elementwise_affine"):
+                if hasattr(m, flag):
+                    setattr(m, flag, False)
+            if getattr(m, "track_running_stats", False):
+                m.reset_running_stats()  # statistics of the old weights mean nothing for the new ones
+    for m in modules:
+        if id(m) in fused:
+            for parent, attr in parents[id(m)]:
+                setattr(parent, attr, fused[id(m)])
+    for p in to_freeze:
+        p.requires_grad_(False)
     for _, layer in supermask_layers(model):
         layer.mask_kind = mask
     if topk == "global" and mask == "topk":
         use_global_topk(model, k)
-    return model
+    log.info("%s", report)
+    return (model, report) if return_report else model
 
 
 class _GlobalTopK:
-    """Forward pre-hook: one threshold across all supermask layers, computed once per forward."""
+    """Forward pre-hook: one threshold across all supermask layers, computed once per forward.
+
+    Computed on every forward, eval included: a cache keyed on the scores' version counters would
+    miss writes through ``scores.data``, which bypass them."""
 
     def __init__(self, k: float):
         self.k = k
-        self._key = None
 
     def __call__(self, model, args):
         layers = [m for _, m in supermask_layers(model)]
-        key = tuple((m.scores._version, m.scores.data_ptr()) for m in layers) + (self.k,)
-        if model.training or torch.is_grad_enabled() or key != self._key:
-            select = global_thresholds
-            if layers and ops._choose(layers[0].scores) == "triton":  # the radix-select kernel, same answer
-                from .kernels import global_thresholds as select  # noqa: PLC0415
-            for m, t in zip(layers, select([m.scores for m in layers], self.k)):
-                m.shared_threshold = t
-            self._key = key
+        select = global_thresholds
+        if layers and ops._choose(layers[0].scores) == "triton":  # the radix-select kernel, same answer
+            from .kernels import global_thresholds as select  # noqa: PLC0415
+        for m, t in zip(layers, select([m.scores for m in layers], self.k)):
+            m.shared_threshold = t
 
 
 def use_global_topk(model: nn.Module, k: float) -> nn.Module:
-    """Switch model to one global top-k threshold over all its supermask layers."""
+    """Switch model to one global top-k threshold over all its supermask layers (fused layers and
+    parametrized weights alike)."""
     for _, m in supermask_layers(model):
         m.k = k
     hook = _GlobalTopK(k)

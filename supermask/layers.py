@@ -35,7 +35,6 @@ class SupermaskMixin:
         # evaluates with the expected mask or the thresholded one (sampled_eval).
         self.mask_kind = "topk"
         self.sampled_eval = "expected"
-        self._eval_cache = None
         self.weight.requires_grad_(False)
         self.scores = nn.Parameter(torch.empty_like(self.weight))
         self.reinitialize(init, scale_fan, seed, name)
@@ -77,21 +76,16 @@ class SupermaskMixin:
             return ops.masked_weight_at(self.weight, self.scores, self.shared_threshold)
         return ops.masked_weight(self.weight, self.scores, self._n_keep(), self._state_id())
 
-    def _uses_eval_cache(self) -> bool:
+    def _inference(self) -> bool:
+        """Eval mode without autograd, outside compile: F.linear on the masked weight (no backward to
+        prepare for, so the fused op's saved state is not needed)."""
         return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
     def effective_weight(self) -> torch.Tensor:
-        """weight * mask. In eval mode without grad it is computed once and cached until the
-        scores, the weight, k or the shared threshold change, so inference costs a dense layer."""
-        if not self._uses_eval_cache():
-            if not torch.compiler.is_compiling():
-                self._eval_cache = None
-            return self._masked_weight()
-        key = (self.scores._version, self.weight._version, self.scores.data_ptr(),
-               self.weight.data_ptr(), self.k, id(self.shared_threshold), self.mask_kind, self.sampled_eval)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, self._masked_weight())
-        return self._eval_cache[1]
+        """weight * mask, recomputed on every call. (No eval-mode cache: a cache keyed on the
+        scores' version counter misses writes through ``scores.data``, which bypass it, and would
+        keep the old mask; recomputing costs one warm-started selection and one multiply.)"""
+        return self._masked_weight()
 
     def extra_repr(self) -> str:
         mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
@@ -106,7 +100,7 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask_kind == "topk" and self.shared_threshold is None and not self._uses_eval_cache():
+        if self.mask_kind == "topk" and self.shared_threshold is None and not self._inference():
             return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id())
         return F.linear(x, self.effective_weight())
 

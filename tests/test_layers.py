@@ -89,14 +89,16 @@ def test_global_topk_keeps_exactly_k_of_all_weights():
     assert len(set(k / m.weight.numel() for k, m in zip(kept, layers))) > 1  # not per-layer
 
 
-def test_eval_mask_is_cached_until_scores_change():
+def test_eval_mask_follows_every_scores_change():
     layer = sm.SupermaskLinear(20, 10, k=0.5).eval()
     with torch.no_grad():
         w1 = layer.effective_weight()
-        assert layer.effective_weight() is w1
         layer.scores.mul_(-1).add_(torch.randn_like(layer.scores))
         w2 = layer.effective_weight()
-    assert w2 is not w1 and not torch.equal(w1, w2)
+        layer.scores.data.copy_(torch.randn_like(layer.scores))  # bypasses the version counter
+        w3 = layer.effective_weight()
+    assert not torch.equal(w1, w2) and not torch.equal(w2, w3)
+    assert torch.equal(w3, layer.weight * layer.mask())
     layer.train()
     assert layer.effective_weight().requires_grad
 

@@ -1,0 +1,76 @@
+"""Supermask masking of any weight tensor through ``torch.nn.utils.parametrize``.
+
+``mask_parameter(module, "weight", ...)`` makes every read of ``module.weight`` return
+``weight * mask`` (edge-popup, Ramanujan et al. 2020: the mask keeps the top-k fraction of |scores|,
+gradient straight through to the scores), whoever reads it: the module's own forward, a parent
+that passes ``self.qkv.weight`` to a functional attention (torchvision's Swin), or
+``nn.MultiheadAttention`` reading ``in_proj_weight`` and ``out_proj.weight``. It is the safe path
+of ``supermask.convert``; the fused ``SupermaskLinear`` / ``SupermaskConv2d`` serve layers whose
+weight only their own forward reads.
+
+The mask comes from the project's one mask definition (``supermask.mask`` through
+``SupermaskMixin``): per-layer top-k, global top-k (``shared_threshold``), sampled masks and the
+the C kernels, Triton kernels and reference path (``supermask.ops``) work as in the fast layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .layers import SupermaskMixin
+
+
+class SupermaskParametrization(SupermaskMixin, nn.Module):
+    """The parametrization ``original -> original * mask(scores)`` of one weight tensor.
+
+    Holds ``scores`` (a Parameter of the weight's shape and dtype, the only trained tensor) and
+    the mask settings of ``SupermaskMixin`` (k, shared_threshold, mask_kind). ``weight``
+    is the frozen original tensor (``owner.parametrizations[tensor_name].original``), so
+    ``mask()``, ``effective_weight()`` and ``threshold()`` behave as on a fast supermask layer.
+
+    One instance may parametrize several tensors that are the same Parameter (tied weights):
+    they then share one set of scores.
+    """
+
+    def __init__(self, owner: nn.Module, tensor_name: str, k: float = 0.5, init: str = "signed_constant",
+                 scale_fan: bool = False, seed: int | None = None, name: str = ""):
+        nn.Module.__init__(self)
+        # A plain attribute, not a submodule: the owner holds this module (a cycle in the module tree
+        # would recurse forever in state_dict). deepcopy maps it to the copied owner through its memo.
+        object.__setattr__(self, "_owner", owner)
+        self.tensor_name = tensor_name
+        self._setup_supermask(k, init, scale_fan, seed, name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen original tensor (unmasked), any shape."""
+        owner, name = self._owner, self.tensor_name
+        if parametrize.is_parametrized(owner, name):
+            return owner.parametrizations[name].original
+        return owner._parameters[name]
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        # `original` is self.weight; the mixin reads it itself (its fast paths key on the layer).
+        return self.effective_weight()
+
+    def extra_repr(self) -> str:
+        mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
+        return f"{tuple(self.weight.shape)}, {mask}"
+
+
+def mask_parameter(modules: list[tuple[nn.Module, str]], k: float = 0.5, init: str = "signed_constant",
+                   scale_fan: bool = False, seed: int | None = None, name: str = "") -> SupermaskParametrization:
+    """Mask the tensor ``getattr(module, tensor_name)`` of every (module, tensor_name) pair; all pairs
+    must hold the same Parameter (one pair unless the weight is tied). The weight is redrawn with
+    ``init`` (deterministic per ``seed`` and ``name``, see supermask.init) and frozen; one
+    SupermaskParametrization (one scores tensor) serves every pair and is returned."""
+    owner, tensor_name = modules[0]
+    param = getattr(owner, tensor_name)
+    if any(m._parameters.get(t) is not param for m, t in modules):
+        raise ValueError("mask_parameter: the (module, name) pairs do not hold one Parameter")
+    p = SupermaskParametrization(owner, tensor_name, k, init, scale_fan, seed, name)
+    for m, t in modules:
+        # unsafe: skip parametrize's trial forward (the shape and dtype are those of the weight).
+        parametrize.register_parametrization(m, t, p, unsafe=True)
+    return p
