@@ -9,7 +9,7 @@ of ``supermask.convert``; the fused ``SupermaskLinear`` / ``SupermaskConv2d`` se
 weight only their own forward reads.
 
 The mask comes from the project's one mask definition (``supermask.mask`` through
-``SupermaskMixin``): per-layer top-k, global top-k (``shared_threshold``), sampled masks and the
+``SupermaskMixin``): per-layer top-k, global top-k (``shared_threshold``), sampled masks, and
 the C kernels, Triton kernels and reference path (``supermask.ops``) work as in the fast layers.
 """
 from __future__ import annotations
