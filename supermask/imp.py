@@ -35,7 +35,8 @@ from .cli import Parser, number, resolve_device, run_main
 from .init import INITS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
-from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object,
+from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
+                   read_json_object,
                    remove_temp_files, save_checkpoint, write_json)
 from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
 
@@ -170,10 +171,7 @@ def check_imp_dir(out: Path, config: dict) -> int:
     if cfg_path.is_file():
         stored = read_json_object(cfg_path, "; choose another --out")
         stored_rounds = stored.pop("rounds", 0)
-        if stored != config:
-            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            raise UsageError(f"{out} holds a run with another configuration ({', '.join(changed)} differ); "
-                             "choose another --out")
+        check_same_config(out, stored, config)
     elif out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a non-empty folder that holds no IMP run; choose another")
     return stored_rounds

@@ -47,7 +47,8 @@ from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
-from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_run_config,
+from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
+                   read_run_config,
                    save_checkpoint, write_json)
 from .train import add_model_args, add_training_args, build_model, validate_common
 
@@ -311,10 +312,7 @@ def check_out(out: Path, oconfig: dict):
         raise UsageError(f"--out {out} exists and is not a folder")
     if (out / "config.json").is_file():
         stored = read_run_config(out)
-        if stored != oconfig:
-            changed = sorted(k for k in set(stored) | set(oconfig) if stored.get(k) != oconfig.get(k))
-            raise UsageError(f"{out} holds an analysis of another configuration ({', '.join(changed)} differ); "
-                             "choose another --out")
+        check_same_config(out, stored, oconfig, "an analysis")
     elif out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a non-empty folder that holds no instability analysis; choose another")
 

@@ -167,6 +167,15 @@ def read_run_config(run_dir: Path) -> dict:
     return read_json_object(cfg_path)
 
 
+def check_same_config(out: Path, stored: dict, config: dict, what: str = "a run") -> None:
+    """Raise UsageError naming the keys that differ when the folder out (holding stored, its
+    config.json) was made for another configuration than config: never mixed, never overwritten."""
+    if stored != config:
+        changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        raise UsageError(f"{out} holds {what} with another configuration ({', '.join(changed)} differ); "
+                         "choose another --out")
+
+
 def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
     a new run. Raises UsageError instead of overwriting anything."""
@@ -175,11 +184,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
         raise UsageError(f"--out {out} exists and is not a folder")
     cfg_path = out / "config.json"
     if cfg_path.is_file():
-        stored = read_json_object(cfg_path, "; choose another --out")
-        if stored != config:
-            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            raise UsageError(f"{out} holds a run with another configuration ({', '.join(changed)} differ); "
-                             "choose another --out")
+        check_same_config(out, read_json_object(cfg_path, "; choose another --out"), config)
         if (out / "results.json").is_file():
             return "done"
         if not (out / "checkpoint.pt").is_file():
