@@ -48,8 +48,7 @@ from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
-                   read_run_config,
-                   save_checkpoint, write_json)
+                   read_run_config, save_checkpoint, write_json)
 from .train import add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.instability"
