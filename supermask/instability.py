@@ -219,7 +219,7 @@ def rewind_states(config: dict, ks: list[int], dataset, device, runs_dir: Path, 
 
 
 def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | None, dataset, device,
-               runs_dir: Path, backend: str, progress: bool, log=print) -> Path:
+               runs_dir: Path, backend: str, progress: bool, log=print, tensorboard: bool = True) -> Path:
     """Train the network from its state at iteration k to the end with the data order of
     data_seed (masks held fixed if given), in a training run folder named after all of that;
     a finished copy is only read, an interrupted one resumes. Returns the folder."""
@@ -251,7 +251,8 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
         log(f"{label} copy from iteration {k}, data order {data_seed} -> {out}")
         training.train(model, dataset, train_config(config, data_seed), device, out, resume, after_step=keeper,
                        progress=progress, desc=f"k={k} d={data_seed} ", log=log,
-                       checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k)
+                       checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k,
+                       tensorboard=tensorboard)
         if keeper is not None:
             keeper.remove()
     return out
@@ -395,10 +396,11 @@ def main(argv=None) -> int:
         for k in args.rewind_list:
             path_file = out / f"path_k{k:06d}.json"
             t = time.perf_counter()
-            copies = [train_copy(config, k, d, states[k], masks, dataset, device, runs_dir, backend, progress)
-                      for d in args.data_seed_list]
+            board = not args.no_tensorboard  # each copy's run folder gets TensorBoard event files
+            copies = [train_copy(config, k, d, states[k], masks, dataset, device, runs_dir, backend, progress,
+                                 tensorboard=board) for d in args.data_seed_list]
             dense_copy = (train_copy(config, k, args.data_seed_list[0], states[k], None, dataset, device, runs_dir,
-                                     backend, progress) if masks is not None else None)
+                                     backend, progress, tensorboard=board) if masks is not None else None)
             seconds["copies"] += time.perf_counter() - t
             if path_file.is_file():
                 rows.append(json.loads(path_file.read_text()))

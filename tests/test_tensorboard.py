@@ -79,3 +79,23 @@ def test_without_the_tensorboard_package_the_run_says_so_once_and_trains(tmp_pat
     assert done.stderr.count("tensorboard is not installed: not logging to TensorBoard") == 1, done.stderr
     assert (tmp_path / "run" / "results.json").is_file()
     assert not list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-tensorboard"]])
+def test_instability_copies_log_to_tensorboard(tmp_path, flag):
+    """Every copy trained by supermask.instability is a run folder with its event files (dense net:
+    weight histograms), unless --no-tensorboard."""
+    from supermask import instability  # noqa: PLC0415
+    argv = [*FAST, "--rewind-iters", "0", "--points", "3", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "inst"), *flag]
+    assert run_main(instability.PROG, instability.main, argv) == 0
+    copies = sorted((tmp_path / "runs").glob("instability_copy_*"))
+    assert len(copies) == 2
+    for folder in copies:
+        if flag:
+            assert not list(folder.glob("events.out.tfevents.*"))
+        else:
+            acc = read_events(folder)
+            metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            assert [e.value for e in acc.Scalars("accuracy/test")] == pytest.approx(
+                [m["test_acc"] for m in metrics], rel=1e-6)
