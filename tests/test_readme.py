@@ -39,8 +39,8 @@ SKIP = [
     (r"^tensorboard\b", "starts a web server that runs until stopped"),
     (r"\.\.\.", "elided arguments in prose, not a complete command"),
 ]
-TRAINING = ("supermask.train", "supermask.imp", "supermask.compare")
-SWEEPS = ("--seeds", "--ks", "--widths", "--imp-widths", "--controls")  # compare: first value only
+TRAINING = ("supermask.train", "supermask.imp", "supermask.compare", "supermask.instability")
+SWEEPS = ("--seeds", "--ks", "--widths", "--imp-widths", "--controls", "--rewind-iters")  # first value only
 BENCH_TRAIN_QUICK = ["--limit", "512", "--repeats", "1", "--skip-slow", "--warmup-steps", "2",
                      "--select-sizes", "1e3,1e4"]
 COMMAND = re.compile(r"^([A-Z_]+=\S+\s+)*(python3?|torchrun|pip|sudo|tensorboard|\.)\s")
