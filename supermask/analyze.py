@@ -18,7 +18,6 @@ and PNG figures:
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
-from .runs import UsageError, atomic_write, load_checkpoint, read_run_config, write_json
+from .runs import UsageError, atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -110,10 +109,9 @@ def sign_agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def _results(path: Path) -> dict:
-    try:
-        return json.loads((path / "results.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    """results.json of a run ({} while it is unfinished); a corrupted one is a one-line UsageError."""
+    file = path / "results.json"
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _label(config: dict, round_: int | None = None) -> str:

@@ -187,12 +187,14 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     if download:
         import torchvision  # noqa: PLC0415 (only needed to download)
         cls = getattr(torchvision.datasets, torchvision_name)
+        made = [d for d in (data_dir, data_dir / torchvision_name, candidates[0]) if not d.exists()]
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every mirror it tries
                 for train in (True, False):
                     cls(str(data_dir), train=train, download=True)
         except Exception as e:  # noqa: BLE001 (offline: any network error)
             reason = "no network?" if isinstance(e, RuntimeError | OSError) else type(e).__name__
+            _remove_empty(made)
             tried = ", ".join(str(c) for c in candidates)
             hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or copy the four IDX "
                     f"files into {data_dir / name}" if name == "fashion-mnist" else
@@ -205,12 +207,22 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     raise DataError(f"{name} not found in {', '.join(str(c) for c in candidates)} (downloads disabled)")
 
 
+def _remove_empty(folders: list[Path]):
+    """Remove the folders a failed download created (deepest first) if they are still empty:
+    a failed command leaves nothing behind."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            folder.rmdir()
+
+
 def _load_cifar(name: str, data_dir: Path, download: bool):
     import torchvision  # noqa: PLC0415
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    made = [] if data_dir.exists() else [data_dir]
     try:
         train, test = (cls(str(data_dir), train=t, download=download) for t in (True, False))
     except Exception as e:  # noqa: BLE001
+        _remove_empty(made)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{name} not found in {data_dir} and could not be downloaded ({reason}); "
                         f"on a machine with internet run once with --data-dir {data_dir} to fetch it") from None

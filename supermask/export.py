@@ -416,6 +416,10 @@ def main(argv=None) -> int:
         config, checkpoint = read_run(source)
         input_shape, num_classes = shapes_of(config, args.data_dir)
         model, masks = build_run_model(config, checkpoint, input_shape, num_classes)
+    ds = None
+    if args.evaluate:  # read the test set before anything is written: bad data must leave no --out behind
+        from . import data as data_mod  # noqa: PLC0415
+        ds = data_mod.load(config["dataset"], args.data_dir, config.get("val_size", 5000))
     baked = bake(model, masks)
     dense_bytes = fp32_state_dict_bytes(baked)
     n_weights = sum(m.weight.numel() for m in baked.modules() if isinstance(m, nn.Linear | nn.Conv2d))
@@ -435,9 +439,7 @@ def main(argv=None) -> int:
         how = ("import supermask; " if target is model else "") + "torch.export.load(path).module()"
         print(f"{out}: deployable model (torch.export; load with {how}), "
               f"{out.stat().st_size:,} bytes; fp32 state dict {dense_bytes:,} bytes")
-    if args.evaluate:
-        from . import data as data_mod  # noqa: PLC0415
-        ds = data_mod.load(config["dataset"], args.data_dir, config.get("val_size", 5000))
+    if ds is not None:
         loaded = load_compact(out) if args.compact else torch.export.load(str(out)).module()
         before, logits_a = _accuracy(model, ds.test_x, ds.test_y)
         after, logits_b = _accuracy(loaded, ds.test_x, ds.test_y)

@@ -142,6 +142,8 @@ def base(tmp_path_factory):
     assert imp_mod.main([*IMP_TINY, "--out", str(root / "imp")]) == 0
     assert run_main(export.PROG, export.main, [str(root / "ep"), "--compact", "--out", str(root / "ep.smask")]) == 0
     write_tiny_mnist(root / "data" / "mnist")
+    assert train_mod.main(["--dataset", "mnist", "--data-dir", str(root / "data"), "--epochs", "1", "--width", "0.25",
+                           "--val-size", "10", "--no-progress", "--out", str(root / "mn")]) == 0  # a run on real files
     for lock in root.rglob(".lock"):  # lock bookkeeping (the pid of the last writer), not a run's content
         lock.unlink()
     return root
@@ -159,8 +161,9 @@ def compared(tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+    """{path: SHA-256 of a file, or "folder"}: every file and folder below root (locks aside)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*")) if p.name != ".lock"}
 
 
 def run_case(case: Case, root: Path, capsys, monkeypatch) -> tuple[int, str]:
@@ -178,7 +181,7 @@ def run_case(case: Case, root: Path, capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def check_clean(code, err, before, root, expect):
+def check_clean(code, err, before, root, expect, writes_nothing=False):
     assert "Traceback" not in err, err
     assert code == 2, (code, err)
     assert err.endswith("\n") and err.count("\n") == 1, err
@@ -188,6 +191,8 @@ def check_clean(code, err, before, root, expect):
     assert not changed, f"changed or removed: {changed}"
     new = set(after) - set(before)
     assert not [f for f in new if f.endswith("results.json")], f"stored as finished: {new}"
+    if writes_nothing:  # export and analyze write one output, after every input has been read
+        assert not new, f"written on bad input: {sorted(new)}"
     temps = [p for p in root.rglob(".*") if p.is_file() and p.name != ".lock"]
     assert not temps, f"temporary files left: {temps}"
 
@@ -450,6 +455,16 @@ CASES = [
     Case("export out folder missing", "export", ["{root}/ep", "--out", "{root}/no/x.pt2"], "does not exist"),
     Case("export compact file truncated", "export", ["{root}/ep.smask", "--out", "{root}/x.pt2"],
          "not a valid compact", truncate("ep.smask")),
+    # export --evaluate reads the test set before it writes: bad data leaves no --out behind
+    Case("export evaluate truncated test images", "export",
+         ["{root}/mn", "--evaluate", "--data-dir", "{root}/data", "--out", "{root}/x.pt2"], "t10k-images-idx3-ubyte.gz",
+         truncate(TEST_IMG)),
+    Case("export compact evaluate missing data", "export",
+         ["{root}/mn", "--compact", "--evaluate", "--data-dir", "{root}/nodata", "--out", "{root}/x.smask"], "mnist"),
+    Case("analyze truncated results.json", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
+         "corrupted (not valid JSON", truncate("ep/results.json")),
+    Case("analyze results.json not an object", "analyze", ["{root}/ep", "{root}/imp", "--out", "{root}/an"],
+         "holds a JSON list", write("imp/round_01/results.json", LIST_JSON)),
     Case("analyze one mask", "analyze", ["{root}/ep", "--out", "{root}/an"], "two or more"),
     Case("analyze missing run", "analyze", ["{root}/ep", "{root}/nothing", "--out", "{root}/an"], "not a folder"),
     Case("analyze out is a file", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/ep.smask"],
@@ -484,7 +499,9 @@ def test_bad_input(case: Case, base, tmp_path, capsys, monkeypatch, request):
         case.setup(root)
     before = snapshot(root)
     code, err = run_case(case, root, capsys, monkeypatch)
-    check_clean(code, err, before, root, case.expect)
+    # (a full disk may stop analyze between two of its files: each is whole, the folder is not)
+    check_clean(code, err, before, root, case.expect,
+                writes_nothing=case.command in ("export", "analyze") and case.patch is None)
 
 
 def test_there_are_enough_cases_of_every_kind_and_command():
