@@ -108,6 +108,10 @@ def validate(args):
     args.control_list = [c.strip() for c in args.controls.split(",") if c.strip()]
     if not args.seed_list:
         raise UsageError("--seeds is empty")
+    if not args.width_list and not args.imp_width_list:
+        raise UsageError("nothing to compare: --widths and --imp-widths are both empty")
+    if args.width_list and not args.k_list:
+        raise UsageError("--ks is empty: edge-popup at --widths needs at least one k")
     for k in args.k_list:
         if not 0 < k <= 1:
             raise UsageError(f"--ks values must be in (0, 1], got {k:g}")

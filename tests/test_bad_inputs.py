@@ -315,6 +315,9 @@ CASES = [
          write(str(next((root / "cruns").glob("fc_w0.25_synthetic_dense_*")) / "config.json"), LIST_JSON)(root),
          compare_runs=True),
     Case("compare empty seeds", "compare", [*BASE_ARGV["compare"], "--seeds", ","], "--seeds is empty"),
+    Case("compare no widths at all", "compare", [*BASE_ARGV["compare"], "--widths", "", "--imp-widths", ""],
+         "nothing to compare"),
+    Case("compare empty ks", "compare", [*BASE_ARGV["compare"], "--ks", ""], "--ks is empty"),
     # 3. data files
     Case("data truncated gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", truncate(TRAIN_IMG)),
     Case("data flipped byte in gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", flip_byte(TRAIN_IMG)),
