@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,6 +201,13 @@ def _diverged(loss: float, step: int, epoch: int, out: Path | None):
                         f"diverged (lower --lr?){where}")
 
 
+def not_learning(train_loss: float, train_acc: float, num_classes: int) -> bool:
+    """True when an epoch's mean training loss is no lower than that of predicting every class with
+    probability 1/C (ln C nats) and its training accuracy (%) is below twice chance: the network is
+    not learning (a learning rate too high for it, dead ReLUs after a blow-up, ...)."""
+    return num_classes > 1 and train_loss >= math.log(num_classes) and train_acc < 200.0 / num_classes
+
+
 def _append_row(f, row: dict, path: Path):
     """Append one metrics row; on a failed write (a full disk) cut the file back to whole rows."""
     pos = f.tell()
@@ -294,6 +302,7 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             metrics_file.close()
             raise
     board = TensorBoardLog(out, tensorboard)
+    warned_not_learning = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -353,6 +362,13 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
             log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                 f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
             board.epoch(row, model)
+            if main and not warned_not_learning and not_learning(row["train_loss"], row["train_acc"],
+                                                                 dataset.num_classes):
+                warned_not_learning = True  # once a run: the run goes on, its numbers are what they are
+                print(f"warning: {desc}epoch {epoch + 1}: training loss {row['train_loss']:.4g} is no lower than "
+                      f"chance (ln {dataset.num_classes} = {math.log(dataset.num_classes):.4f}) and training "
+                      f"accuracy {row['train_acc']:.2f}% is near chance ({100 / dataset.num_classes:.0f}%): the "
+                      f"network is not learning (too high a --lr?)", file=sys.stderr)
             if out:
                 _append_row(metrics_file, row, out / "metrics.jsonl")
                 save_checkpoint(out / "checkpoint.pt", {

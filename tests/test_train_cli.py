@@ -148,8 +148,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, extra, m
 def test_missing_data_offline_names_paths_and_what_to_do(tmp_path, capsys, monkeypatch):
     import torchvision
 
-    class Offline:
-        def __init__(self, *a, **k):
+    class Offline:  # as torchvision does offline: makes root/MNIST/raw, then fails to download
+        def __init__(self, root, *a, **k):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
@@ -159,6 +160,38 @@ def test_missing_data_offline_names_paths_and_what_to_do(tmp_path, capsys, monke
     assert len(err.splitlines()) == 1
     assert str(tmp_path / "nodata" / "MNIST" / "raw") in err and "dataset-fashion-mnist" in err
     assert not out.exists()
+    assert not (tmp_path / "nodata").exists()  # the folders the failed download made are gone
+    # a data folder that was there before stays, with what it holds; only the new empty ones go
+    (tmp_path / "data" / "other").mkdir(parents=True)
+    assert run(["--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["other"]
+
+
+@pytest.mark.parametrize("loss,acc,classes,expected", [
+    (2.3026, 10.0, 10, True),     # ln 10 = 2.302585: no better than uniform, at chance
+    (2.3025, 10.0, 10, False),    # a little below ln 10: learning something
+    (3e23, 10.5, 10, True),       # blown up
+    (2.5, 19.99, 10, True),       # below twice chance (20%)
+    (2.5, 20.0, 10, False),
+    (0.70, 50.0, 2, True),        # ln 2 = 0.6931
+    (4.7, 0.5, 100, True),        # ln 100 = 4.6052, chance 1%
+    (9.9, 0.0, 1, False),         # one class: nothing to learn
+])
+def test_not_learning_by_hand(loss, acc, classes, expected):
+    from supermask.training import not_learning
+    assert not_learning(loss, acc, classes) is expected
+
+
+def test_a_run_that_does_not_learn_warns_once_and_finishes(tmp_path, capsys):
+    # lr 5 blows the dense network up in epoch 1 (loss ~1e23, finite) and its ReLUs die: loss ln 10 after
+    out = tmp_path / "run"
+    assert run(["--dataset", "synthetic", "--dense", "--epochs", "2", "--lr", "5", "--width", "0.25",
+                "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: epoch 1: training loss") and "not learning" in err[0], err
+    assert json.loads((out / "results.json").read_text())["test_acc"] < 20
+    assert run(FAST + ["--out", str(tmp_path / "learns")]) == 0
+    assert capsys.readouterr().err == ""  # a run that learns: no warning
 
 
 def test_unwritable_out(tmp_path, capsys):
