@@ -245,39 +245,6 @@ def test_a_finished_pai_run_is_only_read(tmp_path, monkeypatch):
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
-BAD_INPUTS = [
-    (["--prune-at-init", "obd", "--k", "0.1"], "invalid choice"),
-    (["--prune-at-init", "snip", "--k", "0"], "argument --k: expected a number in (0, 1]"),
-    (["--prune-at-init", "snip", "--k", "1.5"], "argument --k: expected a number in (0, 1]"),
-    (["--prune-at-init", "snip", "--k", "-0.1"], "argument --k: expected a number in (0, 1]"),
-    (["--pai-check", "shuffle"], "--pai-check needs --prune-at-init"),
-    (["--prune-at-init", "snip", "--pai-check", "flip"], "invalid choice"),
-    (["--prune-at-init", "snip", "--topk", "row"], "invalid choice"),
-    (["--prune-at-init", "grasp", "--dataset", "imagenet"], "scores on a batch of an in-memory dataset"),
-]
-
-
-@pytest.mark.parametrize("extra,message", BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, extra, message):
-    out = tmp_path / "run"
-    try:
-        code = run(FAST + ["--out", str(out)] + extra)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
-
-
-def test_prune_at_init_without_dense_is_one_line_exit_2(tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = [a for a in FAST if a != "--dense"] + ["--prune-at-init", "snip", "--out", str(out)]
-    assert run(argv) == 2
-    err = capsys.readouterr().err
-    assert "add --dense" in err and len(err.strip().splitlines()) == 1 and not out.exists()
-
-
-
 # --- supermask.compare --pai --------------------------------------------------------------------
 
 CMP = ["--dataset", "synthetic", "--widths", "0.05", "--imp-widths", "0.05", "--ks", "0.5,0.1", "--epochs", "1",

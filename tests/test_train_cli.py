@@ -130,6 +130,16 @@ BAD_INPUTS = [
     (["--epochs", "0"], "argument --epochs: expected an integer >= 1"),
     (["--k", "abc"], "argument --k: expected a number in (0, 1]"),
     (["--optimizer", "lion"], "invalid choice"),
+    # pruning at initialisation (supermask/pai.py)
+    (["--dense", "--prune-at-init", "obd", "--k", "0.1"], "invalid choice"),
+    (["--dense", "--prune-at-init", "snip", "--k", "0"], "argument --k: expected a number in (0, 1]"),
+    (["--dense", "--prune-at-init", "snip", "--k", "1.5"], "argument --k: expected a number in (0, 1]"),
+    (["--dense", "--prune-at-init", "snip", "--k", "-0.1"], "argument --k: expected a number in (0, 1]"),
+    (["--dense", "--pai-check", "shuffle"], "--pai-check needs --prune-at-init"),
+    (["--dense", "--prune-at-init", "snip", "--pai-check", "flip"], "invalid choice"),
+    (["--dense", "--prune-at-init", "snip", "--topk", "row"], "invalid choice"),
+    (["--dense", "--prune-at-init", "grasp", "--dataset", "imagenet"], "scores on a batch of an in-memory dataset"),
+    (["--prune-at-init", "snip"], "add --dense"),
 ]
 
 
