@@ -317,7 +317,8 @@ def _ensure_bits(state, n: int) -> torch.Tensor:
 
 
 def _fwd_key(weight, scores, n_keep):
-    # the same key as supermask.ops._key: the backward reuses what a forward of these very tensors left
+    """Identifies a forward's tensors (storage, version, shape, dtype) and n_keep: the backward
+    reuses what a forward left only for these very tensors, unchanged. supermask.ops uses it too."""
     return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype,
             scores.data_ptr(), scores._version, tuple(scores.shape), scores.dtype, n_keep)
 

@@ -76,10 +76,6 @@ def use_path(name: str):
     return restore()
 
 
-def current_path() -> str:
-    return _path
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-layer state registry.
 # ---------------------------------------------------------------------------------------------
@@ -155,9 +151,7 @@ class StateHandle:
             pass
 
 
-def _key(weight: Tensor, scores: Tensor, n_keep: int) -> tuple:
-    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype,
-            scores.data_ptr(), scores._version, tuple(scores.shape), scores.dtype, n_keep)
+_key = cpu_kernels._fwd_key  # one key for "the forward of these very tensors", on every path
 
 
 def _check_n_keep(scores: Tensor, n_keep: int) -> None:
@@ -323,7 +317,7 @@ def _masked_weight_op(weight: Tensor, scores: Tensor, n_keep: int, state: int) -
 
 
 @_masked_weight_op.register_fake
-def _(weight, scores, n_keep, state):
+def _fake_like_weight(weight, scores, *_):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -371,25 +365,16 @@ def _masked_weight_at_op(weight: Tensor, scores: Tensor, value: Tensor, ties: in
     return fn(weight.detach(), scores, th).contiguous()
 
 
-@_masked_weight_at_op.register_fake
-def _(weight, scores, value, ties):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+_masked_weight_at_op.register_fake(_fake_like_weight)
 
 
 def _mwa_setup(ctx, inputs, output):
     weight, scores, _, _ = inputs
     ctx.save_for_backward(weight, scores)
+    ctx.n_keep, ctx.state = 0, -1  # the mask is given: ste_grad needs no selection state
 
 
-def _mwa_backward(ctx, grad):
-    weight, scores = ctx.saved_tensors
-    gs = None
-    if ctx.needs_input_grad[1]:
-        gs = torch.ops.supermask.ste_grad(grad, weight, scores, 0, -1)
-    return None, gs, None, None
-
-
-_masked_weight_at_op.register_autograd(_mwa_backward, setup_context=_mwa_setup)
+_masked_weight_at_op.register_autograd(_mw_backward, setup_context=_mwa_setup)
 
 
 def masked_weight_at(weight: Tensor, scores: Tensor, threshold: Threshold) -> Tensor:
@@ -440,7 +425,7 @@ def _mlb_impl(grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep:
     kind = _choose(weight, scores)
     K = weight.shape[1]
     gy2, x2 = grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, K)
-    st = get_state(state) if state >= 0 else LayerState()
+    st = get_state(state)  # (-1: a throwaway state)
     empty = grad_y.new_empty(0)
     if kind == "cpu":
         cached = st.fwd_key == _key(weight, scores, n_keep)
