@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_kernels
-from .mask import Threshold, TopKWarmStart, mask_from_threshold, topk_threshold as _cold_threshold, warm_topk_threshold
+from .mask import Threshold, TopKWarmStart, warm_topk_threshold
+from .mask import _masked as _masked_product, topk_threshold as _cold_threshold
 
 PATHS = ("auto", "reference", "triton")
 _path = "auto"
@@ -216,9 +217,8 @@ def _saved_threshold(weight, scores, n_keep, state: LayerState, kind: str) -> Th
 
 
 def _masked_ref(weight: Tensor, scores: Tensor, th: Threshold) -> Tensor:
-    """weight * mask, as mask.MaskedWeight computes it (equal bit for bit)."""
-    mask = mask_from_threshold(scores.detach().abs(), th)
-    return torch.mul(mask.to(weight.dtype), weight) if weight.is_floating_point() else weight * mask
+    """weight * mask, by the mask definition's own product (mask._masked, as mask.MaskedWeight)."""
+    return _masked_product(weight, scores.detach(), th)
 
 
 def _masked_triton(weight: Tensor, scores: Tensor, th: Threshold) -> Tensor:
