@@ -17,7 +17,6 @@ and PNG figures:
 """
 from __future__ import annotations
 
-import io
 import math
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
+from .runlog import pyplot, save_figure
 from .runs import UsageError, atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
@@ -332,20 +332,8 @@ def sparsity_rows(tickets: list[Ticket]) -> list[dict]:
 # Figures
 
 
-def _plt():
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    return plt
-
-
 def _save(fig, path: Path):
-    """Render in memory, then write atomically: a full disk leaves no truncated PNG."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    _plt().close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def _layer_names(tickets):
@@ -356,7 +344,7 @@ def _layer_names(tickets):
 
 
 def fig_sparsity(tickets, path):
-    plt = _plt()
+    plt = pyplot()
     names = _layer_names(tickets)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 3.4))
     w = 0.8 / len(tickets)
@@ -372,7 +360,7 @@ def fig_sparsity(tickets, path):
 
 
 def fig_overlap(pair_rows, path):
-    plt = _plt()
+    plt = pyplot()
     if not pair_rows:
         return False
     names = []
@@ -398,7 +386,7 @@ def fig_overlap(pair_rows, path):
 
 
 def fig_overlap_vs_rounds(rows, path):
-    plt = _plt()
+    plt = pyplot()
     if not rows:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -424,7 +412,7 @@ def fig_overlap_vs_rounds(rows, path):
 
 
 def fig_movement(rows, imp_runs, path):
-    plt = _plt()
+    plt = pyplot()
     if not rows:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -460,7 +448,7 @@ def fig_movement(rows, imp_runs, path):
 
 
 def fig_scores(tickets, path):
-    plt = _plt()
+    plt = pyplot()
     eps = [t for t in tickets if t.scores][:4]
     if not eps:
         return False
@@ -486,7 +474,7 @@ def fig_scores(tickets, path):
 
 
 def fig_kept_weights(tickets, path):
-    plt = _plt()
+    plt = pyplot()
     shown = [t for t in tickets if t.kind == "edge-popup"]
     imps = [t for t in tickets if t.kind == "imp"]
     if imps:  # the first pruned round and the last one of each IMP run, not all of them

@@ -15,7 +15,7 @@ and trained) at each --ks and --widths, i.e. at the sparsities of the edge-popup
 from __future__ import annotations
 
 import csv
-import json
+import io
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +30,8 @@ from .data import DATASETS
 from .init import INITS
 from .models import MODELS
 from .pruning import SCOPES
-from .runs import UsageError, read_json_object
+from .runlog import pyplot, save_figure
+from .runs import UsageError, atomic_write, read_json_object
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
@@ -271,19 +272,18 @@ def write_table(agg: list[dict], out: Path, title: str):
                      f"{a['weights_kept']} | {_pm(a['test_acc_mean'], a['test_acc_sd'], 2, n)} | "
                      f"{_pm(a['best_test_acc_mean'], a['best_test_acc_sd'], 2, n)} | {it} | "
                      f"{a['seconds_per_epoch_mean']:.2f} | {n} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(agg[0]) if agg else ["method"])
-        writer.writeheader()
-        writer.writerows(agg)
+    atomic_write(out / "table.md", ("\n".join(lines) + "\n").encode())
+    rows = io.StringIO(newline="")
+    writer = csv.DictWriter(rows, fieldnames=list(agg[0]) if agg else ["method"])
+    writer.writeheader()
+    writer.writerows(agg)
+    atomic_write(out / "table.csv", rows.getvalue().encode())
 
 
 def write_plot(agg: list[dict], out: Path, title: str):
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 (the axes' formatters)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     fig, (ax_acc, ax_es) = plt.subplots(1, 2, figsize=(13, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lines: dict[tuple, list[dict]] = {}
@@ -335,9 +335,7 @@ def write_plot(agg: list[dict], out: Path, title: str):
     ax_acc.legend(fontsize=8, loc="lower left")
     ax_es.legend(fontsize=8, loc="best")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "plot.png", dpi=120)
 
 
 def main(argv=None) -> int:

@@ -47,8 +47,9 @@ from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
-from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
-                   read_run_config, save_checkpoint, write_json)
+from .runlog import pyplot, save_figure
+from .runs import (UsageError, atomic_write, check_same_config, config_hash, exclusive, load_checkpoint,
+                   prepare_run_dir, read_run_config, save_checkpoint, write_json)
 from .train import add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.instability"
@@ -328,16 +329,13 @@ def write_table(rows: list[dict], out: Path, title: str):
         stp = f"{stp['normalised']:.3f}" if stp and stp.get("normalised") is not None else "-"
         lines.append(f"| {r['rewind_iteration']} | {e[0]:.2f} | {e[-1]:.2f} | {max(e):.2f} | {r['barrier']:.2f} | "
                      f"{'yes' if r['stable'] else 'no'} | {stp} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "table.md", ("\n".join(lines) + "\n").encode())
 
 
 def write_plot(rows: list[dict], out: Path, title: str):
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 (the axes' locators)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (ax_path, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_path, ax_bar) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         ax_path.plot(r["alpha"], r["test_error"], "o-", ms=3, label=f"k = {r['rewind_iteration']}")
     ax_path.set_xlabel("interpolation a: (1 - a) W1 + a W2")
@@ -357,9 +355,7 @@ def write_plot(rows: list[dict], out: Path, title: str):
     ax_bar.legend(fontsize=8)
     ax_bar.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "plot.png", dpi=120)
 
 
 def main(argv=None) -> int:
@@ -427,10 +423,11 @@ def main(argv=None) -> int:
         kind = f"edge-popup k={args.k:g}" if args.edge_popup else "dense" if masks is None else "IMP"
         title = (f"{args.model} x{args.width:g} ({kind}{kept}) on {args.dataset}, {args.epochs} epochs, seed "
                  f"{args.seed}, data orders {args.data_seed_list[0]} and {args.data_seed_list[1]}")
-        write_json(out / "instability.json", {"config": oconfig, "ticket": args.ticket, "round": args.round,
-                                              "rows": rows, "seconds_this_call": seconds})
         write_table(rows, out, title)
         write_plot(rows, out, title)
+        # last: instability.json is the analysis' record, written once the table and plot are there
+        write_json(out / "instability.json", {"config": oconfig, "ticket": args.ticket, "round": args.round,
+                                              "rows": rows, "seconds_this_call": seconds})
     print((out / "table.md").read_text())
     print(f"took {seconds['rewind_states']:.0f} s for rewind states, {seconds['copies']:.0f} s for copies, "
           f"{seconds['paths']:.0f} s for paths; wrote {out / 'instability.json'}, {out / 'table.md'}, {out / 'plot.png'}")

@@ -10,6 +10,7 @@ accuracy per epoch, train / val / test, drawn with matplotlib) joins its folder.
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -81,15 +82,31 @@ class TensorBoardLog:
             self.writer = None
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when a figure is made."""
+    import matplotlib  # noqa: PLC0415 (only when a figure is drawn)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Lay fig out, render it to PNG in memory and write it with runs.atomic_write (a failed write,
+    a full disk included, is a one-line UsageError and leaves no truncated PNG); fig is closed."""
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def write_curves(path: Path, metrics: list[dict], title: str = "") -> None:
     """curves.png: loss (left) and accuracy in % (right) per epoch for train, val and test, from
     the metrics.jsonl rows. A run that trained no epoch (a random subnetwork) shows its val and
     test accuracy at epoch 0 when the rows hold them."""
-    import matplotlib  # noqa: PLC0415 (only when a run ends)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):
         for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
             points = [(m.get("epoch", 0), m[f"{split}_{what}"]) for m in metrics if m.get(f"{split}_{what}") is not None]
@@ -102,8 +119,4 @@ def write_curves(path: Path, metrics: list[dict], title: str = "") -> None:
             ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -279,6 +279,25 @@ def full_disk(after: int = 0):
     return patch
 
 
+def full_disk_at(name: str):
+    """os.fsync fails with ENOSPC for the atomic write of the file called name (.<name>.<random>.tmp)."""
+    def patch(mp: pytest.MonkeyPatch):
+        real = os.fsync
+
+        def fsync(fd):
+            if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd)
+        mp.setattr(os, "fsync", fsync)
+    return patch
+
+
+def trained_copies(root: Path):
+    """The copies of BASE_ARGV["instability"], trained by an analysis into another folder (inst0)."""
+    argv = [a.format(root=root).replace("/inst", "/inst0") for a in BASE_ARGV["instability"]]
+    assert run_main(instability.PROG, instability.main, argv) == 0
+
+
 EP = [*TINY, "--seed", "3", "--out", "{root}/ep"]  # the command that made ep: it finds its run
 IMP = [*IMP_TINY, "--out", "{root}/imp"]
 MNIST = ["--dataset", "mnist", "--data-dir", "{root}/data", "--epochs", "1", "--width", "0.25", "--val-size", "10",
@@ -427,6 +446,16 @@ CASES = [
          patch=full_disk(0)),
     Case("analyze full disk", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"], "no space left",
          patch=full_disk(0)),
+    Case("compare full disk at the table", "compare", BASE_ARGV["compare"], "no space left",
+         patch=full_disk_at("table.md"), compare_runs=True),
+    Case("compare full disk at the csv", "compare", BASE_ARGV["compare"], "no space left",
+         patch=full_disk_at("table.csv"), compare_runs=True),
+    Case("compare full disk at the plot", "compare", BASE_ARGV["compare"], "no space left",
+         patch=full_disk_at("plot.png"), compare_runs=True),
+    Case("instability full disk at the table", "instability", BASE_ARGV["instability"], "no space left",
+         trained_copies, full_disk_at("table.md")),
+    Case("instability full disk at the plot", "instability", BASE_ARGV["instability"], "no space left",
+         trained_copies, full_disk_at("plot.png")),
     Case("analyze full disk at the report", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
          "no space left", patch=full_disk(5)),
     # 6. output that would destroy input; the output's suffix
