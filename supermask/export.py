@@ -325,14 +325,16 @@ def bake(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.M
     return out.eval()
 
 
-def deployable(model: nn.Module, masks: dict[str, torch.Tensor] | None, bake_masks: bool = False) -> nn.Module:
+def deployable(model: nn.Module, masks: dict[str, torch.Tensor] | None, bake_masks: bool = False,
+               baked: nn.Module | None = None) -> nn.Module:
     """What the .pt2 holds: the supermask model itself in eval mode (per-layer top-k supermasks, whose
     ops export as they are), else (bake_masks, IMP masks, global top-k: a model-level hook) the baked
-    model: plain layers holding weight * mask, loadable with torch alone."""
+    model: plain layers holding weight * mask, loadable with torch alone (baked: bake(model, masks)
+    when the caller has it already)."""
     if (not bake_masks and masks is None and supermask_layers(model)
             and getattr(model, "_supermask_global_hook", None) is None):
         return model.eval()
-    return bake(model, masks)
+    return baked if baked is not None else bake(model, masks)
 
 
 def export_program(model: nn.Module, input_shape):
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
               f"({8 * size / n_weights:.3f} bits/weight); fp32 state dict {dense_bytes:,} bytes: "
               f"{dense_bytes / size:.1f}x smaller")
     else:
-        target = deployable(model, masks, args.bake)
+        target = deployable(model, masks, args.bake, baked)
         program = export_program(target, input_shape)
         buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of Python's, not a C++ abort
         torch.export.save(program, buf)

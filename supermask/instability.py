@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import sys
 import time
@@ -49,7 +48,7 @@ from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runlog import pyplot, save_figure
 from .runs import (UsageError, atomic_write, check_same_config, config_hash, exclusive, load_checkpoint,
-                   prepare_run_dir, read_run_config, save_checkpoint, write_json)
+                   prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
 from .train import add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.instability"
@@ -399,7 +398,7 @@ def main(argv=None) -> int:
                                      backend, progress, tensorboard=board) if masks is not None else None)
             seconds["copies"] += time.perf_counter() - t
             if path_file.is_file():
-                rows.append(json.loads(path_file.read_text()))
+                rows.append(read_json_object(path_file))
                 continue
             t = time.perf_counter()
             finals = [load_checkpoint(c / "checkpoint.pt")["model"] for c in copies]
@@ -409,7 +408,7 @@ def main(argv=None) -> int:
             row = {"rewind_iteration": k, "alpha": [p["alpha"] for p in path], "test_error": errors,
                    "barrier": barrier, "stable": barrier < STABLE_BELOW,
                    "copies": [str(c) for c in copies],
-                   "copies_test_acc": [json.loads((c / "results.json").read_text())["test_acc"] for c in copies],
+                   "copies_test_acc": [read_json_object(c / "results.json")["test_acc"] for c in copies],
                    "stability_to_pruning": None}
             if dense_copy is not None:
                 row["dense_copy"] = str(dense_copy)

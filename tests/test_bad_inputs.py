@@ -298,6 +298,16 @@ def trained_copies(root: Path):
     assert run_main(instability.PROG, instability.main, argv) == 0
 
 
+def finished_analysis_then(*damage):
+    """A finished analysis of BASE_ARGV["instability"] (inst/, iruns/), then damage to it."""
+    def setup(root: Path):
+        argv = [a.format(root=root) for a in BASE_ARGV["instability"]]
+        assert run_main(instability.PROG, instability.main, argv) == 0
+        for d in damage:
+            d(root)
+    return setup
+
+
 EP = [*TINY, "--seed", "3", "--out", "{root}/ep"]  # the command that made ep: it finds its run
 IMP = [*IMP_TINY, "--out", "{root}/imp"]
 MNIST = ["--dataset", "mnist", "--data-dir", "{root}/data", "--epochs", "1", "--width", "0.25", "--val-size", "10",
@@ -456,6 +466,8 @@ CASES = [
          trained_copies, full_disk_at("table.md")),
     Case("instability full disk at the plot", "instability", BASE_ARGV["instability"], "no space left",
          trained_copies, full_disk_at("plot.png")),
+    Case("instability stored path truncated", "instability", BASE_ARGV["instability"], "corrupted (not valid JSON",
+         finished_analysis_then(truncate("inst/path_k000000.json"))),
     Case("analyze full disk at the report", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
          "no space left", patch=full_disk(5)),
     # 6. output that would destroy input; the output's suffix
