@@ -9,10 +9,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The top-level kernels/ folder installs as supermask.kernels: a bare "kernels" package would
-    # collide with an unrelated distribution of that name on PyPI.
+    # The top-level kernels/ folder is supermask.kernels through the link supermask/kernels -> ../kernels,
+    # so a plain checkout imports it with no install (the GPU machine gets a bare copy of the tree); a bare
+    # "kernels" package would collide with an unrelated distribution of that name on PyPI.
     packages=["supermask", "supermask.kernels"],
-    package_dir={"supermask": "supermask", "supermask.kernels": "kernels"},
     # the C source of the CPU kernels, compiled on first use (supermask/cpu_kernels.py)
     package_data={"supermask": ["cpu_kernels.c"]},
     # safetensors: the compact .smask files; filelock: the run-folder lock (every OS); pyyaml: --config
