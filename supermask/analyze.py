@@ -28,7 +28,8 @@ from .cli import Parser, run_main
 from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
 from .runlog import pyplot, save_figure
-from .runs import UsageError, atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
+from .errors import UsageError
+from .storage import atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")

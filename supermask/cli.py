@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .runs import UsageError
+from .errors import DataError, UsageError
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -85,8 +85,6 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False, lis
 def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> int:
     """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2.
     interrupted: what to print (after prog) on Ctrl-C, exit code 130."""
-    from .data import DataError  # noqa: PLC0415
-
     try:
         return main(argv) or 0
     except (UsageError, DataError) as e:

@@ -31,7 +31,8 @@ from .init import INITS
 from .models import MODELS
 from .pruning import SCOPES
 from .runlog import pyplot, save_figure
-from .runs import UsageError, atomic_write, read_json_object
+from .errors import UsageError
+from .storage import atomic_write, read_json_object
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")

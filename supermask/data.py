@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
+
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic", "imagenet")
 STREAMED = ("imagenet",)  # read from disk batch by batch (ImageFolderData), not held in memory
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -27,10 +29,6 @@ _STATS = {  # per-channel mean and std of the training images
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-class DataError(Exception):
-    """The dataset cannot be found or read; the message says what was tried and what to do."""
 
 
 @dataclass

@@ -41,7 +41,8 @@ import torch.nn as nn
 
 from .cli import Parser, run_main
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .runs import UsageError, atomic_write, load_checkpoint, read_run_config
+from .errors import UsageError
+from .storage import atomic_write, load_checkpoint, read_run_config
 
 PROG = "python -m supermask.export"
 FORMAT = "supermask-compact"

@@ -35,8 +35,9 @@ from .cli import Parser, number, resolve_device, run_main
 from .init import INITS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
-from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
-                   read_json_object, remove_temp_files, save_checkpoint, write_json)
+from .errors import UsageError
+from .storage import (check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object,
+                      remove_temp_files, save_checkpoint, write_json)
 from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.imp"

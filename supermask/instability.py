@@ -47,8 +47,9 @@ from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runlog import pyplot, save_figure
-from .runs import (UsageError, atomic_write, check_same_config, config_hash, exclusive, load_checkpoint,
-                   prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
+from .errors import UsageError
+from .storage import (atomic_write, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
+                      read_json_object, read_run_config, save_checkpoint, write_json)
 from .train import add_model_args, add_training_args, build_model, validate_common
 
 PROG = "python -m supermask.instability"
@@ -126,6 +127,24 @@ def train_config(config: dict, data_seed: int) -> training.TrainConfig:
 def _name(config: dict) -> str:
     kind = f"ep{config['k']:g}" if not config["dense"] else "dense"
     return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}"
+
+
+def copy_config(config: dict, k: int, data_seed: int, masks: dict | None) -> dict:
+    """The identity (config.json) of a copy trained from iteration k with the data order data_seed."""
+    return {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
+            "mask": mask_id(masks)}
+
+
+def copy_name(config: dict, k: int, data_seed: int, masks: dict | None) -> str:
+    """The folder name (under --runs-dir) of that copy."""
+    cconfig = copy_config(config, k, data_seed, masks)
+    kind = "" if masks is None else f"_m{cconfig['mask']}"
+    return f"instability_copy_{_name(config)}{kind}_k{k}_d{data_seed}_{config_hash(cconfig)}"
+
+
+def out_name(oconfig: dict, config: dict) -> str:
+    """The analysis' default folder name (under --runs-dir): its mode, network and the hash of oconfig."""
+    return f"instability_{oconfig['mode']}_{_name(config)}_{config_hash(oconfig)}"
 
 
 def mask_id(masks: dict | None) -> str | None:
@@ -223,10 +242,8 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
     """Train the network from its state at iteration k to the end with the data order of
     data_seed (masks held fixed if given), in a training run folder named after all of that;
     a finished copy is only read, an interrupted one resumes. Returns the folder."""
-    cconfig = {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
-               "mask": mask_id(masks)}
-    kind = "" if masks is None else f"_m{cconfig['mask']}"
-    out = runs_dir / f"instability_copy_{_name(config)}{kind}_k{k}_d{data_seed}_{config_hash(cconfig)}"
+    cconfig = copy_config(config, k, data_seed, masks)
+    out = runs_dir / copy_name(config, k, data_seed, masks)
     if (out / "results.json").is_file():
         prepare_run_dir(out, cconfig, True)  # checks that it holds this configuration ("done")
         return out
@@ -377,7 +394,7 @@ def main(argv=None) -> int:
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
-    out = Path(args.out) if args.out else runs_dir / f"instability_{oconfig['mode']}_{_name(config)}_{config_hash(oconfig)}"
+    out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
     check_out(out, oconfig)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .layers import supermask_layers
-from .runs import atomic_write
+from .storage import atomic_write
 
 _said_unavailable = False
 

@@ -25,8 +25,9 @@ from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .init import INITS, init_dense_
 from .models import MODELS, build
-from .runs import (UsageError, config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object,
-                   read_run_config, remove_temp_files)
+from .errors import UsageError
+from .storage import (config_hash, exclusive, load_checkpoint, prepare_run_dir, read_json_object, read_run_config,
+                      remove_temp_files)
 from .training import (OPTIMIZERS, RESUME_KEYS, SCHEDULES, TrainConfig, evaluate, evaluate_streamed,
                        evaluate_untrained, train)
 

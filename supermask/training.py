@@ -23,7 +23,8 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from .layers import supermask_layers
 from .runlog import TensorBoardLog, write_curves
-from .runs import UsageError, save_checkpoint, write_error, write_json
+from .errors import UsageError, write_error
+from .storage import save_checkpoint, write_json
 
 OPTIMIZERS = ("sgd", "adam")
 # What train(resume=...) reads from a checkpoint (load_checkpoint(path, require=RESUME_KEYS)).

@@ -188,7 +188,7 @@ def test_start_step_continues_the_batches_and_the_schedule(monkeypatch):
 
 
 def test_an_imp_run_being_written_by_another_process_is_left_alone(tmp_path, calls, capsys):
-    from supermask.runs import exclusive
+    from supermask.storage import exclusive
     out = tmp_path / "ticket"
     argv = [*BASE, "--epochs", "1", "--out", str(out)]
     assert imp.main([*argv, "--rounds", "1"]) == 0
