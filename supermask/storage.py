@@ -197,6 +197,30 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     return "new"
 
 
+def open_run(out: Path, config: dict, resume: bool | None, held: contextlib.ExitStack | None = None,
+             require: tuple = ()) -> tuple[str, dict | None]:
+    """The one way to open a training run folder: prepare_run_dir (the same configuration, or a new
+    folder), then, unless the run is done and when held is given, the folder's lock (exclusive,
+    entered into held; a run finished by another process meanwhile is then "done") and the removal
+    of a killed writer's temporary files. Returns (state, checkpoint): "new", "resume" or "done",
+    and the checkpoint to continue from (load_checkpoint(..., require)) for "resume", else None.
+
+    resume None: continue whatever the folder holds (IMP rounds, instability copies), as
+    resume=True when it holds a config.json. A run stopped before its first checkpoint starts
+    again ("new"). Raises UsageError instead of overwriting anything."""
+    out = Path(out)
+    if resume is None:
+        resume = (out / "config.json").is_file()
+    state = prepare_run_dir(out, config, resume)
+    if state != "done" and held is not None:
+        held.enter_context(exclusive(out))
+        if (out / "results.json").is_file():  # finished by another process a moment ago
+            state = "done"
+        else:
+            remove_temp_files(out)  # left by a process killed while writing (we hold the folder now)
+    return state, (load_checkpoint(out / "checkpoint.pt", require) if state == "resume" else None)
+
+
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
     """Hold run_dir for this process while the block writes there: a filelock.FileLock on

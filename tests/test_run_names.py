@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from supermask import desc
 from supermask import imp as imp_mod
 from supermask import instability
 from supermask import train as train_mod
@@ -54,15 +55,15 @@ INSTABILITY = [
 def train_name(argv):
     args = train_mod.parse_args(argv)
     train_mod.validate(args)
-    config = train_mod.run_config(args)
-    return config, train_mod.run_name(config)
+    config = desc.train_identity(args)
+    return config, desc.train_name(config)
 
 
 def imp_names(argv):
     args = imp_mod.parser().parse_args(argv)
     imp_mod.validate(args)
-    config = imp_mod.imp_config(args)
-    return imp_mod.run_name(config), imp_mod.run_name(imp_mod.ticket_config(config))
+    config = desc.imp_identity(args)
+    return desc.imp_name(config), desc.imp_name(desc.ticket_identity(config))
 
 
 def instability_names(argv):
