@@ -33,6 +33,8 @@ _STATS = {  # per-channel mean and std of the training images
 
 @dataclass
 class Dataset:
+    """An in-memory dataset: float32 images (N, C, H, W), normalised, and int64 labels, split into train, val (held
+    out from the training set) and test."""
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -45,6 +47,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape (C, H, W) of one image."""
         return tuple(self.train_x.shape[1:])
 
 

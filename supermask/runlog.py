@@ -59,6 +59,8 @@ class TensorBoardLog:
 
     @torch.no_grad()
     def epoch(self, row: dict, model: nn.Module) -> None:
+        """Log one epoch's metrics row at its epoch, and each prunable layer's kept fraction (and a supermask
+        layer's score histogram)."""
         if self.writer is None:
             return
         step = row["epoch"]
@@ -77,6 +79,7 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None

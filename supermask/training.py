@@ -34,6 +34,10 @@ SCHEDULES = ("cosine", "multistep", "none")
 
 @dataclass
 class TrainConfig:
+    """The training hyperparameters of one run (supermask.desc.training_config makes it from a run's identity):
+    epochs, batch size, lr (per-iteration schedule: cosine, multistep at milestones by gamma, or none; linear
+    warm-up over warmup_epochs), SGD or Adam with momentum, weight decay (none on BatchNorm with no_bn_decay),
+    label smoothing; seed orders the data."""
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
@@ -67,6 +71,8 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg names (SGD with momentum and Nesterov, or Adam) over the trainable parameters; with
+    cfg.no_bn_decay, BatchNorm parameters get no weight decay."""
     bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
