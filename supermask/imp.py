@@ -203,6 +203,46 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
                            tensorboard)
 
 
+def _round_masks(config: dict, out: Path, r: int, ticket, prev, dataset) -> tuple[dict, tuple | None]:
+    """The masks of round r and prev, the (final weights, masks) of the previous round (read from
+    its checkpoint when prev is None): a control's are the ticket run's round r (random-mask:
+    shuffled), round 0's keep everything, a later round's prune the previous round's trained
+    weights by magnitude."""
+    control = config.get("control")
+    if control:
+        ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
+        if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
+            raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
+        masks = load_checkpoint(ticket_ckpt, require=("masks",))["masks"]
+        if control == "random-mask":
+            masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
+    elif r == 0:
+        masks = full_masks(_dense_model(config, dataset))
+    else:
+        if prev is None:
+            ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
+            prev = (ckpt["model"], ckpt["masks"])
+        trained = _dense_model(config, dataset)
+        with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
+            trained.load_state_dict(prev[0])
+            masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
+                                    config["output_prune_rate"])
+    return masks, prev
+
+
+def _round_start(config: dict, out: Path, r: int, init_state: dict) -> dict:
+    """The weights round r starts from: the initialisation (round 0, reinit, no rewinding) or the
+    rewind state (rewind.pt)."""
+    rewind_path = out / "rewind.pt"
+    if r == 0 or config.get("control") == "reinit" or not config["rewind_iter"]:
+        start = init_state
+    else:
+        if not rewind_path.is_file():
+            raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
+        start = _load_state(rewind_path)
+    return start
+
+
 def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
                 tensorboard=True) -> dict:
     control = config.get("control")
@@ -237,32 +277,8 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
             ckpt = load_checkpoint(rdir / "checkpoint.pt", require=("model", "masks"))
             prev = (ckpt["model"], ckpt["masks"])
             continue
-        # Masks of this round.
-        if control:
-            ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
-            if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
-                raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
-            masks = load_checkpoint(ticket_ckpt, require=("masks",))["masks"]
-            if control == "random-mask":
-                masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
-        elif r == 0:
-            masks = full_masks(_dense_model(config, dataset))
-        else:
-            if prev is None:
-                ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
-                prev = (ckpt["model"], ckpt["masks"])
-            trained = _dense_model(config, dataset)
-            with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
-                trained.load_state_dict(prev[0])
-                masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
-                                        config["output_prune_rate"])
-        # Weights it starts from.
-        if r == 0 or control == "reinit" or not config["rewind_iter"]:
-            start = init_state
-        else:
-            if not rewind_path.is_file():
-                raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
-            start = _load_state(rewind_path)
+        masks, prev = _round_masks(config, out, r, ticket, prev, dataset)
+        start = _round_start(config, out, r, init_state)
         _, resume = distributed.run_on_main(open_run, rdir, round_config, None,
                                             require=(*training.RESUME_KEYS, "masks"))
 
