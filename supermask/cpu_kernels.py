@@ -72,7 +72,7 @@ def _compile(cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed (runs.atomic_write): two processes building at once
+    # Built under a temporary name and renamed (storage.atomic_write): two processes building at once
     # both succeed.
     from .storage import atomic_write  # noqa: PLC0415
 

@@ -94,7 +94,7 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
-    """Lay fig out, render it to PNG in memory and write it with runs.atomic_write (a failed write,
+    """Lay fig out, render it to PNG in memory and write it with storage.atomic_write (a failed write,
     a full disk included, is a one-line UsageError and leaves no truncated PNG); fig is closed."""
     buf = io.BytesIO()
     try:
