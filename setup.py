@@ -1,12 +1,18 @@
+import re
 from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).parent
+# The one version is supermask.__version__; read as text so that building needs no torch.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "supermask" / "__init__.py").read_text(encoding="utf-8"),
+                    re.M).group(1)
+
 setup(
     name="supermask",
-    version="0.1.0",
+    version=VERSION,
     description="Edge-popup supermasks and lottery tickets (IMP) in PyTorch, with Triton kernels",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The top-level kernels/ folder is supermask.kernels through the link supermask/kernels -> ../kernels,
