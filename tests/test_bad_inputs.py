@@ -47,7 +47,8 @@ BASE_ARGV = {
     "compare": ["--dataset", "synthetic", "--epochs", "1", "--ks", "0.5", "--widths", "0.25", "--imp-widths", "0.25",
                 "--rounds", "1", "--controls", "", "--val-size", "200", "--no-progress", "--runs-dir", "{root}/cruns",
                 "--out", "{root}/cmp"],
-    "instability": [*TINY, "--rewind-iters", "0", "--points", "3", "--runs-dir", "{root}/iruns", "--out", "{root}/inst"],
+    "instability": [*TINY, "--rewind-iters", "0", "--points", "3", "--runs-dir", "{root}/iruns",
+                    "--out", "{root}/inst"],
 }
 TRAINING = ("train", "imp", "compare", "instability")
 
@@ -471,7 +472,8 @@ CASES = [
     Case("analyze full disk at the report", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
          "no space left", patch=full_disk(5)),
     # 6. output that would destroy input; the output's suffix
-    Case("export compact onto itself", "export", ["{root}/ep.smask", "--compact", "--out", "{root}/ep.smask", "--force"],
+    Case("export compact onto itself", "export",
+         ["{root}/ep.smask", "--compact", "--out", "{root}/ep.smask", "--force"],
          "is one of the inputs"),
     Case("export compact to pt2 onto itself", "export", ["{root}/ep.smask", "--out", "{root}/ep.smask", "--force"],
          "named *.pt2"),

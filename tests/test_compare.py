@@ -42,7 +42,8 @@ def test_compare_runs_once_then_reuses(tmp_path, train_calls):
     table = (out / "table.md").read_text()
     for method in compare.METHOD_ORDER:
         assert f"| {method} |" in table
-    rows = list(csv.DictReader(open(out / "table.csv")))
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} == set(compare.METHOD_ORDER)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (out / "plot.png").unlink()

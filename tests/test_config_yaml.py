@@ -81,7 +81,8 @@ def test_multistep_dense_and_sampled_configs(tmp_path):
     args = parsed(["--config", write(tmp_path, multistep), "--k", "0.5"])
     assert (args.schedule, args.milestones, args.gamma) == ("multistep", (30, 60, 90), 0.5)
     dense = SMALLSCALE.replace("SubnetConv", "DenseConv").replace("NonAffineBatchNorm", "LearnedBatchNorm") \
-        .replace("freeze_weights: True", "freeze_weights: False").replace("init: signed_constant", "init: kaiming_normal")
+        .replace("freeze_weights: True", "freeze_weights: False") \
+        .replace("init: signed_constant", "init: kaiming_normal")
     args = parsed(["--config", write(tmp_path, dense)])
     flags = [f if f != "signed_constant" else "kaiming_normal" for f in EQUIVALENT_FLAGS] + ["--dense"]
     assert args.dense and desc.train_identity(args) == desc.train_identity(parsed(flags))

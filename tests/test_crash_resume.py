@@ -187,7 +187,8 @@ def test_imp_killed_then_resumed_equals_the_uninterrupted_run(reference, tmp_pat
         assert list((out / "round_01").glob(".checkpoint.pt.*"))
     assert run_main(imp_mod.PROG, imp_mod.main, [*IMP, "--out", str(out)]) == 0  # the same command resumes
     assert_same_run(out, reference / "imp", ["round_00", "round_01"])
-    assert load_checkpoint(out / "init.pt")["model"].keys() == load_checkpoint(reference / "imp" / "init.pt")["model"].keys()
+    assert (load_checkpoint(out / "init.pt")["model"].keys()
+            == load_checkpoint(reference / "imp" / "init.pt")["model"].keys())
 
 
 def test_ctrl_c_before_the_first_checkpoint_claims_none(tmp_path, capsys, monkeypatch):

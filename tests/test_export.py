@@ -125,7 +125,8 @@ OLD_LOGITS = [[-0.0754, -0.6331, -2.3995, -1.8437, -1.5277, 3.8012, -0.7129, -4.
 def test_compact_file_written_before_the_safetensors_package_loads_identically():
     import hashlib
     config, masks, state, shape, classes = export.read_compact(OLD_FILE)
-    assert (config["model"], config["width"], config["k"], shape, classes, state) == ("fc", 2.5, 0.5, (1, 28, 28), 10, {})
+    assert (config["model"], config["width"], config["k"], shape, classes, state) == (
+        "fc", 2.5, 0.5, (1, 28, 28), 10, {})
     assert {n: (tuple(m.shape), int(m.sum()), hashlib.sha256(m.numpy().tobytes()).hexdigest()[:16])
             for n, m in masks.items()} == OLD_MASKS
     model = export.load_compact(OLD_FILE)
@@ -161,7 +162,8 @@ def test_compact_round_trip_with_batchnorm_stats_and_global_topk(config, tmp_pat
     x = torch.randn(4, *shape, generator=g)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    n_bn = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k)
+    n_bn = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+               if "running" in k or "num_batches" in k)
     n_mask = sum(math.ceil(m.weight.numel() / 8) for _, m in supermask_layers(model))
     (header_len,) = struct.unpack("<Q", data[:8])
     assert len(data) == 8 + header_len + n_mask + n_bn

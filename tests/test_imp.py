@@ -66,7 +66,8 @@ def test_storage_contract_and_nothing_recomputed(tmp_path, calls):
             assert (rdir / name).is_file()
         c = ckpt(rdir / "checkpoint.pt")
         masks = c["masks"]
-        assert set(masks) == {n for n, _ in pruning.prunable_layers(imp._dense_model(config, data_mod.load("synthetic")))}
+        dense = imp._dense_model(config, data_mod.load("synthetic"))
+        assert set(masks) == {n for n, _ in pruning.prunable_layers(dense)}
         for name, m in masks.items():
             assert m.dtype == torch.bool
             assert (c["model"][f"{name}.weight"][~m] == 0).all(), "a pruned weight is not zero after training"

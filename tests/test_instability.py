@@ -132,7 +132,8 @@ def test_ticket_copies_share_the_mask_and_stability_to_pruning_is_reported(tmp_p
         assert "dense" in Path(row["dense_copy"]).name and "_m" not in Path(row["dense_copy"]).name
     # the dense copy is the one the dense analysis trains (shared, not recomputed)
     before = files(runs)
-    assert run(SYN + ["--rewind-iters", "0", "--points", "3", "--runs-dir", str(runs), "--out", str(tmp_path / "d")]) == 0
+    assert run(SYN + ["--rewind-iters", "0", "--points", "3", "--runs-dir", str(runs),
+                      "--out", str(tmp_path / "d")]) == 0
     new = [p for p in files(runs) if p not in before and p.name == "results.json"]
     assert len(new) == 1  # only the copy with the second data order
 

@@ -72,7 +72,8 @@ def _linear_cases(n):
         ties = rng.random() < 0.35
         frac = rng.choice([1e-9, 0.05, 0.5, 0.9, 1.0, rng.random()])
         out.append(pytest.param(rng.randrange(1 << 30), m, nn_, k, lead, layout, ties, frac, dtype,
-                                id=f"{i}-{dtype}-{m}x{nn_}x{k}-{lead}-{layout}-{'ties' if ties else 'noties'}-{frac:.2g}"))
+                                id=(f"{i}-{dtype}-{m}x{nn_}x{k}-{lead}-{layout}-"
+                                    f"{'ties' if ties else 'noties'}-{frac:.2g}")))
     return out
 
 

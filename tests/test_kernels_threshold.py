@@ -51,7 +51,8 @@ def _cases(n):
         shape = rng.choice(_SHAPES)
         ties = rng.choice(["none", "some", "few_levels", "tiny"])
         frac = rng.choice([1e-9, 0.001, 0.05, 0.3, 0.5, 0.7, 0.95, 0.999, 1.0, rng.random()])
-        out.append(pytest.param(rng.randrange(1 << 30), shape, dtype, ties, frac, id=f"{i}-{dtype}-{shape}-{ties}-{frac:.3g}"))
+        out.append(pytest.param(rng.randrange(1 << 30), shape, dtype, ties, frac,
+                                id=f"{i}-{dtype}-{shape}-{ties}-{frac:.3g}"))
     return out
 
 
@@ -96,7 +97,8 @@ def _global_cases(n):
         shapes = [rng.choice(_SHAPES[:9]) for _ in range(rng.randint(1, 4))]
         ties = rng.choice(["none", "some", "few_levels"])
         k = rng.choice([1e-6, 0.01, 0.2, 0.5, 0.9, 0.99, 1.0, rng.random() * 0.98 + 0.01])
-        out.append(pytest.param(rng.randrange(1 << 30), shapes, dtype, ties, k, id=f"{i}-{dtype}-{len(shapes)}-{ties}-{k:.3g}"))
+        out.append(pytest.param(rng.randrange(1 << 30), shapes, dtype, ties, k,
+                                id=f"{i}-{dtype}-{len(shapes)}-{ties}-{k:.3g}"))
     return out
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import supermask
-from supermask import cpu_kernels, models, ops
+from supermask import models, ops
 from supermask.mask import MaskedWeight, num_kept, topk_mask, topk_threshold
 
 try:
@@ -53,8 +53,8 @@ def test_opcheck_every_op(path, dtype):
                                   (torch.randn_like(w), w, s.detach(), n_keep, state))
             for need_x, need_s in ((True, True), (False, True), (True, False)):
                 torch.library.opcheck(torch.ops.supermask.masked_linear_backward.default,
-                                      (torch.randn(6, 24, dtype=dtype, device=DEVICE), x.detach(), w, s.detach(), n_keep, state,
-                                       need_x, need_s))
+                                      (torch.randn(6, 24, dtype=dtype, device=DEVICE), x.detach(), w, s.detach(),
+                                       n_keep, state, need_x, need_s))
         torch.library.opcheck(torch.ops.supermask.topk_threshold.default, (s.detach(), n_keep))
         v = s.detach().abs().flatten().kthvalue(s.numel() - n_keep + 1).values
         for ties in (-1, 0, 3):

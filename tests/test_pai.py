@@ -258,7 +258,8 @@ def test_compare_trains_pai_methods_at_the_edge_popup_sparsities_once(tmp_path, 
     runs, out = tmp_path / "runs", tmp_path / "cmp"
     argv = [*CMP, "--pai", "snip,random", "--pai-checks", "shuffle", "--runs-dir", str(runs), "--out", str(out)]
     assert compare.main(argv) == 0
-    rows = list(__import__("csv").DictReader(open(out / "table.csv")))
+    with open(out / "table.csv") as f:
+        rows = list(__import__("csv").DictReader(f))
     by = {(r["method"], r["setting"]): r for r in rows}
     for k in ("0.5", "0.1"):
         ep = by[("edge-popup", f"k={k}")]

@@ -53,7 +53,7 @@ def test_global_scope_pools_all_but_the_output_layer():
     model = tiny(values=[-3.0, -1.0, 1.0, 0.5, 3.0])
     masks = pruning.full_masks(model)
     layers = pruning.prunable_layers(model)
-    hidden, (out_name, out_m) = layers[:-1], layers[-1]
+    hidden, (out_name, _) = layers[:-1], layers[-1]
     for _ in range(2):
         new = pruning.magnitude_masks(model, masks, 0.3, "global")
         mags = torch.cat([m.weight.abs().reshape(-1) for _, m in hidden])

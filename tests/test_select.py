@@ -40,7 +40,8 @@ def _check(x, k):
 def test_many_small(dtype):
     g = torch.Generator().manual_seed(1)
     for trial in range(150):
-        n = int(torch.randint(1, 3000, (1,), generator=g)) if trial % 3 else int(torch.randint(1, 40, (1,), generator=g))
+        high = 3000 if trial % 3 else 40
+        n = int(torch.randint(1, high, (1,), generator=g))
         kind = ["uniform", "normal", "ties", "equal", "sorted", "inf"][trial % 6]
         x = _inputs(n, kind, dtype, g)
         for k in {1, n, max(1, n // 2), int(torch.randint(1, n + 1, (1,), generator=g))}:
