@@ -316,9 +316,9 @@ def test_supermask_models_still_convert_to_fused_layers():
 
 
 def test_readme_vit_example_runs_as_written(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("<!-- example: vit -->\n```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md", "exec"), {})
+    page = (Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text()
+    code = page.split("<!-- example: vit -->\n```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/library.md", "exec"), {})
     out = capsys.readouterr().out
     assert "2 other tensors frozen (class_token, encoder.pos_embedding)" in out
     loss, acc = re.search(r"loss ([0-9.]+), train accuracy ([0-9.]+)", out).groups()
