@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The README's instability and pruning-at-init results for one network seed, as they were run:
+# The instability and pruning-at-init results (docs/instability.md, docs/pruning-at-init.md) for one network seed, as they were run:
 #   bash docs/fashion_mnist_studies.sh 0      # and 1 (the two seeds ran side by side, one thread each)
 # Every run lands in runs/ under its derived name and is reused if it is there; the wall time of each
-# part goes to docs/instability/times_s$SEED.txt. Afterwards, both seeds' tables:
-#   python -m supermask.compare $COMMON --seeds 0,1 ... --out docs/pai   (see the README)
+# part goes to docs/instability/times_s$SEED.txt. Afterwards, both seeds' tables (docs/pai, docs/pai_checks):
+#   bash docs/fashion_mnist_report.sh pai   (see docs/pruning-at-init.md)
 set -euo pipefail
 SEED=${1:?usage: bash docs/fashion_mnist_studies.sh SEED}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
