@@ -34,10 +34,10 @@ import torch.nn as nn
 from .errors import UsageError
 from .storage import atomic_write
 from .cli import Parser, run_main
-from .baking import bake, deployable, export_program, fp32_state_dict_bytes  # noqa: F401 (tests and README use them here)
+from .baking import bake, deployable, export_program, fp32_state_dict_bytes  # noqa: F401 (tests use them here)
 from .compact import (DATASET_SHAPES, build_run_model, compact_bytes, load_compact, load_compact_run,  # noqa: F401
                       FORMAT, CompactFileError, pack_bits, read_compact, read_run, shapes_of, unpack_bits)
-# (load_compact, bake ...: the README and tests import them from here)
+# (load_compact, bake ...: the tests and older scripts import them from here; docs/export.md shows supermask.compact)
 
 PROG = "python -m supermask.export"
 

@@ -4,7 +4,7 @@
 official ``main.py --config`` does, and flags given on the command line override them (their
 ``prune_rate: -1`` means "give --prune-rate on the command line": here ``--k``). The files'
 keys are hidden-networks' argparse names (``arch``, ``set``, ``prune_rate``, ``lr_policy``...); the
-map below is the README's "Coming from hidden-networks" table, applied by code. Our own example
+map below is the table of docs/hidden-networks.md ("Coming from hidden-networks"), applied by code. Our own example
 configs (configs/*.yaml) use the same keys.
 
 A key with no counterpart here (``one_batch``, ``multigpu``...), or a value this tool does not
@@ -68,7 +68,7 @@ def to_flags(config: dict, source: str = "--config") -> dict:
         "freeze_weights", "prune_rate", "k", "model", "dataset", "width"))
     if unknown:
         raise UsageError(f"{source}: no counterpart in supermask.train for key(s) {', '.join(unknown)} "
-                         "(see the README's 'Coming from hidden-networks')")
+                         "(see docs/hidden-networks.md)")
 
     def bad(key, allowed):
         return UsageError(f"{source}: {key}: {config[key]!r} is not supported here (supported: {allowed})")

@@ -4,7 +4,7 @@
     python -m supermask.train --dataset fashion-mnist --dense # the dense baseline
 
 Every run lives in its own folder (--out, default runs/<name from the hyperparameters>) holding
-config.json, metrics.jsonl, checkpoint.pt and results.json. See README.md for all flags.
+config.json, metrics.jsonl, checkpoint.pt and results.json. All flags: docs/commands.md (or --help).
 """
 from __future__ import annotations
 
@@ -126,7 +126,8 @@ def _train_main(args, device: torch.device) -> int:
         torch.set_num_threads(args.threads)
     config = desc.train_identity(args)
     out = Path(args.out) if args.out else Path("runs") / desc.train_name(config)
-    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size, **_load_options(args))  # fail on missing data first
+    # fail on missing data first
+    dataset = data_mod.load(args.dataset, args.data_dir, args.val_size, **_load_options(args))
     if distributed.world_size() > 1 and args.batch_size < distributed.world_size():
         raise UsageError(f"--batch-size is the global batch: it must be at least the number of processes "
                          f"({distributed.world_size()}), got {args.batch_size}")
