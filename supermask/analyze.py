@@ -552,13 +552,15 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
               "two masks agree more than chance. *init signs* is the fraction of weights whose initial signs "
               "agree (100%: the same random network; 50%: independent draws).", ""]
     if pair_rows:
-        lines += ["| relation | A | B | layer | density A % | density B % | IoU | chance | IoU / chance | init signs % |",
+        lines += ["| relation | A | B | layer | density A % | density B % | IoU | chance | IoU / chance | "
+                  "init signs % |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for p in pair_rows:
             for n, v in [*p["layers"].items(), ("all", p["overall"])]:
                 bold = "**" if n == "all" else ""
-                lines.append(f"| {p['relation']} | {p['a']} | {p['b']} | {bold}{_lbl(n)}{bold} | {_pct(v['density_a'])} | "
-                             f"{_pct(v['density_b'])} | {bold}{v['iou']:.3f}{bold} | {v['chance']:.3f} | "
+                lines.append(f"| {p['relation']} | {p['a']} | {p['b']} | {bold}{_lbl(n)}{bold} | "
+                             f"{_pct(v['density_a'])} | {_pct(v['density_b'])} | {bold}{v['iou']:.3f}{bold} | "
+                             f"{v['chance']:.3f} | "
                              f"{v['iou'] / v['chance'] if v['chance'] else float('nan'):.2f} | "
                              f"{_pct(p['init_sign_agreement']) if n == 'all' else ''} |")
     else:
@@ -587,7 +589,8 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
         for m in moves:
             lines.append(f"| {Path(m['run']).name} | {m['round']} | {_lbl(m['layer'])} | {m['n_kept']:,} | "
                          f"{m['n_pruned']:,} | {_num(m['move_kept'], '.4f')} | {_num(m['move_pruned'], '.4f')} | "
-                         f"{_num(m['ratio'], '.2f')} | {_num(m['init_kept'], '.4f')} | {_num(m['init_pruned'], '.4f')} |")
+                         f"{_num(m['ratio'], '.2f')} | {_num(m['init_kept'], '.4f')} | "
+                         f"{_num(m['init_pruned'], '.4f')} |")
         if "movement.png" in figures:
             lines += ["", "![weight movement](movement.png)"]
     else:

@@ -137,7 +137,8 @@ def build_run_model(config: dict, checkpoint: dict, input_shape, num_classes: in
     try:
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as e:
-        raise UsageError(f"the checkpoint does not fit the network its config.json describes ({str(e)[:120]})") from None
+        raise UsageError("the checkpoint does not fit the network its config.json describes "
+                         f"({str(e)[:120]})") from None
     model.eval()
     prime(model, input_shape)
     return model, masks

@@ -74,22 +74,27 @@ def parser() -> Parser:
     p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default mnist)")
     p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
     add_fields(p, [f for f in desc.MODEL_FIELDS if f.name == "val_size"])
-    p.add_argument("--seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--ks", type=number(float, 0, 1, low_open=True, list_of=True), default="0.1,0.3,0.5,0.7", help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
+    p.add_argument("--seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="0",
+                   help="comma-separated seeds (default 0)")
+    p.add_argument("--ks", type=number(float, 0, 1, low_open=True, list_of=True), default="0.1,0.3,0.5,0.7",
+                   help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
     p.add_argument("--widths", type=WIDTHS, default="1,2.5", help="widths for edge-popup and dense (default 1,2.5)")
     p.add_argument("--imp-widths", type=WIDTHS, default="1", help="widths for IMP and its controls (default 1)")
     p.add_argument("--init", choices=INITS, default="signed_constant", help="edge-popup weight init")
     p.add_argument("--scale-fan", action="store_true", help="edge-popup init with fan_in * k")
-    p.add_argument("--rounds", type=imp_mod.ROUNDS, default=8, help="IMP pruning rounds after the dense round (default 8)")
-    p.add_argument("--prune-rate", type=imp_mod.PRUNE_RATE, default=0.2, help="IMP: fraction pruned per round (default 0.2)")
+    p.add_argument("--rounds", type=imp_mod.ROUNDS, default=8,
+                   help="IMP pruning rounds after the dense round (default 8)")
+    p.add_argument("--prune-rate", type=imp_mod.PRUNE_RATE, default=0.2,
+                   help="IMP: fraction pruned per round (default 0.2)")
     p.add_argument("--scope", choices=SCOPES, default="layer", help="IMP pruning scope (default layer)")
-    p.add_argument("--rewind-iter", type=number(int, 0), default=0, help="IMP: rewind to this iteration (default 0: init)")
+    p.add_argument("--rewind-iter", type=number(int, 0), default=0,
+                   help="IMP: rewind to this iteration (default 0: init)")
     p.add_argument("--val-every", type=number(int, 0), default=100, help="IMP: validation every this many iterations")
     p.add_argument("--controls", default="reinit,random-mask",
                    help="IMP controls, comma-separated from reinit,random-mask ('' for none)")
     p.add_argument("--pai", default="",
-                   help=f"pruning-at-init methods trained at each --ks, comma-separated from {','.join(pai_mod.METHODS)} "
-                        "(default: none)")
+                   help="pruning-at-init methods trained at each --ks, comma-separated from "
+                        f"{','.join(pai_mod.METHODS)} (default: none)")
     p.add_argument("--pai-checks", default="",
                    help=f"sanity checks of every --pai method, comma-separated from {','.join(pai_mod.CHECKS)}")
     add_training_args(p)

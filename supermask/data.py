@@ -102,8 +102,9 @@ def load_image_folder(name: str, data_dir: str | os.PathLike, val_size: int = 50
     eval_all.transform = eval_tf
     order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(0))
     subset = torch.utils.data.Subset
-    return ImageFolderData(name, subset(train_all, order[val_size:].tolist()), subset(eval_all, order[:val_size].tolist()),
-                           test, len(train_all.classes), (3, image_size, image_size), workers)
+    return ImageFolderData(name, subset(train_all, order[val_size:].tolist()),
+                           subset(eval_all, order[:val_size].tolist()), test, len(train_all.classes),
+                           (3, image_size, image_size), workers)
 
 
 def read_idx(path: Path, ndim: int | None = None) -> torch.Tensor:
@@ -200,7 +201,8 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or copy the four IDX "
                     f"files into {data_dir / name}" if name == "fashion-mnist" else
                     f"copy the four IDX files ({', '.join(s + '.gz' for s in _IDX_FILES)}) into {data_dir / name}, "
-                    "or train offline on Fashion-MNIST: apt-get install dataset-fashion-mnist, then --dataset fashion-mnist")
+                    "or train offline on Fashion-MNIST: apt-get install dataset-fashion-mnist, "
+                    "then --dataset fashion-mnist")
             raise DataError(f"{name} not found in {tried} and the download failed ({reason}); {hint}") from None
         files = _find_idx(candidates[0])
         if files:

@@ -84,8 +84,9 @@ TRAIN_FIELDS = (
     K_FIELD,
     Field("init", None, choices=INITS, help="weight init (default signed_constant; kaiming_normal with --dense)"),
     Field("scale_fan", False, bool, help="init with fan_in * k (the 'scaled' variants)"),
-    Field("topk", None, choices=TOPK_SCOPES, help="top-k per layer or one global threshold (default layer; with "
-                                                  "--prune-at-init the method's paper's: global for snip, grasp, synflow)"),
+    Field("topk", None, choices=TOPK_SCOPES,
+          help="top-k per layer or one global threshold (default layer; with "
+               "--prune-at-init the method's paper's: global for snip, grasp, synflow)"),
     Field("dense", False, bool, help="train the weights of the same network (no mask)"),
     Field("first_layer_dense", False, bool, help="first layer: ordinary trainable weights"),
     Field("last_layer_dense", False, bool, help="last layer: ordinary trainable weights"),

@@ -66,18 +66,23 @@ def parser() -> Parser:
                    help="weight init (default kaiming_normal; signed_constant with --edge-popup)")
     p.add_argument("--rewind-iters", type=number(int, 0, list_of=True), default="0",
                    help="comma-separated rewind iterations k to analyse, e.g. 0,50,200 (default 0)")
-    p.add_argument("--points", type=number(int, 2), default=30, help="points on the linear path, end points included (default 30)")
-    p.add_argument("--data-seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="1,2", help="the two copies' data orders (default 1,2)")
+    p.add_argument("--points", type=number(int, 2), default=30,
+                   help="points on the linear path, end points included (default 30)")
+    p.add_argument("--data-seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="1,2",
+                   help="the two copies' data orders (default 1,2)")
     p.add_argument("--ticket", default=None, help="an IMP run folder: analyse its ticket of --round")
-    p.add_argument("--round", type=number(int, 0), default=None, help="with --ticket: the IMP round whose mask is analysed")
+    p.add_argument("--round", type=number(int, 0), default=None,
+                   help="with --ticket: the IMP round whose mask is analysed")
     p.add_argument("--edge-popup", action="store_true", help="analyse an edge-popup supermask (scores interpolated)")
     add_fields(p, [desc.K_FIELD], k={"help": "with --edge-popup: fraction of weights kept (default 0.5)"})
     p.add_argument("--scale-fan", action="store_true", help="with --edge-popup: init with fan_in * k")
     p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="with --edge-popup: top-k scope")
     add_training_args(p)
     add_backend(p, "edge-popup's mask implementation (as in supermask.train)")
-    p.add_argument("--runs-dir", default="runs", help="where rewind states and trained copies are stored (default runs/)")
-    p.add_argument("--out", default=None, help="folder for the results (default RUNS/instability_<name from the flags>)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where rewind states and trained copies are stored (default runs/)")
+    p.add_argument("--out", default=None,
+                   help="folder for the results (default RUNS/instability_<name from the flags>)")
     return p
 
 
@@ -368,7 +373,8 @@ def main(argv=None) -> int:
     total = args.epochs * math.ceil(len(dataset.train_y) / args.batch_size)
     if args.rewind_list[-1] >= total:
         raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "
-                         f"({total} iterations: --epochs {args.epochs} of {math.ceil(len(dataset.train_y) / args.batch_size)})")
+                         f"({total} iterations: --epochs {args.epochs} of "
+                         f"{math.ceil(len(dataset.train_y) / args.batch_size)})")
     model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
     masks = load_ticket(Path(args.ticket), args.round, config, model) if args.ticket else None
     oconfig = out_config(args, config, masks)
@@ -427,7 +433,8 @@ def main(argv=None) -> int:
                                               "rows": rows, "seconds_this_call": seconds})
     print((out / "table.md").read_text())
     print(f"took {seconds['rewind_states']:.0f} s for rewind states, {seconds['copies']:.0f} s for copies, "
-          f"{seconds['paths']:.0f} s for paths; wrote {out / 'instability.json'}, {out / 'table.md'}, {out / 'plot.png'}")
+          f"{seconds['paths']:.0f} s for paths; wrote {out / 'instability.json'}, {out / 'table.md'}, "
+          f"{out / 'plot.png'}")
     return 0
 
 

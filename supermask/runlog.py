@@ -112,7 +112,8 @@ def write_curves(path: Path, metrics: list[dict], title: str = "") -> None:
     fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):
         for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
-            points = [(m.get("epoch", 0), m[f"{split}_{what}"]) for m in metrics if m.get(f"{split}_{what}") is not None]
+            points = [(m.get("epoch", 0), m[f"{split}_{what}"]) for m in metrics
+                      if m.get(f"{split}_{what}") is not None]
             if points:
                 ax.plot(*zip(*points), style, marker="o" if len(points) < 20 else None, label=split)
         ax.set_xlabel("epoch")

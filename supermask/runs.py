@@ -77,7 +77,8 @@ def describe_run(run_dir: Path, root: Path) -> dict:
         done = results.get("rounds", []) if isinstance(results, dict) else []
         finished = {r.get("round") for r in done} >= set(range(first, planned + 1))
         row.update(k_or_round=f"rounds {len(done)}/{planned + 1 - first}",
-                   epochs=f"{sum(r.get('epochs') or 0 for r in done)}/{(planned + 1 - first) * config.get('epochs', 0)}",
+                   epochs=f"{sum(r.get('epochs') or 0 for r in done)}/"
+                          f"{(planned + 1 - first) * config.get('epochs', 0)}",
                    test_acc=done[-1].get("test_acc") if done else None)
         row["state"] = row["state"] or ("finished" if finished else "unfinished")
         return row
