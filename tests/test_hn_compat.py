@@ -1,0 +1,97 @@
+"""The hidden-networks-compatible mode (--hn-compat; on for a --config file of theirs): what
+their code computes where ours differs (allenai/hidden-networks: args.py defaults, main.py's Adam,
+utils/builder.py's scale_fan, utils/net_utils.py's freeze_model_weights), each against values worked
+out here; and off, nothing changes (run names: tests/test_run_names.py)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from supermask import desc
+from supermask import train as train_mod
+from supermask.errors import UsageError
+from supermask.layers import supermask_layers
+from supermask.training import make_optimizer
+
+RELU_GAIN = math.sqrt(2)
+
+
+def parsed(tmp_path, text, *flags):
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    args = train_mod.parse_args(["--config", str(path), *flags])
+    train_mod.validate(args)
+    return args
+
+
+def test_keys_a_file_leaves_out_take_hidden_networks_defaults(tmp_path):
+    args = parsed(tmp_path, "arch: Conv4\nconv_type: SubnetConv\nprune_rate: 0.5\n")
+    # args.py: 90 epochs, batch 256, constant_lr, kaiming_normal, ImageNet; no validation split there
+    assert (args.hn_compat, args.epochs, args.batch_size, args.schedule, args.init, args.dataset, args.val_size,
+            args.k, args.weight_decay, args.lr) == (True, 90, 256, "none", "kaiming_normal", "imagenet", 0, 0.5,
+                                                    1e-4, 0.1)
+    ours = parsed(tmp_path, "hn_compat: false\narch: Conv4\nconv_type: SubnetConv\nprune_rate: 0.5\n")
+    assert (ours.hn_compat, ours.epochs, ours.batch_size, ours.schedule, ours.init, ours.dataset, ours.val_size) == (
+        False, 15, 128, "cosine", "signed_constant", "mnist", 5000)
+    assert "hn_compat" not in desc.train_identity(ours)  # off: the identity (and name) of before
+
+
+def test_without_prune_rate_their_default_keeps_nothing_so_k_is_asked_for(tmp_path):
+    with pytest.raises(UsageError, match="pass --k"):
+        parsed(tmp_path, "arch: Conv4\nconv_type: SubnetConv\n")
+    assert parsed(tmp_path, "arch: Conv4\nconv_type: DenseConv\nbn_type: LearnedBatchNorm\n").dense
+
+
+@pytest.mark.parametrize("compat, expected", [(True, 0.0), (False, 5e-4)])
+def test_adam_takes_no_weight_decay_in_hidden_networks(tmp_path, compat, expected):
+    text = f"hn_compat: {str(compat).lower()}\narch: FC\noptimizer: adam\nweight_decay: 0.0005\nconv_type: DenseConv\n"
+    args = parsed(tmp_path, text, "--dataset", "synthetic")
+    config = desc.train_identity(args)
+    assert config["weight_decay"] == expected  # config.json says what is computed
+    opt = make_optimizer(desc.build_model(config, (1, 28, 28), 10), desc.training_config(config))
+    assert all(g["weight_decay"] == expected for g in opt.param_groups)
+    sgd = parsed(tmp_path, text.replace("adam", "sgd"), "--dataset", "synthetic")
+    assert sgd.weight_decay == 5e-4  # their SGD does take it
+
+
+def first_weight(tmp_path, init, compat, k=0.3, scale_fan=True):
+    text = (f"hn_compat: {str(compat).lower()}\narch: FC\nset: MNIST\nconv_type: SubnetConv\ninit: {init}\n"
+            f"scale_fan: {scale_fan}\nprune_rate: {k}\n")
+    config = desc.train_identity(parsed(tmp_path, text, "--dataset", "synthetic"))
+    model = desc.build_model(config, (1, 28, 28), 10)
+    return next(layer for _, layer in supermask_layers(model)).weight  # 784 -> 300
+
+
+@pytest.mark.parametrize("k", [0.3, 0.5, 0.9])
+def test_scale_fan_is_fan_in_times_one_minus_k_in_hidden_networks(tmp_path, k):
+    # signed_constant: every weight +-gain / sqrt(fan); fan_in 784. Theirs fan 784 * (1 - k), ours 784 * k.
+    theirs, ours = first_weight(tmp_path, "signed_constant", True, k), first_weight(tmp_path, "signed_constant", False, k)
+    assert torch.allclose(theirs.abs(), torch.tensor(RELU_GAIN / math.sqrt(784 * (1 - k))))
+    assert torch.allclose(ours.abs(), torch.tensor(RELU_GAIN / math.sqrt(784 * k)))
+    assert torch.equal(theirs.sign(), ours.sign())  # the same draw, only the scale differs
+    kn_theirs, kn_ours = first_weight(tmp_path, "kaiming_normal", True, k), first_weight(tmp_path, "kaiming_normal", False, k)
+    assert torch.allclose(kn_theirs, kn_ours * math.sqrt(k / (1 - k)))
+
+
+def test_inits_that_take_no_scale_fan_there_take_none_in_the_mode(tmp_path):
+    for init in ("kaiming_uniform", "xavier_normal", "xavier_constant"):
+        unscaled = first_weight(tmp_path, init, False, scale_fan=False)
+        assert torch.allclose(first_weight(tmp_path, init, True), unscaled), init
+
+
+def test_dense_first_and_last_layers_are_frozen_at_their_init_in_hidden_networks(tmp_path):
+    text = ("arch: FC\nset: MNIST\nconv_type: SubnetConv\nprune_rate: 0.5\nfirst_layer_dense: True\n"
+            "last_layer_dense: True\n")
+    for compat, trained in ((True, False), (False, True)):
+        prefix = "" if compat else "hn_compat: false\n"
+        config = desc.train_identity(parsed(tmp_path, prefix + text, "--dataset", "synthetic"))
+        model = desc.build_model(config, (1, 28, 28), 10)
+        first, last = model[1], model[5]
+        assert type(first) is torch.nn.Linear and first.weight.requires_grad is trained
+        assert last.weight.requires_grad is trained
+        before = first.weight.detach().clone()
+        opt = make_optimizer(model, desc.training_config(config))
+        F.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(10, (8,))).backward()
+        opt.step()
+        assert torch.equal(first.weight, before) is not trained
