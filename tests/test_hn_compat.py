@@ -35,6 +35,9 @@ def test_keys_a_file_leaves_out_take_hidden_networks_defaults(tmp_path):
     assert (ours.hn_compat, ours.epochs, ours.batch_size, ours.schedule, ours.init, ours.dataset, ours.val_size) == (
         False, 15, 128, "cosine", "signed_constant", "mnist", 5000)
     assert "hn_compat" not in desc.train_identity(ours)  # off: the identity (and name) of before
+    # --hn-compat asks for the mode with a file of ours too; flags still override the file
+    forced = parsed(tmp_path, "hn_compat: false\narch: Conv4\nprune_rate: 0.5\n", "--hn-compat", "--epochs", "3")
+    assert (forced.hn_compat, forced.epochs, forced.batch_size) == (True, 3, 256)
 
 
 def test_without_prune_rate_their_default_keeps_nothing_so_k_is_asked_for(tmp_path):
