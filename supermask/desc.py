@@ -316,9 +316,13 @@ def copy_name(cconfig: dict, config: dict) -> str:
 
 @torch.no_grad()
 def _hn_compat_weights(model: torch.nn.Module, config: dict, skip) -> None:
-    """hidden-networks' weights (--hn-compat): with scale_fan, the supermask layers' weights drawn
-    with its fan_in * (1 - k) (init.hn_scale_fan_factor); the dense first/last layers (skip) frozen
-    at their init, as its freeze_model_weights freezes every weight."""
+    """hidden-networks' layers (--hn-compat): each keeps its count n - int((1 - k) * n)
+    (mask.num_kept_hn); with scale_fan, the weights drawn with its fan_in * (1 - k)
+    (init.hn_scale_fan_factor); the dense first/last layers (skip) frozen at their init, as its
+    freeze_model_weights freezes every weight. Ties are still broken toward the lower index (theirs:
+    the higher), which only matters for equal |score| (e.g. --score-init-constant)."""
+    for _, layer in supermask_layers(model):
+        layer.kept_count = "hn"
     if config.get("scale_fan"):
         factor = hn_scale_fan_factor(config["init"], config["k"])
         for _, layer in supermask_layers(model):

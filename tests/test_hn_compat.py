@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import supermask as sm
+
 from supermask import desc
 from supermask import train as train_mod
 from supermask.errors import UsageError
@@ -15,6 +17,11 @@ from supermask.layers import supermask_layers
 from supermask.training import make_optimizer
 
 RELU_GAIN = math.sqrt(2)
+
+
+def sm_linear(n):
+    """A supermask layer with n weights (one output)."""
+    return sm.SupermaskLinear(n, 1, k=0.5, seed=0)
 
 
 def parsed(tmp_path, text, *flags):
@@ -98,3 +105,48 @@ def test_dense_first_and_last_layers_are_frozen_at_their_init_in_hidden_networks
         F.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(10, (8,))).backward()
         opt.step()
         assert torch.equal(first.weight, before) is not trained
+
+
+def get_subnet(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """hidden-networks' GetSubnet.forward (utils/conv_type.py), written out: sort the scores
+    ascending, zero the first j = int((1 - k) * n), keep the rest (among equal scores the sort keeps
+    flat order, so the higher index is kept)."""
+    out = torch.empty(scores.numel())
+    _, idx = scores.flatten().sort(stable=True)
+    j = int((1 - k) * scores.numel())
+    out[idx[:j]] = 0
+    out[idx[j:]] = 1
+    return out.reshape(scores.shape)
+
+
+# k as a YAML file writes it (0.01 steps and the paper's values), n from 1 to 64 and a few layer sizes
+K_GRID = sorted({round(0.01 * i, 2) for i in range(1, 101)} | {0.3, 0.7, 0.9, 0.95, 0.99})
+N_GRID = [*range(1, 65), 100, 128, 300, 1000, 4608]
+
+
+def test_kept_count_and_mask_equal_get_subnets_for_every_n_and_k():
+    differs = 0
+    for n in N_GRID:
+        layer = sm_linear(n)
+        g = torch.Generator().manual_seed(n)
+        layer.scores.data = (torch.randperm(n, generator=g).float() + 1).reshape(1, n)  # distinct |scores|
+        layer.kept_count = "hn"
+        for k in K_GRID:
+            layer.k = k
+            theirs = get_subnet(layer.scores.detach().abs(), k)
+            assert torch.equal(layer.mask().float(), theirs), (n, k)
+            assert torch.equal(layer.effective_weight(), layer.weight * theirs), (n, k)
+            differs += int(theirs.sum()) != sm.num_kept(n, k)
+    assert differs > 0.2 * len(N_GRID) * len(K_GRID)  # the two counts really differ on much of the grid
+
+
+def test_the_mode_gives_every_layer_their_count(tmp_path):
+    text = "arch: Conv4\nset: CIFAR10\nconv_type: SubnetConv\nprune_rate: 0.9\n"
+    for compat in (True, False):
+        prefix = "" if compat else "hn_compat: false\n"
+        config = desc.train_identity(parsed(tmp_path, prefix + text, "--dataset", "synthetic"))
+        model = desc.build_model(config, (1, 28, 28), 10)
+        for _, layer in supermask_layers(model):
+            n = layer.weight.numel()
+            count = n - int((1 - 0.9) * n) if compat else sm.num_kept(n, 0.9)
+            assert int(layer.mask().sum()) == count
