@@ -14,7 +14,7 @@ from supermask import desc
 from supermask import train as train_mod
 from supermask.errors import UsageError
 from supermask.layers import supermask_layers
-from supermask.training import make_optimizer
+from supermask.training import TrainConfig, learning_rate, make_optimizer
 
 RELU_GAIN = math.sqrt(2)
 
@@ -150,3 +150,30 @@ def test_the_mode_gives_every_layer_their_count(tmp_path):
             n = layer.weight.numel()
             count = n - int((1 - 0.9) * n) if compat else sm.num_kept(n, 0.9)
             assert int(layer.mask().sum()) == count
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    # epochs 10, lr 0.1, 3 iterations per epoch; by hand from their utils/schedulers.py:
+    # cosine: epoch e -> 0.05 * (1 + cos(pi * e / 10)), constant over the epoch's iterations
+    ("cosine", 0, [0.05 * (1 + math.cos(math.pi * e / 10)) for e in range(10)]),
+    # warm-up 2: 0.1 * (e + 1) / 2 for e < 2, then 0.05 * (1 + cos(pi * (e - 2) / 8))
+    ("cosine", 2, [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * (e - 2) / 8)) for e in range(2, 10)]),
+    ("none", 2, [0.05] + [0.1] * 9),
+    # multistep (adjust 4, gamma 0.5: milestones 4, 8): 0.1 * 0.5 ** (e // 4), no warm-up there
+    ("multistep", 2, [0.1] * 4 + [0.05] * 4 + [0.025] * 2),
+])
+def test_the_learning_rate_is_set_once_per_epoch_as_hidden_networks_does(schedule, warmup, expected):
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule=schedule, warmup_epochs=warmup, milestones=(4, 8), gamma=0.5,
+                      hn_compat=True)
+    got = [learning_rate(cfg, step, 30, steps_per_epoch=3) for step in range(30)]
+    assert got == pytest.approx([lr for lr in expected for _ in range(3)], rel=1e-12)
+    ours = TrainConfig(epochs=10, lr=0.1, schedule=schedule, warmup_epochs=warmup, milestones=(4, 8), gamma=0.5)
+    if schedule == "cosine":  # ours anneals every iteration
+        assert [learning_rate(ours, s, 30, 3) for s in range(30)] != pytest.approx(got)
+
+
+def test_the_mode_reaches_the_training_config(tmp_path):
+    config = desc.train_identity(parsed(tmp_path, "arch: FC\nconv_type: DenseConv\n", "--dataset", "synthetic"))
+    assert desc.training_config(config).hn_compat is True
+    ours = desc.train_identity(parsed(tmp_path, "hn_compat: false\narch: FC\nconv_type: DenseConv\n"))
+    assert desc.training_config(ours).hn_compat is False
