@@ -26,6 +26,8 @@ ARCHS = {"FC": "fc", "Conv2": "conv2", "Conv4": "conv4", "Conv6": "conv6", "Conv
 # Our models without BatchNorm: there bn_type names a layer the network never builds.
 NO_BATCHNORM = ("fc", "conv2", "conv4", "conv6", "conv8", "conv4wide", "conv6wide")
 BN_TYPES = ("NonAffineBatchNorm", "LearnedBatchNorm")
+# The only architectures their width_mult scales (models/frankle.py); the others ignore it there.
+WIDTH_MULT_ARCHS = ("conv4wide", "conv6wide")
 SETS = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist", "CIFAR10": "cifar10", "CIFAR100": "cifar100",
         "ImageNet": "imagenet"}
 LR_POLICIES = {"cosine_lr": "cosine", "multistep_lr": "multistep", "constant_lr": "none"}
@@ -102,6 +104,8 @@ def to_flags(config: dict, source: str = "--config", hn_compat: bool = False) ->
             out[ours] = config[ours]
     if hn_compat:
         out = {**HN_DEFAULTS, **out, "hn_compat": True}
+        if "width" not in config and out.get("model") not in WIDTH_MULT_ARCHS:
+            out["width"] = 1.0  # their width_mult scales Conv4Wide / Conv6Wide only
     elif "hn_compat" in config:
         out["hn_compat"] = False
     if out.get("schedule") == "multistep":

@@ -177,3 +177,11 @@ def test_the_mode_reaches_the_training_config(tmp_path):
     assert desc.training_config(config).hn_compat is True
     ours = desc.train_identity(parsed(tmp_path, "hn_compat: false\narch: FC\nconv_type: DenseConv\n"))
     assert desc.training_config(ours).hn_compat is False
+
+
+@pytest.mark.parametrize("arch, compat, width", [("Conv4", True, 1.0), ("Conv4", False, 2.0), ("cResNet18", True, 1.0),
+                                                 ("Conv4Wide", True, 2.0), ("Conv6Wide", False, 2.0)])
+def test_width_mult_scales_only_the_wide_convs_in_hidden_networks(tmp_path, arch, compat, width):
+    text = f"hn_compat: {str(compat).lower()}\narch: {arch}\nwidth_mult: 2\nprune_rate: 0.5\n"
+    assert parsed(tmp_path, text).width == width
+    assert parsed(tmp_path, text, "--width", "0.5").width == 0.5  # our flag still scales any model
