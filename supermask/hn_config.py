@@ -26,6 +26,9 @@ ARCHS = {"FC": "fc", "Conv2": "conv2", "Conv4": "conv4", "Conv6": "conv6", "Conv
 # Our models without BatchNorm: there bn_type names a layer the network never builds.
 NO_BATCHNORM = ("fc", "conv2", "conv4", "conv6", "conv8", "conv4wide", "conv6wide")
 BN_TYPES = ("NonAffineBatchNorm", "LearnedBatchNorm")
+# Where their loaders look under their data root (data/imagenet.py, data/cifar.py; both read the
+# folder as torchvision's ImageFolder / CIFAR10 do, as ours do).
+DATA_SUBDIRS = {"ImageNet": "imagenet", "CIFAR10": "cifar10"}
 # The only architectures their width_mult scales (models/frankle.py); the others ignore it there.
 WIDTH_MULT_ARCHS = ("conv4wide", "conv6wide")
 SETS = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist", "CIFAR10": "cifar10", "CIFAR100": "cifar100",
@@ -106,6 +109,8 @@ def to_flags(config: dict, source: str = "--config", hn_compat: bool = False) ->
         out = {**HN_DEFAULTS, **out, "hn_compat": True}
         if "width" not in config and out.get("model") not in WIDTH_MULT_ARCHS:
             out["width"] = 1.0  # their width_mult scales Conv4Wide / Conv6Wide only
+        if isinstance(config.get("data"), str) and config.get("set") in DATA_SUBDIRS:
+            out["data_dir"] = str(Path(config["data"]) / DATA_SUBDIRS[config["set"]])
     elif "hn_compat" in config:
         out["hn_compat"] = False
     if out.get("schedule") == "multistep":

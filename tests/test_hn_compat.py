@@ -185,3 +185,10 @@ def test_width_mult_scales_only_the_wide_convs_in_hidden_networks(tmp_path, arch
     text = f"hn_compat: {str(compat).lower()}\narch: {arch}\nwidth_mult: 2\nprune_rate: 0.5\n"
     assert parsed(tmp_path, text).width == width
     assert parsed(tmp_path, text, "--width", "0.5").width == 0.5  # our flag still scales any model
+
+
+@pytest.mark.parametrize("dataset, compat, data_dir", [("ImageNet", True, "/d/imagenet"), ("CIFAR10", True, "/d/cifar10"),
+                                                       ("ImageNet", False, "/d")])
+def test_their_data_root_is_read_as_their_loaders_do(tmp_path, dataset, compat, data_dir):
+    text = f"hn_compat: {str(compat).lower()}\narch: Conv4\nset: {dataset}\ndata: /d\nprune_rate: 0.5\n"
+    assert parsed(tmp_path, text).data_dir == data_dir
