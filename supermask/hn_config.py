@@ -108,6 +108,9 @@ def to_flags(config: dict, source: str = "--config", hn_compat: bool = False) ->
     if hn_compat:
         out = {**HN_DEFAULTS, **out, "hn_compat": True}
         if "width" not in config and out.get("model") not in WIDTH_MULT_ARCHS:
+            width = config.get("width_mult", 1.0)
+            if isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width < float("inf"):
+                raise _bad(config, source, "width_mult", "a number > 0")  # checked even where it is not used
             out["width"] = 1.0  # their width_mult scales Conv4Wide / Conv6Wide only
         if isinstance(config.get("data"), str) and config.get("set") in DATA_SUBDIRS:
             out["data_dir"] = str(Path(config["data"]) / DATA_SUBDIRS[config["set"]])
