@@ -99,7 +99,8 @@ TRAIN_FIELDS = (
     Field("hn_compat", False, bool,
           help="compute as hidden-networks' code does (on by default with --config FILE of theirs): its defaults "
                "for the keys a file leaves out, Adam without weight decay, scale_fan as fan_in * (1 - k), dense "
-               "first/last layers frozen at their init (see docs, 'Coming from hidden-networks')"),
+               "first/last layers frozen at their init, n - int((1 - k) * n) weights kept per layer, the lr set "
+               "once per epoch (see docs, 'Coming from hidden-networks')"),
     Field("prune_at_init", None, choices=pai.METHODS,
           help="with --dense: mask the weights at initialisation by this method (supermask.pai) at --k, then "
                "train the kept weights with the mask held fixed"),
