@@ -26,7 +26,7 @@ from . import data as data_mod
 from . import pai
 from .convert import TOPK_SCOPES, convert
 from .errors import UsageError
-from .init import INITS, init_dense_
+from .init import INITS, hn_scale_fan_factor, init_dense_
 from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .models import MODELS, build
@@ -97,6 +97,11 @@ TRAIN_FIELDS = (
     Field("score_init_constant", None, float, help="initialise every score to this"),
     Field("random_subnet", False, bool,
           help="no training: evaluate the fixed random subnetwork that keeps k of the weights"),
+    Field("hn_compat", False, bool,
+          help="compute as hidden-networks' code does (on by default with --config FILE of theirs): its defaults "
+               "for the keys a file leaves out, Adam without weight decay, scale_fan as fan_in * (1 - k), dense "
+               "first/last layers frozen at their init, n - int((1 - k) * n) weights kept per layer, the lr set "
+               "once per epoch (see docs, 'Coming from hidden-networks')"),
     Field("prune_at_init", None, choices=pai.METHODS,
           help="with --dense: mask the weights at initialisation by this method (supermask.pai) at --k, then "
                "train the kept weights with the mask held fixed"),
@@ -185,6 +190,17 @@ def check_train(v) -> None:
     if v.random_subnet:
         check_in_memory(v, "--random-subnet needs an in-memory dataset, not {dataset}")
     pai.validate_args(v)  # --prune-at-init / --pai-check, and --topk's default
+    if getattr(v, "hn_compat", False):
+        _check_hn_compat(v)
+
+
+def _check_hn_compat(v) -> None:
+    """hidden-networks' semantics where they are values: its Adam takes no weight decay whatever
+    --weight-decay says (main.py get_optimizer); its scale_fan, fan * (1 - k), is 0 at k = 1."""
+    if v.optimizer == "adam":
+        v.weight_decay = 0.0
+    if v.scale_fan and not v.dense and v.k >= 1:
+        raise UsageError("--hn-compat --scale-fan needs --k < 1 (hidden-networks' fan_in * (1 - k) is 0 at k = 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +214,8 @@ def train_identity(v) -> dict:
     for key in ("prune_at_init", "pai_check"):
         if config.get(key) is None:
             config.pop(key, None)
+    if not config.get("hn_compat"):  # added since: in the identity only when on
+        config.pop("hn_compat", None)
     if config["dense"]:  # mask fields mean nothing for a dense run
         for key in () if config.get("prune_at_init") else ("k", "topk"):
             config.pop(key, None)
@@ -298,6 +316,23 @@ def copy_name(cconfig: dict, config: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # What a description yields: the training configuration and the network.
 
+@torch.no_grad()
+def _hn_compat_weights(model: torch.nn.Module, config: dict, skip) -> None:
+    """hidden-networks' layers (--hn-compat): each keeps its count n - int((1 - k) * n)
+    (mask.num_kept_hn); with scale_fan, the weights drawn with its fan_in * (1 - k)
+    (init.hn_scale_fan_factor); the dense first/last layers (skip) frozen at their init, as its
+    freeze_model_weights freezes every weight. Ties are still broken toward the lower index (theirs:
+    the higher), which only matters for equal |score| (e.g. --score-init-constant)."""
+    for _, layer in supermask_layers(model):
+        layer.kept_count = "hn"
+    if config.get("scale_fan"):
+        factor = hn_scale_fan_factor(config["init"], config["k"])
+        for _, layer in supermask_layers(model):
+            layer.weight.mul_(factor)
+    for name in skip:
+        model.get_submodule(name).weight.requires_grad_(False)
+
+
 def training_config(config: dict, **override) -> TrainConfig:
     """The TrainConfig of a run's identity (any kind): every TrainConfig field the identity sets,
     the others at their defaults (what an absent optional field means), then override."""
@@ -319,6 +354,8 @@ def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
            ((prunable[-1],) if config.get("last_layer_dense") else ())
     model = convert(model, config["k"], config["init"], config["scale_fan"], config["seed"], config["topk"],
                     inplace=True, skip=skip, mask=config.get("mask", "topk"))
+    if config.get("hn_compat"):
+        _hn_compat_weights(model, config, skip)
     for _, layer in supermask_layers(model):
         layer.sampled_eval = config.get("sampled_eval", "expected")
         if config.get("score_init_constant") is not None:

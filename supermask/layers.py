@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .init import init_scores, init_weight, layer_generator
-from .mask import Threshold, mask_from_threshold, num_kept, sampled_masked_weight
+from .mask import Threshold, mask_from_threshold, num_kept, num_kept_hn, sampled_masked_weight
 
 MASK_KINDS = ("topk", "sampled")
 
@@ -28,6 +28,7 @@ class SupermaskMixin:
     def _setup_supermask(self, k: float, init: str, scale_fan: bool, seed: int | None, name: str):
         num_kept(self.weight.numel(), k)  # validates k
         self.k = float(k)
+        self.kept_count = "round"  # num_kept; "hn": hidden-networks' num_kept_hn (desc.build_model, --hn-compat)
         self._state = ops.StateHandle()  # warm-start selection state, kept by supermask.ops
         # Set by a model-level hook for global top-k; None means per-layer top-k.
         self.shared_threshold: Threshold | None = None
@@ -57,7 +58,7 @@ class SupermaskMixin:
         return ops.topk_threshold(self.scores.detach(), self._n_keep())
 
     def _n_keep(self) -> int:
-        return num_kept(self.scores.numel(), self.k)
+        return (num_kept_hn if self.kept_count == "hn" else num_kept)(self.scores.numel(), self.k)
 
     def _state_id(self) -> int:
         # torch.export: no warm-start state (the exported program stands alone; exact either way)

@@ -27,6 +27,14 @@ def num_kept(n: int, k: float) -> int:
     return min(n, max(1, int(math.floor(k * n + 0.5))))
 
 
+def num_kept_hn(n: int, k: float) -> int:
+    """hidden-networks' count (utils/conv_type.py GetSubnet: j = int((1 - k) * n) dropped): n - int((1 - k) * n),
+    which float truncation makes one more than round(k * n) for many (n, k). Always in [1, n] for k in (0, 1]."""
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    return n - int((1 - k) * n)
+
+
 class Threshold(NamedTuple):
     value: torch.Tensor  # 0-dim, in the magnitudes' dtype and device
     # How many entries equal to value are kept, lowest flat index first. Only read when split is

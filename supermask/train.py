@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from . import hn_config  # noqa: PLC0415
 
         source = f"--config {args.config}"
-        defaults = hn_config.to_flags(hn_config.read_yaml(args.config), source)
+        defaults = hn_config.to_flags(hn_config.read_yaml(args.config), source, args.hn_compat)
         actions = {a.dest: a for a in p._actions}
         for dest, value in defaults.items():
             defaults[dest] = config_value(actions[dest], value, source)

@@ -53,13 +53,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     nesterov: bool = False
     no_bn_decay: bool = False  # no weight decay on BatchNorm parameters
+    hn_compat: bool = False  # hidden-networks' schedule: the lr set once per epoch (hn_learning_rate)
     extra: dict = field(default_factory=dict)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int = 1) -> float:
     """Learning rate at an iteration (0-based). Warm-up: lr * (step + 1) / warmup_steps for the
     first warmup_steps iterations; then cosine (annealed to 0 over the remaining iterations),
-    multistep (times gamma at each milestone epoch) or constant."""
+    multistep (times gamma at each milestone epoch) or constant. With cfg.hn_compat: hn_learning_rate
+    of the iteration's epoch."""
+    if cfg.hn_compat:
+        return hn_learning_rate(cfg, step // max(1, steps_per_epoch))
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -67,6 +71,21 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
     if cfg.schedule == "multistep":
         return cfg.lr * cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
+    return cfg.lr
+
+
+def hn_learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """hidden-networks' learning rate (utils/schedulers.py), set once at the start of each epoch
+    (0-based): warm-up lr * (epoch + 1) / warmup_epochs for the first warmup_epochs epochs (not in
+    multistep); then cosine 0.5 * lr * (1 + cos(pi * (epoch - warmup) / (epochs - warmup))),
+    multistep lr * gamma ** (milestones passed), or constant lr."""
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        warmup = cfg.warmup_epochs
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - warmup) / max(1, cfg.epochs - warmup)))
     return cfg.lr
 
 

@@ -49,7 +49,7 @@ workers: 4
 EQUIVALENT_FLAGS = ["--model", "conv4", "--dataset", "cifar10", "--data-dir", "/mnt", "--optimizer", "sgd",
                     "--lr", "0.1", "--schedule", "cosine", "--epochs", "100", "--weight-decay", "0.0001",
                     "--momentum", "0.9", "--batch-size", "128", "--init", "signed_constant", "--scale-fan",
-                    "--workers", "4"]
+                    "--workers", "4", "--hn-compat", "--val-size", "0"]  # a file of theirs: hidden-networks' mode
 
 
 def parsed(argv):
@@ -70,7 +70,8 @@ def test_official_smallscale_config_maps_to_the_equivalent_flags(tmp_path):
     from_flags = parsed(EQUIVALENT_FLAGS + ["--k", "0.3"])
     assert desc.train_identity(from_yaml) == desc.train_identity(from_flags)
     assert desc.train_name(desc.train_identity(from_yaml)) == desc.train_name(desc.train_identity(from_flags))
-    assert (from_yaml.data_dir, from_yaml.workers) == ("/mnt", 4)  # not part of the run's identity
+    # not part of the run's identity; their CIFAR-10 loader reads <data>/cifar10
+    assert (from_yaml.data_dir, from_yaml.workers) == ("/mnt/cifar10", 4)
     # flags on the command line override the file, as in hidden-networks
     assert parsed(["--config", path, "--k", "0.3", "--lr", "0.2", "--epochs", "3"]).lr == 0.2
 
@@ -131,6 +132,37 @@ BAD = [
     ("arch: [Conv4\n", [], "is not valid YAML (line "),
     ("- arch\n- Conv4\n", [], "must hold key: value pairs, not a list"),
     (None, [], "No such file or directory"),
+    # conv types that hidden-networks' code does not define (named by 18 of its files)
+    ("conv_type: RGConv\n", ["--k", "0.5"], "conv_type: 'RGConv' is not supported"),
+    ("conv_type: DNWConv\n", ["--k", "0.5"], "conv_type: 'DNWConv' is not supported"),
+    ("arch: Conv4\nbn_type: GroupNorm\n", ["--k", "0.5"], "bn_type: 'GroupNorm' is not supported"),
+    ("arch: cResNet18\nbn_type: LearnedBatchNorm\n", ["--k", "0.5"], "bn_type: 'LearnedBatchNorm' is not supported"),
+    # a value of the wrong type: one line, never a traceback
+    ("arch: [Conv4]\n", ["--k", "0.5"], "arch: a list where one value goes"),
+    ("set: {CIFAR10: 1}\n", ["--k", "0.5"], "set: a dict where one value goes"),
+    ("lr_policy: [cosine_lr]\n", ["--k", "0.5"], "lr_policy: a list where one value goes"),
+    ("conv_type: {a: 1}\n", ["--k", "0.5"], "conv_type: a dict where one value goes"),
+    ("lr: [0.1]\n", ["--k", "0.5"], "lr: a list where one value goes"),
+    ("data: [a, b]\n", ["--k", "0.5"], "data: a list where one value goes"),
+    ("arch: 4\n", ["--k", "0.5"], "arch: 4 is not a name"),
+    ("init: 1.5\n", ["--k", "0.5"], "init: 1.5 is not a name"),
+    ("1: 2\n", ["--k", "0.5"], "keys must be names, not 1"),
+    ("? [a, b]\n: 1\n", ["--k", "0.5"], "is not valid YAML"),
+    ("lr_policy: multistep_lr\nmultistep_lr_adjust: abc\n", ["--k", "0.5"],
+     "multistep_lr_adjust: 'abc' is not supported here (supported: an integer >= 1)"),
+    ("lr_policy: multistep_lr\nmultistep_lr_adjust: .inf\n", ["--k", "0.5"], "multistep_lr_adjust: inf is not"),
+    ("lr_policy: multistep_lr\nmultistep_lr_adjust: 2.5\n", ["--k", "0.5"], "multistep_lr_adjust: 2.5 is not"),
+    ("lr_policy: multistep_lr\nmultistep_lr_adjust: 0\n", ["--k", "0.5"], "multistep_lr_adjust: 0 is not"),
+    ("lr_policy: multistep_lr\nmultistep_lr_adjust: true\n", ["--k", "0.5"], "multistep_lr_adjust: True is not"),
+    ("lr_policy: multistep_lr\nmultistep_lr_gamma: .nan\n", ["--k", "0.5"], "multistep_lr_gamma: nan is not"),
+    ("lr_policy: multistep_lr\nepochs: .inf\n", ["--k", "0.5"], "epochs: inf is not supported"),
+    ("lr: .inf\n", ["--k", "0.5"], "inf is not a valid value for --lr"),
+    ("width_mult: .nan\n", ["--k", "0.5"], "width_mult: nan is not supported"),
+    ("hn_compat: false\nwidth_mult: .nan\n", ["--k", "0.5"], "nan is not a valid value for --width"),
+    ("freeze_weights: 1\n", ["--k", "0.5"], "freeze_weights: 1 is not supported here (supported: True or False)"),
+    ("hn_compat: yes please\n", ["--k", "0.5"], "hn_compat: 'yes please' is not supported"),
+    ("arch: ResNet101\ninit: kaiming_normal\nscale_fan: true\nprune_rate: 1.0\n", [],
+     "--hn-compat --scale-fan needs --k < 1"),
 ]
 
 
