@@ -53,8 +53,8 @@ FIXED = {"mode": "fan_in", "nonlinearity": "relu", "trainer": "default"}
 # Keys whose value is a name (a string), checked before any is looked up.
 NAMES = ("arch", "set", "lr_policy", "conv_type", "bn_type", "optimizer", "init", "data", "model", "dataset",
          *IGNORED, *FIXED)
-OTHER_KEYS = ("hn_compat", "arch", "set", "lr_policy", "multistep_lr_adjust", "multistep_lr_gamma", "conv_type", "bn_type",
-              "freeze_weights", "prune_rate", "k", "model", "dataset", "width")
+OTHER_KEYS = ("hn_compat", "arch", "set", "lr_policy", "multistep_lr_adjust", "multistep_lr_gamma", "conv_type",
+              "bn_type", "freeze_weights", "prune_rate", "k", "model", "dataset", "width")
 # hidden-networks' args.py defaults (as our dests) of the keys that change what a run computes: what
 # a key its file leaves out means there. Used in the hidden-networks-compatible mode (hn_compat),
 # where a file of theirs means what it meant there. Their seed (None: a random one) stays our 0,
@@ -154,7 +154,8 @@ def _check_shape(config: dict, source: str) -> None:
 def _names(config: dict, source: str) -> dict:
     """Our model, dataset, schedule and layer kind for their arch, set, lr_policy and conv_type."""
     out = {}
-    for key, table, dest in (("arch", ARCHS, "model"), ("set", SETS, "dataset"), ("lr_policy", LR_POLICIES, "schedule")):
+    for key, table, dest in (("arch", ARCHS, "model"), ("set", SETS, "dataset"),
+                             ("lr_policy", LR_POLICIES, "schedule")):
         if key in config:
             if config[key] not in table:
                 raise _bad(config, source, key, ", ".join(table))

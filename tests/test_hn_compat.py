@@ -76,11 +76,13 @@ def first_weight(tmp_path, init, compat, k=0.3, scale_fan=True):
 @pytest.mark.parametrize("k", [0.3, 0.5, 0.9])
 def test_scale_fan_is_fan_in_times_one_minus_k_in_hidden_networks(tmp_path, k):
     # signed_constant: every weight +-gain / sqrt(fan); fan_in 784. Theirs fan 784 * (1 - k), ours 784 * k.
-    theirs, ours = first_weight(tmp_path, "signed_constant", True, k), first_weight(tmp_path, "signed_constant", False, k)
+    theirs = first_weight(tmp_path, "signed_constant", True, k)
+    ours = first_weight(tmp_path, "signed_constant", False, k)
     assert torch.allclose(theirs.abs(), torch.tensor(RELU_GAIN / math.sqrt(784 * (1 - k))))
     assert torch.allclose(ours.abs(), torch.tensor(RELU_GAIN / math.sqrt(784 * k)))
     assert torch.equal(theirs.sign(), ours.sign())  # the same draw, only the scale differs
-    kn_theirs, kn_ours = first_weight(tmp_path, "kaiming_normal", True, k), first_weight(tmp_path, "kaiming_normal", False, k)
+    kn_theirs = first_weight(tmp_path, "kaiming_normal", True, k)
+    kn_ours = first_weight(tmp_path, "kaiming_normal", False, k)
     assert torch.allclose(kn_theirs, kn_ours * math.sqrt(k / (1 - k)))
 
 
@@ -187,7 +189,8 @@ def test_width_mult_scales_only_the_wide_convs_in_hidden_networks(tmp_path, arch
     assert parsed(tmp_path, text, "--width", "0.5").width == 0.5  # our flag still scales any model
 
 
-@pytest.mark.parametrize("dataset, compat, data_dir", [("ImageNet", True, "/d/imagenet"), ("CIFAR10", True, "/d/cifar10"),
+@pytest.mark.parametrize("dataset, compat, data_dir", [("ImageNet", True, "/d/imagenet"),
+                                                       ("CIFAR10", True, "/d/cifar10"),
                                                        ("ImageNet", False, "/d")])
 def test_their_data_root_is_read_as_their_loaders_do(tmp_path, dataset, compat, data_dir):
     text = f"hn_compat: {str(compat).lower()}\narch: Conv4\nset: {dataset}\ndata: /d\nprune_rate: 0.5\n"
