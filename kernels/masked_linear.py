@@ -142,7 +142,9 @@ def _masked_tile(w_ptrs, s_ptrs, ok, v, lim_ptr, idx, APPLY_MASK: tl.constexpr, 
     w = tl.load(w_ptrs, mask=ok, other=0.0)
     if APPLY_MASK:
         s = tl.load(s_ptrs, mask=ok, other=0.0)
-        w = tl.where(keep_of(tl.abs(s).to(tl.float32), v, idx, lim_ptr, HAS_LIMIT), w, tl.zeros_like(w))
+        # w * keep as the reference's weight * mask (an inf weight dropped gives NaN, not 0)
+        keep = keep_of(tl.abs(s).to(tl.float32), v, idx, lim_ptr, HAS_LIMIT)
+        w = (w.to(tl.float32) * keep.to(tl.float32)).to(w.dtype)  # (exact: a product by 0 or 1)
     return w
 
 

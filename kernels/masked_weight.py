@@ -58,7 +58,7 @@ def keep_of(a, v, idx, lim_ptr, HAS_LIMIT: tl.constexpr):
 def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, lim_ptr, out_ptr, n, d1, d2, d3,
                           sw0, sw1, sw2, sw3, ss0, ss1, ss2, ss3,
                           CONTIGUOUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out (contiguous) = where(keep, w, 0), keep = |s| > v or (|s| == v and flat index < *lim)."""
+    """out (contiguous) = w * keep, keep = |s| > v or (|s| == v and flat index < *lim)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < n
     if CONTIGUOUS:
@@ -71,7 +71,8 @@ def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, lim_ptr, out_ptr, n, d1, d2, d3,
     w = tl.load(w_ptr + w_off, mask=inb, other=0.0)
     s = tl.load(s_ptr + s_off, mask=inb, other=0.0)
     keep = keep_of(tl.abs(s).to(tl.float32), v, idx, lim_ptr, HAS_LIMIT)
-    out = tl.where(keep, w, tl.zeros_like(w))
+    # the reference's weight * mask (an inf or NaN weight dropped gives NaN); exact in fp32
+    out = (w.to(tl.float32) * keep.to(tl.float32)).to(w.dtype)
     tl.store(out_ptr + idx, out, mask=inb)
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from supermask.mask import Threshold, num_kept
+from supermask.mask import Threshold, num_kept, refuse_nan
 
 from . import _common
 
@@ -123,8 +123,10 @@ def _check(x: torch.Tensor):
 
 def topk_threshold(scores: torch.Tensor, n_keep: int) -> Threshold:
     """Threshold keeping the n_keep largest |scores| (scores or magnitudes: |.| is taken in the
-    kernel). Same (value, ties, split) as ``supermask.mask.topk_threshold(scores.abs(), n_keep)``."""
+    kernel). Same (value, ties, split) as ``supermask.mask.topk_threshold(scores.abs(), n_keep)``.
+    Raises ValueError for NaN scores (supermask.mask.NAN_MESSAGE; this function reads the device)."""
     _check(scores)
+    refuse_nan(scores)
     _common.check_device(scores)
     n = scores.numel()
     if not 1 <= n_keep <= n:
@@ -172,6 +174,7 @@ def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshol
         raise ValueError("no scores")
     for s in scores:
         _check(s)
+        refuse_nan(s)
     _common.check_device(*scores)
     total = sum(s.numel() for s in scores)
     if total >= 2 ** 31:

@@ -36,6 +36,20 @@ class Threshold(NamedTuple):
     split: bool  # True when some entries equal to value are dropped (ties need a prefix count)
 
 
+# The NaN policy of every path (reference, C kernels, Triton): NaN scores are refused. A top-k of
+# |scores| with NaN has no order that all paths share (torch.kthvalue sorts NaN last, compares drop
+# it, the radix select counts it above inf) and no answer that keeps exactly n_keep entries when
+# too few are numbers, so the selections refuse them (supermask.ops: the same message; on the
+# Triton path a device-side assert, as it must not read the device from the host).
+NAN_MESSAGE = "scores contain NaN: a top-k mask of NaN scores is undefined (refused on every path)"
+
+
+def refuse_nan(scores: torch.Tensor) -> None:
+    """Raises ValueError(NAN_MESSAGE) when scores hold a NaN (one pass and a host read)."""
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError(NAN_MESSAGE)
+
+
 def _threshold_from_counts(value: torch.Tensor, above: int, equal: int, n_keep: int) -> Threshold:
     ties = n_keep - above
     return Threshold(value, ties, ties != equal)
@@ -310,7 +324,9 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart)
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
-    """The reference mask: keep num_kept(n, k) entries of largest |score|."""
+    """The reference mask: keep num_kept(n, k) entries of largest |score| (exactly that many).
+    Raises ValueError for k outside (0, 1] or NaN scores (NAN_MESSAGE)."""
+    refuse_nan(scores)
     magnitudes = scores.detach().abs()
     return mask_from_threshold(magnitudes, topk_threshold(magnitudes, num_kept(scores.numel(), k)))
 
@@ -319,8 +335,10 @@ def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshol
     """One threshold shared by several layers: keep num_kept(total, k) weights of all of them.
 
     Ties at the shared value are handed out in layer order, then flat order within a layer,
-    i.e. as if all scores were concatenated.
+    i.e. as if all scores were concatenated. Raises ValueError for NaN scores (NAN_MESSAGE).
     """
+    for s in scores:
+        refuse_nan(s)
     magnitudes = [s.detach().abs().reshape(-1) for s in scores]
     flat = torch.cat([m.to(torch.float32) if m.dtype != magnitudes[0].dtype else m for m in magnitudes])
     n_keep = num_kept(flat.numel(), k)

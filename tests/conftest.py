@@ -30,11 +30,3 @@ def pytest_collection_modifyitems(config, items):
 def _fixed_threads():
     torch.set_num_threads(2)
     yield
-
-
-@pytest.fixture(autouse=True)
-def _ops_path_restored():
-    # supermask.set_backend / ops.use_path force an implementation process-wide: not past one test
-    from supermask import ops
-    with ops.use_path("auto"):
-        yield
