@@ -20,7 +20,8 @@ forward and dX then use a masked weight built by the reference ``mask_from_thres
 extra W-sized buffer, for that call only) with the in-register mask switched off. dS does not
 depend on the mask at all, so it is always fused.
 
-fp32 operands use TF32 tensor cores by default (``set_fp32_precision``); fp16/bf16 accumulate in fp32.
+fp32 operands follow torch.get_float32_matmul_precision() (full fp32 by default, TF32 with "high"), unless
+``set_fp32_precision`` asks for one; fp16/bf16 accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -301,6 +302,35 @@ def matmul_ste(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, s: torch.Tenso
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-shape choice between the fused masked matmul and "masked weight once (one elementwise pass,
+# masked_weight_kernel) + cuBLAS (torch.mm)". UNMEASURED until a GPU is lent: the default below is
+# a prediction (the fused GEMM at ~50-65% of cuBLAS on large problems, where the W * mask pass is
+# amortised over many batch rows; small batches save the pass and its W-sized write).
+# benchmarks/gpu_check measures both and may record its answer in LINEAR_CHOICE (keyed by
+# (size_bucket(batch), out_features, in_features, dtype)); SUPERMASK_LINEAR=fused|cublas forces one.
+# ---------------------------------------------------------------------------------------------
+LINEAR_CHOICE: dict[tuple, str] = {}
+CUBLAS_MIN_BATCH = 1024  # predicted: from this batch bucket ...
+CUBLAS_MIN_WEIGHT = 1 << 22  # ... and weight size (entries) on, masked weight + cuBLAS
+
+
+def linear_choice(batch: int, n_out: int, n_in: int, dtype: torch.dtype) -> str:
+    """"fused" or "cublas" for a masked linear of this shape (see LINEAR_CHOICE)."""
+    forced = os.environ.get("SUPERMASK_LINEAR")
+    if forced in ("fused", "cublas"):
+        return forced
+    key = (size_bucket(batch), n_out, n_in, dtype)
+    if key in LINEAR_CHOICE:
+        return LINEAR_CHOICE[key]
+    return "cublas" if key[0] >= CUBLAS_MIN_BATCH and n_out * n_in >= CUBLAS_MIN_WEIGHT else "fused"
+
+
+def _masked_once(weight, scores, value, limit):
+    from .masked_weight import masked_weight_kernel  # noqa: PLC0415
+    return masked_weight_kernel(weight, scores, value, limit)
+
+
 def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                           value: torch.Tensor, limit: torch.Tensor | None = None) -> torch.Tensor:
     """Y = x @ (weight ⊙ mask)^T (no autograd; the supermask::masked_linear op's Triton
@@ -308,6 +338,8 @@ def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, scores: torch.T
     value, or with a tie limit as in masked_matmul (value, limit: device tensors, no host sync)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
+    if linear_choice(x2.shape[0], N, K, x.dtype) == "cublas":
+        return torch.mm(x2, _masked_once(weight, scores, value, limit).t()).reshape(*x.shape[:-1], N)
     y = _common.empty((x2.shape[0], N), x.dtype, x.device)
     masked_matmul(weight, scores, value, x2.t(), out=y.t(), limit=limit)
     return y.reshape(*x.shape[:-1], N)
@@ -321,7 +353,9 @@ def masked_linear_backward(gy2: torch.Tensor, x2: torch.Tensor, weight: torch.Te
     limit: the forward's tie limit (see masked_matmul)."""
     N, K = weight.shape
     gx = gs = None
-    if need_x:
+    if need_x and linear_choice(gy2.shape[0], N, K, gy2.dtype) == "cublas":
+        gx = torch.mm(gy2, _masked_once(weight, scores, value, limit))
+    elif need_x:
         gx = _common.empty((gy2.shape[0], K), gy2.dtype, gy2.device)
         masked_matmul(weight.t(), scores.t(), value, gy2.t(), out=gx.t(), limit=limit, flat=(1, K))
     if need_scores:
