@@ -79,3 +79,13 @@ def test_an_inf_or_nan_weight_under_a_zero_mask_gives_the_reference_answer(path)
     torch.testing.assert_close(ops.masked_linear(x, w, s, 60, -1, path), want_y, equal_nan=True)
     th = mask.topk_threshold(s.abs(), 60)
     torch.testing.assert_close(ops.masked_weight_at(w, s, th, path), want_w, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_has_nan_sees_one_nan_and_is_not_fooled_by_infinities(dtype):
+    x = torch.randn(1000, dtype=dtype)
+    x[3], x[7] = float("inf"), float("-inf")
+    assert not mask.has_nan(x) and not mask.has_nan(x.view(10, 100).t())
+    x[500] = float("nan")
+    assert mask.has_nan(x) and mask.has_nan(x.view(10, 100).t())
+    assert not mask.has_nan(torch.full((64,), 1e30, dtype=torch.float32))  # squares overflow to inf, not NaN
