@@ -34,7 +34,7 @@ import triton.language as tl
 from supermask.mask import Threshold, mask_from_threshold
 
 from . import _common
-from .masked_weight import keep_of, sign_of
+from .masked_weight import sign_of
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -118,13 +118,16 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     """This program's tile: its row, column and k offsets (int64: products with strides may pass
-    2**31) and its row and column masks. No `% M` wrap: rows and columns past the edge are masked
-    loads (uniform along the contiguous dimension, so the loads stay vectorised)."""
+    2**31), its rows and columns clamped into range for the loads (no `% M` wrap: a tile past the
+    edge re-reads the last row or column, valid memory whose results the store mask discards, so
+    the k loop's loads need no mask) and its row and column masks."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    return offs_m, offs_n, offs_k, offs_m < M, offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_m, M - 1)
+    cols = tl.minimum(offs_n, N - 1)
+    return offs_m, offs_n, offs_k, rows, cols, offs_m < M, offs_n < N
 
 
 @triton.jit
@@ -138,46 +141,69 @@ def _dot(x, y, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _masked_tile(w_ptrs, s_ptrs, ok, v, lim_ptr, idx, APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """A tile of W, its dropped weights zeroed (ok: the load mask)."""
+def _masked_tile(w_ptrs, s_ptrs, ok, v, lr, lc, rows, ks, FLAT_T: tl.constexpr,
+                 APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of W, its dropped weights zeroed (ok: the load mask). The tie limit
+    as (row, column) of the flat order, lr and lc: an entry equal to v is kept when its (major,
+    minor) index, (rows, ks), or (ks, rows) with FLAT_T, comes before (lr, lc): compares of the
+    tile's 1-D indices, no index tile."""
     w = tl.load(w_ptrs, mask=ok, other=0.0)
     if APPLY_MASK:
         s = tl.load(s_ptrs, mask=ok, other=0.0)
-        # w * keep as the reference's weight * mask (an inf weight dropped gives NaN, not 0)
-        keep = keep_of(tl.abs(s).to(tl.float32), v, idx, lim_ptr, HAS_LIMIT)
-        w = (w.to(tl.float32) * keep.to(tl.float32)).to(w.dtype)  # (exact: a product by 0 or 1)
+        a = tl.abs(s).to(tl.float32)
+        if HAS_LIMIT:
+            if FLAT_T:
+                before = (ks[None, :] < lr) | ((ks[None, :] == lr) & (rows[:, None] < lc))
+            else:
+                before = (rows[:, None] < lr) | ((rows[:, None] == lr) & (ks[None, :] < lc))
+            keep = (a > v) | ((a == v) & before)
+        else:
+            keep = a >= v
+        # dropped: w * 0 as the reference's weight * mask (an inf or NaN weight gives NaN, not 0)
+        if UPCAST:  # (the interpreter's bf16 multiply is wrong, see _common)
+            w = (w.to(tl.float32) * keep.to(tl.float32)).to(w.dtype)
+        else:
+            w = tl.where(keep, w, w * 0)
     return w
 
 
 @triton.jit
 def _masked_matmul_kernel(
     w_ptr, s_ptr, v_ptr, lim_ptr, b_ptr, c_ptr, M, N, K,
-    stride_wm, stride_wk, stride_sm, stride_sk, stride_bk, stride_bn, stride_cm, stride_cn, flat_m, flat_k, N_BUCKET,
-    APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    stride_wm, stride_wk, stride_sm, stride_sk, stride_bk, stride_bn, stride_cm, stride_cn, flat_len, N_BUCKET,
+    APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, FLAT_T: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (W ⊙ mask)[M, K] @ B[K, N]; mask = |S| >= v (v = *v_ptr), or with HAS_LIMIT
-    |S| > v or |S| == v at a flat index (m * flat_m + k * flat_k) below *lim_ptr. The K tail is
+    |S| > v or |S| == v at a flat index below *lim_ptr, the flat index of W[m, k] being m * flat_len + k
+    (FLAT_T: k * flat_len + m, W read transposed). The K tail is
     peeled off: the main loop's loads are masked by rows and columns only."""
-    offs_m, offs_n, offs_k, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    # MN-major operands (W read transposed for dX) lose vectorisation with clamped rows: masked loads
+    offs_m, offs_n, offs_k, _, _, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_k[None, :] * stride_wk
     s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    idx = offs_m[:, None] * flat_m + offs_k[None, :] * flat_k
     v = 0.0
     if APPLY_MASK:
         v = tl.load(v_ptr).to(tl.float32)
+    lr = 0
+    lc = 0
+    if HAS_LIMIT:  # the tie limit as (row, column) of the flat order, once per program
+        lim = tl.load(lim_ptr)
+        lr = lim // flat_len
+        lc = lim % flat_len
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
-        w = _masked_tile(w_ptrs, s_ptrs, m_in[:, None], v, lim_ptr, idx, APPLY_MASK, HAS_LIMIT)
+        w = _masked_tile(w_ptrs, s_ptrs, m_in[:, None], v, lr, lc, offs_m, kb * BLOCK_K + offs_k,
+                         FLAT_T, APPLY_MASK, HAS_LIMIT, UPCAST)
         acc = _dot(w, tl.load(b_ptrs, mask=n_in[None, :], other=0.0), acc, UPCAST, INPUT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         s_ptrs += BLOCK_K * stride_sk
         b_ptrs += BLOCK_K * stride_bk
-        idx += BLOCK_K * flat_k
     if K % BLOCK_K != 0:  # the K tail
         k_in = offs_k < K % BLOCK_K
-        w = _masked_tile(w_ptrs, s_ptrs, m_in[:, None] & k_in[None, :], v, lim_ptr, idx, APPLY_MASK, HAS_LIMIT)
+        w = _masked_tile(w_ptrs, s_ptrs, m_in[:, None] & k_in[None, :], v, lr, lc, offs_m,
+                         (K // BLOCK_K) * BLOCK_K + offs_k, FLAT_T, APPLY_MASK, HAS_LIMIT, UPCAST)
         b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
         acc = _dot(w, b, acc, UPCAST, INPUT_PRECISION)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -193,20 +219,20 @@ def _matmul_ste_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (A[M, K] @ B[K, N]) ⊙ W[M, N] ⊙ sign(S[M, N]); the K tail peeled off."""
-    offs_m, offs_n, offs_k, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    offs_m, offs_n, offs_k, rows, cols, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs, mask=m_in[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=n_in[None, :], other=0.0)
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
         acc = _dot(a, b, acc, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if K % BLOCK_K != 0:  # the K tail
         k_in = offs_k < K % BLOCK_K
-        a = tl.load(a_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
         acc = _dot(a, b, acc, UPCAST, INPUT_PRECISION)
     # Epilogue: the straight-through product, in fp32, one rounding at the store (int64 offsets).
     out = m_in[:, None] & n_in[None, :]
@@ -219,7 +245,7 @@ def _matmul_ste_kernel(
 
 # Keyed on the batch dimension's bucket (N of the masked matmul, K of dS), not the batch size.
 _masked_matmul_tuned = triton.autotune(
-    configs=MATMUL_CONFIGS, key=["M", "K", "N_BUCKET", "APPLY_MASK", "HAS_LIMIT", "INPUT_PRECISION"],
+    configs=MATMUL_CONFIGS, key=["M", "K", "N_BUCKET", "APPLY_MASK", "HAS_LIMIT", "FLAT_T", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_masked})(_masked_matmul_kernel)
 _matmul_ste_tuned = triton.autotune(
     configs=STE_CONFIGS, key=["M", "N", "K_BUCKET", "INPUT_PRECISION"],
@@ -243,12 +269,13 @@ def _launch(kernel, tuned, M, N, args, **constexprs):
 
 def masked_matmul(w: torch.Tensor, s: torch.Tensor | None, value: torch.Tensor | None,
                   b: torch.Tensor, out: torch.Tensor | None = None, limit: torch.Tensor | None = None,
-                  flat: tuple[int, int] | None = None) -> torch.Tensor:
+                  transposed: bool = False) -> torch.Tensor:
     """C = (w ⊙ [|s| >= value]) @ b for 2-D w (M, K), s like w, b (K, N); any strides. s=None:
     plain w @ b. Returns C (M, N) (or writes the given out, which may be a transposed view).
     limit (0-dim int64 on the device, see threshold.tie_limit): the mask is |s| > value or |s| ==
-    value at a flat index below limit, the flat index of w[m, k] being m * flat[0] + k * flat[1]
-    (default: w's row-major index). value and limit are read from device memory (no host sync)."""
+    value at a flat index below limit, the flat index of w[m, k] being w's row-major index, or with
+    transposed that of w.t() (w is a transposed view of the weight, as for dX). value and limit are
+    read from device memory (no host sync)."""
     M, K = w.shape
     K2, N = b.shape
     if K2 != K:
@@ -272,10 +299,10 @@ def masked_matmul(w: torch.Tensor, s: torch.Tensor | None, value: torch.Tensor |
     else:
         s, v = w, w  # unused (APPLY_MASK=False)
     has_limit = apply and limit is not None
-    fm, fk = flat or (K, 1)
+    flat_len = M if transposed else K
     args = (w, s, v, limit.reshape(1) if has_limit else v, b, out, M, N, K, w.stride(0), w.stride(1),
-            s.stride(0), s.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), fm, fk, size_bucket(N))
-    _launch(_masked_matmul_kernel, _masked_matmul_tuned, M, N, args, APPLY_MASK=apply, HAS_LIMIT=has_limit,
+            s.stride(0), s.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), flat_len, size_bucket(N))
+    _launch(_masked_matmul_kernel, _masked_matmul_tuned, M, N, args, APPLY_MASK=apply, HAS_LIMIT=has_limit, FLAT_T=transposed,
             INPUT_PRECISION=_common.dot_precision(w.dtype), UPCAST=_common.upcast_dot(w.dtype))
     return out
 
@@ -357,7 +384,7 @@ def masked_linear_backward(gy2: torch.Tensor, x2: torch.Tensor, weight: torch.Te
         gx = torch.mm(gy2, _masked_once(weight, scores, value, limit))
     elif need_x:
         gx = _common.empty((gy2.shape[0], K), gy2.dtype, gy2.device)
-        masked_matmul(weight.t(), scores.t(), value, gy2.t(), out=gx.t(), limit=limit, flat=(1, K))
+        masked_matmul(weight.t(), scores.t(), value, gy2.t(), out=gx.t(), limit=limit, transposed=True)
     if need_scores:
         gs = matmul_ste(gy2.t(), x2, weight, scores, out_dtype=scores.dtype)
     return gx, gs

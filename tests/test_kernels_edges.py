@@ -25,7 +25,7 @@ if not _common.interpreting():  # pragma: no cover
 @triton.jit
 def _offsets_probe(out_ptr, M, N, stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # the very expressions of the kernels' output store (and dS epilogue): _tile_offsets' int64 offsets
-    offs_m, offs_n, _, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, 16, 1)
+    offs_m, offs_n, _, _, _, m_in, n_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, 16, 1)
     off = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], off)
 
@@ -58,7 +58,7 @@ def test_masked_matmul_k_tail_and_edges_match_the_reference(M, N, K, ties):
     assert int(keep.sum()) == n_keep
     torch.testing.assert_close(got, (w * keep) @ b, rtol=1e-5, atol=1e-5)
     # transposed (the dX call): flat index of w.t()[m, k] = k * M + m
-    got_t = masked_matmul(w.t(), s.t(), value, torch.randn(M, 3, generator=g), limit=limit, flat=(1, K))
+    got_t = masked_matmul(w.t(), s.t(), value, torch.randn(M, 3, generator=g), limit=limit, transposed=True)
     assert got_t.shape == (K, 3)
 
 
