@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from .cli import Parser, run_main
-from .export import build_run_model, read_run, run_kind, shapes_of, supermask_masks
+from .compact import build_run_model, read_run, run_kind, shapes_of, supermask_masks
 from .layers import supermask_layers
 from .runlog import pyplot, save_figure
-from .runs import UsageError, atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
+from .errors import UsageError
+from .storage import atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -51,11 +52,13 @@ class Ticket:
 
     @property
     def density(self) -> float:
+        """The fraction of weights kept over every layer."""
         return sum(int(m.sum()) for m in self.masks.values()) / max(1, sum(m.numel() for m in self.masks.values()))
 
 
 @dataclass
 class ImpRun:
+    """An IMP run: its folder, its config and its tickets (one per finished round), in round order."""
     path: Path
     config: dict
     rounds: list[Ticket] = field(default_factory=list)  # every finished round, round 0 (dense) first
@@ -66,6 +69,7 @@ class ImpRun:
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks of one shape (1.0 when both are empty)."""
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 1.0
 
@@ -324,6 +328,7 @@ def movement(imp_runs: list[ImpRun]) -> list[dict]:
 
 
 def sparsity_rows(tickets: list[Ticket]) -> list[dict]:
+    """One row per ticket and layer: weights kept, total and density."""
     return [{"ticket": t.label, "layer": n, "kept": int(m.sum()), "total": m.numel(),
              "density": m.float().mean().item()} for t in tickets for n, m in t.masks.items()]
 
@@ -344,6 +349,7 @@ def _layer_names(tickets):
 
 
 def fig_sparsity(tickets, path):
+    """Figure: the per-layer density of every ticket, saved at path."""
     plt = pyplot()
     names = _layer_names(tickets)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 3.4))
@@ -360,6 +366,7 @@ def fig_sparsity(tickets, path):
 
 
 def fig_overlap(pair_rows, path):
+    """Figure: the mask overlap (IoU against chance) of every pair, saved at path."""
     plt = pyplot()
     if not pair_rows:
         return False
@@ -386,6 +393,7 @@ def fig_overlap(pair_rows, path):
 
 
 def fig_overlap_vs_rounds(rows, path):
+    """Figure: the overlap of edge-popup masks with each IMP round's, saved at path."""
     plt = pyplot()
     if not rows:
         return False
@@ -412,6 +420,7 @@ def fig_overlap_vs_rounds(rows, path):
 
 
 def fig_movement(rows, imp_runs, path):
+    """Figure: how far IMP's kept and pruned weights moved (mean |w_final - w_init|) per round, saved at path."""
     plt = pyplot()
     if not rows:
         return False
@@ -448,6 +457,7 @@ def fig_movement(rows, imp_runs, path):
 
 
 def fig_scores(tickets, path):
+    """Figure: the score distributions per layer of up to 4 edge-popup tickets, saved at path; False when none."""
     plt = pyplot()
     eps = [t for t in tickets if t.scores][:4]
     if not eps:
@@ -474,6 +484,7 @@ def fig_scores(tickets, path):
 
 
 def fig_kept_weights(tickets, path):
+    """Figure: the magnitudes of the kept weights per layer, saved at path."""
     plt = pyplot()
     shown = [t for t in tickets if t.kind == "edge-popup"]
     imps = [t for t in tickets if t.kind == "imp"]
@@ -515,6 +526,8 @@ def _num(x, fmt=".3f"):
 
 
 def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> str:
+    """The analysis as markdown (report.md): the tickets, the pairs compared, the overlap against rounds, the
+    movement and the figures."""
     lines = ["# Mask analysis", ""]
     lines += ["## Masks", "", "| mask | kind | run folder | test acc % | weights kept % |", "|---|---|---|---|---|"]
     for t in tickets:
@@ -596,6 +609,7 @@ def report(tickets, imp_runs, pair_rows, skipped, vs_rounds, moves, figures) -> 
 
 
 def parser() -> Parser:
+    """The flags of python -m supermask.analyze."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("runs", metavar="RUN", nargs="+",
                    help="edge-popup run folders, IMP round folders or whole IMP runs (two or more masks in all)")
@@ -605,6 +619,8 @@ def parser() -> Parser:
 
 
 def main(argv=None) -> int:
+    """python -m supermask.analyze: load the runs, compare their masks, write report.md, the figures and the JSON
+    rows; returns the exit code."""
     args = parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

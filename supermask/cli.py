@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .runs import UsageError
+from .errors import DataError, UsageError
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,11 +35,13 @@ class Parser(argparse.ArgumentParser):
 
     def add_argument(self, *args, **kwargs):
         # argparse prints no help line, hence no default, for an option without help text
+        """argparse's add_argument; a flag without help text gets one that states its default."""
         if args and str(args[0]).startswith("-") and not kwargs.get("help"):
             kwargs["help"] = "(default: off)" if kwargs.get("action") == "store_true" else "(default: %(default)s)"
         return super().add_argument(*args, **kwargs)
 
     def error(self, message):
+        """A bad flag: one line on stderr and exit code 2 (no usage block)."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -85,8 +87,6 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False, lis
 def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> int:
     """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2.
     interrupted: what to print (after prog) on Ctrl-C, exit code 130."""
-    from .data import DataError  # noqa: PLC0415
-
     try:
         return main(argv) or 0
     except (UsageError, DataError) as e:
@@ -99,6 +99,8 @@ def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> in
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch.device for --device (auto: cuda when available). Raises UsageError for an unknown name or cuda
+    without a GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

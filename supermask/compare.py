@@ -25,13 +25,16 @@ from tqdm.auto import tqdm
 from . import imp as imp_mod
 from . import pai as pai_mod
 from . import train as train_mod
+from . import desc
 from .cli import Parser, number, run_main
+from .flags import add_fields, add_training_args
 from .data import DATASETS
 from .init import INITS
 from .models import MODELS
 from .pruning import SCOPES
 from .runlog import pyplot, save_figure
-from .runs import UsageError, atomic_write, read_json_object
+from .errors import UsageError
+from .storage import atomic_write, read_json_object
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
@@ -41,6 +44,7 @@ PAI_ORDER = tuple(f"PaI {m}{c}" for m in pai_mod.METHODS for c in ("", *(f" {c}"
 
 
 def method_rank(method: str) -> int:
+    """The plot and table order of a method (METHOD_ORDER, then pruning at init by PAI_ORDER, then the rest)."""
     order = METHOD_ORDER + PAI_ORDER
     return order.index(method) if method in order else len(order)
 
@@ -64,12 +68,13 @@ WIDTHS = number(float, 0, low_open=True, list_of=True)
 
 
 def parser() -> Parser:
+    """The flags of python -m supermask.compare."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="fc", help=f"architecture: {', '.join(MODELS)} (default fc)")
     p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default mnist)")
     p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
-    p.add_argument("--val-size", type=train_mod.COUNT, default=5000, help="training examples held out for validation")
-    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1, list_of=True), default="0", help="comma-separated seeds (default 0)")
+    add_fields(p, [f for f in desc.MODEL_FIELDS if f.name == "val_size"])
+    p.add_argument("--seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--ks", type=number(float, 0, 1, low_open=True, list_of=True), default="0.1,0.3,0.5,0.7", help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
     p.add_argument("--widths", type=WIDTHS, default="1,2.5", help="widths for edge-popup and dense (default 1,2.5)")
     p.add_argument("--imp-widths", type=WIDTHS, default="1", help="widths for IMP and its controls (default 1)")
@@ -87,7 +92,7 @@ def parser() -> Parser:
                         "(default: none)")
     p.add_argument("--pai-checks", default="",
                    help=f"sanity checks of every --pai method, comma-separated from {','.join(pai_mod.CHECKS)}")
-    train_mod.add_training_args(p)
+    add_training_args(p)
     p.set_defaults(epochs=10)
     p.add_argument("--runs-dir", default="runs", help="where the runs are stored and reused (default runs/)")
     p.add_argument("--out", default="comparison", help="folder for table.md, table.csv, plot.png")
@@ -96,6 +101,7 @@ def parser() -> Parser:
 
 
 def validate(args):
+    """Check the flags and parse the comma-separated lists into args.*_list. Raises UsageError."""
     if args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     if args.dataset not in DATASETS:
@@ -161,20 +167,22 @@ class Job:
         if kind == "train":
             a = train_mod.parser().parse_args(argv)
             train_mod.validate(a)
-            self.out = runs_dir / train_mod.run_name(train_mod.run_config(a))
+            self.out = runs_dir / desc.train_name(desc.train_identity(a))
         else:
             a = imp_mod.parser().parse_args(argv)
             imp_mod.validate(a)
-            self.out = imp_mod.default_out(imp_mod.imp_config(a), runs_dir)
+            self.out = imp_mod.default_out(desc.imp_identity(a), runs_dir)
         self.argv = [*argv, "--out", str(self.out)]
 
     def done(self) -> bool:
+        """Whether the run is finished (for IMP: every round asked for)."""
         if self.kind == "train":
             return (self.out / "results.json").is_file()
         first = 1 if self.method != "IMP ticket" else 0
         return all((self.out / f"round_{r:02d}" / "results.json").is_file() for r in range(first, self.rounds + 1))
 
     def run(self):
+        """Run (or resume) it with the train or imp command."""
         if self.kind == "train":
             resume = ["--resume"] if (self.out / "config.json").is_file() else []
             train_mod.main([*self.argv, *resume])
@@ -204,6 +212,8 @@ class Job:
 
 
 def plan(args) -> list[Job]:
+    """Every run the comparison needs: dense, edge-popup (and pruning at init) per width, k and seed; IMP and its
+    controls per IMP width and seed."""
     runs = Path(args.runs_dir)
     jobs = []
     for seed in args.seed_list:
@@ -260,6 +270,7 @@ def _pm(mean, sd, digits=2, n=1):
 
 
 def write_table(agg: list[dict], out: Path, title: str):
+    """table.md and table.csv in out: accuracy (mean +- sd over seeds) by method, width and setting."""
     lines = [f"**{title}**", "",
              "| method | width | setting | weights remaining (%) | weights kept | test acc (%) | best test acc (%) "
              "| early-stop iteration | s/epoch | seeds |",
@@ -281,6 +292,7 @@ def write_table(agg: list[dict], out: Path, title: str):
 
 
 def write_plot(agg: list[dict], out: Path, title: str):
+    """plot.png in out: test accuracy against the weights remaining, one line per method and width."""
     import matplotlib  # noqa: PLC0415 (the axes' formatters)
 
     plt = pyplot()
@@ -339,6 +351,8 @@ def write_plot(agg: list[dict], out: Path, title: str):
 
 
 def main(argv=None) -> int:
+    """python -m supermask.compare: plan the runs, run the missing ones (unless --no-train), write the table and
+    plot; returns the exit code."""
     args = parser().parse_args(argv)
     validate(args)
     jobs = plan(args)  # validates every sub-run's flags before anything runs

@@ -73,9 +73,9 @@ def _compile(cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed (runs.atomic_write): two processes building at once
+    # Built under a temporary name and renamed (storage.atomic_write): two processes building at once
     # both succeed.
-    from .runs import atomic_write  # noqa: PLC0415 (`python -m supermask.runs` runs that module first)
+    from .storage import atomic_write  # noqa: PLC0415
 
     def build(tmp):
         # -march=native: the vector width of this CPU (AVX-512 halves a pass against the SSE2

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
+
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic", "imagenet")
 STREAMED = ("imagenet",)  # read from disk batch by batch (ImageFolderData), not held in memory
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -29,12 +31,10 @@ _STATS = {  # per-channel mean and std of the training images
 }
 
 
-class DataError(Exception):
-    """The dataset cannot be found or read; the message says what was tried and what to do."""
-
-
 @dataclass
 class Dataset:
+    """An in-memory dataset: float32 images (N, C, H, W), normalised, and int64 labels, split into train, val (held
+    out from the training set) and test."""
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -47,6 +47,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape (C, H, W) of one image."""
         return tuple(self.train_x.shape[1:])
 
 

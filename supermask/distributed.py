@@ -29,22 +29,27 @@ class RankMismatchError(RuntimeError):
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (WORLD_SIZE and RANK are set)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def is_initialized() -> bool:
+    """Whether a torch.distributed process group is up."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process' rank (0 without a process group)."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 without a process group)."""
     return dist.get_world_size() if is_initialized() else 1
 
 
 def local_rank() -> int:
+    """This process' rank on its node (LOCAL_RANK; 0 without a process group)."""
     return int(os.environ.get("LOCAL_RANK", 0)) if is_initialized() else 0
 
 
@@ -54,11 +59,13 @@ def is_main() -> bool:
 
 
 def barrier():
+    """Wait for every process (a no-op without a process group)."""
     if is_initialized():
         dist.barrier()
 
 
 def backend_for(device: torch.device) -> str:
+    """The process group backend for device: nccl on CUDA, gloo on the CPU."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
@@ -86,6 +93,7 @@ def setup(device: torch.device, timeout_minutes: float = 30) -> torch.device:
 
 
 def teardown():
+    """Leave the process group, if one is up."""
     if is_initialized():
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runs import UsageError
+from .errors import UsageError
 
 ARCHS = {"FC": "fc", "Conv2": "conv2", "Conv4": "conv4", "Conv6": "conv6", "Conv8": "conv8",
          "ResNet18": "resnet18", "ResNet50": "resnet50", "WideResNet50_2": "wide_resnet50_2"}

@@ -21,7 +21,6 @@ nothing; an interrupted round resumes from its last epoch; a larger --rounds ext
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import shutil
 import sys
@@ -31,19 +30,18 @@ import torch
 
 from . import data as data_mod
 from . import distributed, training
+from . import desc
 from .cli import Parser, number, resolve_device, run_main
+from .flags import add_model_args, add_training_args
 from .init import INITS
 from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_masks_like, reinit_, rewind_,
                       sparsity)
-from .runs import (UsageError, check_same_config, config_hash, exclusive, load_checkpoint, prepare_run_dir,
-                   read_json_object, remove_temp_files, save_checkpoint, write_json)
-from .train import NOT_CONFIG, add_model_args, add_training_args, build_model, validate_common
+from .errors import UsageError
+from .storage import (check_same_config, exclusive, load_checkpoint, open_run, prepare_run_dir, read_json_object,
+                      remove_temp_files, save_checkpoint, write_json)
 
 PROG = "python -m supermask.imp"
 CONTROLS = ("reinit", "random-mask")
-# Not part of a run's identity: where it lives, how fast it runs, and how many rounds were asked
-# for (a run with more rounds extends the one with fewer).
-NOT_IDENTITY = (*NOT_CONFIG, "ticket", "rounds")
 
 
 # Round folders are round_00 ... round_99; range checks of the other numeric flags: cli.number.
@@ -52,6 +50,7 @@ PRUNE_RATE = number(float, 0, 1, low_open=True, high_open=True)
 
 
 def parser() -> Parser:
+    """The flags of python -m supermask.imp."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--init", choices=INITS, default="kaiming_normal", help="weight init (default kaiming_normal)")
@@ -79,73 +78,25 @@ def parser() -> Parser:
 
 
 def validate(args):
-    validate_common(args)
-    for flag in ("rounds", "rewind_iter", "val_every"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if not 0 < args.prune_rate < 1:
-        raise UsageError(f"--prune-rate must be in (0, 1), got {args.prune_rate}")
+    """The description's checks (desc.check_training) and IMP's own; --output-prune-rate's default
+    (half of --prune-rate). Raises UsageError."""
+    desc.check_training(args)
     if args.output_prune_rate is None:
         args.output_prune_rate = args.prune_rate / 2
-    if not 0 <= args.output_prune_rate < 1:
-        raise UsageError(f"--output-prune-rate must be in [0, 1), got {args.output_prune_rate}")
-    if args.dataset in data_mod.STREAMED:
-        raise UsageError(f"IMP needs an in-memory dataset; {args.dataset} is read from disk (use supermask.train)")
-    if args.schedule == "multistep" and not args.milestones:
-        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
-        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    desc.check_in_memory(args, "IMP needs an in-memory dataset; {dataset} is read from disk (use supermask.train)")
     if args.ticket is not None and args.control is None:
         raise UsageError("--ticket only makes sense with --control")
 
 
-# The identity of the first IMP runs. A flag added since (e.g. train's --warmup-epochs) joins a
-# run's identity only when it is set away from its default, so existing runs keep their names.
-CORE_KEYS = ("batch_size", "control", "dataset", "epochs", "init", "lr", "model", "momentum", "optimizer",
-             "output_prune_rate", "prune_rate", "rewind_iter", "schedule", "scope", "seed", "val_every",
-             "val_size", "weight_decay", "width")
-
-
-def imp_config(args) -> dict:
-    """The run's identity: every flag that changes what is computed, except --rounds (JSON types)."""
-    defaults = vars(parser().parse_args([]))
-    config = {}
-    for k, v in vars(args).items():
-        if k in NOT_IDENTITY or (k not in CORE_KEYS and v == defaults.get(k, object())):
-            continue
-        config[k] = list(v) if isinstance(v, tuple) else v
-    return {"command": "imp", **config}
-
-
-def run_name(config: dict) -> str:
-    ident = {k: v for k, v in config.items() if k != "rounds"}
-    control = f"_{config['control']}" if config.get("control") else ""
-    return (f"imp_{config['model']}_w{config['width']:g}_{config['dataset']}{control}_s{config['seed']}_"
-            f"{config_hash(ident)}")
-
-
-def ticket_config(config: dict) -> dict:
-    return {**config, "control": None}
-
-
 def default_out(config: dict, runs_dir: str | Path = "runs") -> Path:
-    return Path(runs_dir) / run_name(config)
-
-
-def train_config(config: dict) -> training.TrainConfig:
-    """TrainConfig from the run config: every TrainConfig field the config sets (the others at
-    their defaults, which is what an absent optional flag means)."""
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"extra"}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
-    return training.TrainConfig(**kwargs)
+    """The default folder of the IMP run config (imp_identity): runs_dir/imp_name."""
+    return Path(runs_dir) / desc.imp_name(config)
 
 
 def _dense_model(config: dict, dataset) -> torch.nn.Module:
     dense = {"model": config["model"], "width": config["width"], "dense": True, "init": config["init"],
              "seed": config["seed"]}
-    return build_model(dense, dataset.input_shape, dataset.num_classes)
+    return desc.build_model(dense, dataset.input_shape, dataset.num_classes)
 
 
 def _load_state(path: Path) -> dict:
@@ -229,7 +180,7 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
     ticket's rounds are run first by main / compare)."""
     out = Path(out)
     control = config.get("control")
-    cfg = train_config(config)
+    cfg = desc.training_config(config)
     steps_per_epoch = math.ceil(len(dataset.train_y) / cfg.batch_size)
     if config["rewind_iter"] >= cfg.epochs * steps_per_epoch:  # later rounds train from it to the end
         raise UsageError(f"--rewind-iter {config['rewind_iter']} is not before the end of training "
@@ -250,6 +201,46 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
         distributed.run_on_main(open_and_hold)
         return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
                            tensorboard)
+
+
+def _round_masks(config: dict, out: Path, r: int, ticket, prev, dataset) -> tuple[dict, tuple | None]:
+    """The masks of round r and prev, the (final weights, masks) of the previous round (read from
+    its checkpoint when prev is None): a control's are the ticket run's round r (random-mask:
+    shuffled), round 0's keep everything, a later round's prune the previous round's trained
+    weights by magnitude."""
+    control = config.get("control")
+    if control:
+        ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
+        if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
+            raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
+        masks = load_checkpoint(ticket_ckpt, require=("masks",))["masks"]
+        if control == "random-mask":
+            masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
+    elif r == 0:
+        masks = full_masks(_dense_model(config, dataset))
+    else:
+        if prev is None:
+            ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
+            prev = (ckpt["model"], ckpt["masks"])
+        trained = _dense_model(config, dataset)
+        with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
+            trained.load_state_dict(prev[0])
+            masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
+                                    config["output_prune_rate"])
+    return masks, prev
+
+
+def _round_start(config: dict, out: Path, r: int, init_state: dict) -> dict:
+    """The weights round r starts from: the initialisation (round 0, reinit, no rewinding) or the
+    rewind state (rewind.pt)."""
+    rewind_path = out / "rewind.pt"
+    if r == 0 or config.get("control") == "reinit" or not config["rewind_iter"]:
+        start = init_state
+    else:
+        if not rewind_path.is_file():
+            raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
+        start = _load_state(rewind_path)
+    return start
 
 
 def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
@@ -286,44 +277,10 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
             ckpt = load_checkpoint(rdir / "checkpoint.pt", require=("model", "masks"))
             prev = (ckpt["model"], ckpt["masks"])
             continue
-        # Masks of this round.
-        if control:
-            ticket_ckpt = Path(ticket) / f"round_{r:02d}" / "checkpoint.pt"
-            if not (Path(ticket) / f"round_{r:02d}" / "results.json").is_file():
-                raise UsageError(f"the ticket run {ticket} has no finished round {r}; run it first")
-            masks = load_checkpoint(ticket_ckpt, require=("masks",))["masks"]
-            if control == "random-mask":
-                masks = random_masks_like(masks, config["seed"], stream=f"random-mask/round{r}")
-        elif r == 0:
-            masks = full_masks(_dense_model(config, dataset))
-        else:
-            if prev is None:
-                ckpt = load_checkpoint(out / f"round_{r - 1:02d}" / "checkpoint.pt", require=("model", "masks"))
-                prev = (ckpt["model"], ckpt["masks"])
-            trained = _dense_model(config, dataset)
-            with _must_fit(out / f"round_{r - 1:02d}" / "checkpoint.pt"):
-                trained.load_state_dict(prev[0])
-                masks = magnitude_masks(trained, prev[1], config["prune_rate"], config["scope"],
-                                        config["output_prune_rate"])
-        # Weights it starts from.
-        if r == 0 or control == "reinit" or not config["rewind_iter"]:
-            start = init_state
-        else:
-            if not rewind_path.is_file():
-                raise UsageError(f"{rewind_path} is missing; delete {out / 'round_00'} to recompute round 0")
-            start = _load_state(rewind_path)
-        def open_round(rdir=rdir, round_config=round_config):
-            has_cfg = (rdir / "config.json").is_file()
-            if has_cfg and not (rdir / "checkpoint.pt").is_file():
-                if read_json_object(rdir / "config.json") != round_config:
-                    raise UsageError(f"{rdir} holds a round of another configuration; choose another --out")
-                state = "new"  # interrupted before its first epoch ended: start it again
-            else:
-                state = prepare_run_dir(rdir, round_config, resume=has_cfg)
-            return (load_checkpoint(rdir / "checkpoint.pt", (*training.RESUME_KEYS, "masks"))
-                    if state == "resume" else None)
-
-        resume = distributed.run_on_main(open_round)
+        masks, prev = _round_masks(config, out, r, ticket, prev, dataset)
+        start = _round_start(config, out, r, init_state)
+        _, resume = distributed.run_on_main(open_run, rdir, round_config, None,
+                                            require=(*training.RESUME_KEYS, "masks"))
 
         model = _dense_model(config, dataset).to(device)
         with _must_fit(rewind_path if start is not init_state else init_path):
@@ -367,6 +324,8 @@ def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
 
 
 def format_rounds(rows: list[dict]) -> str:
+    """The rounds of an IMP run (results.json's rows) as a text table: weights remaining (%), test, best and
+    validation accuracy (%), early-stop iteration, seconds per epoch."""
     lines = ["round  weights%   test%   best%    val%  early-stop it  s/epoch"]
     for row in rows:
         it = row["early_stop_iteration"]
@@ -377,6 +336,8 @@ def format_rounds(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """python -m supermask.imp: the ticket run (first, for a control) and the IMP run's rounds; returns the exit
+    code."""
     args = parser().parse_args(argv)
     validate(args)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise a no-op.
@@ -388,14 +349,14 @@ def _imp_main(args, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_a, **_k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = imp_config(args)
+    config = desc.imp_identity(args)
     out = Path(args.out) if args.out else default_out(config)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
     progress = not args.no_progress
     ticket = None
     if args.control:
-        tconfig = ticket_config(config)
-        ticket = Path(args.ticket) if args.ticket else out.parent / run_name(tconfig)
+        tconfig = desc.ticket_identity(config)
+        ticket = Path(args.ticket) if args.ticket else out.parent / desc.imp_name(tconfig)
         check_imp_dir(ticket, tconfig)
         check_imp_dir(out, config)  # fail before training the ticket, not after
         say(f"ticket run: {ticket}")

@@ -42,23 +42,24 @@ import torch
 
 from . import data as data_mod
 from . import training
+from . import desc
 from .cli import Parser, number, resolve_backend, resolve_device, run_main
+from .flags import add_backend, add_fields, add_model_args, add_training_args
 from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runlog import pyplot, save_figure
-from .runs import (UsageError, atomic_write, check_same_config, config_hash, exclusive, load_checkpoint,
-                   prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
-from .train import add_model_args, add_training_args, build_model, validate_common
+from .errors import UsageError
+from .storage import (atomic_write, check_same_config, exclusive, load_checkpoint, open_run, prepare_run_dir,
+                      read_json_object, read_run_config, save_checkpoint, write_json)
 
 PROG = "python -m supermask.instability"
 STABLE_BELOW = 2.0  # percentage points of error barrier (the paper's threshold)
-TRAINING_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "milestones",
-                 "gamma", "warmup_epochs", "label_smoothing", "nesterov", "no_bn_decay")
 ARCH_KEYS = ("model", "width", "dataset")
 
 
 def parser() -> Parser:
+    """The flags of python -m supermask.instability."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--init", choices=INITS, default=None,
@@ -66,16 +67,15 @@ def parser() -> Parser:
     p.add_argument("--rewind-iters", type=number(int, 0, list_of=True), default="0",
                    help="comma-separated rewind iterations k to analyse, e.g. 0,50,200 (default 0)")
     p.add_argument("--points", type=number(int, 2), default=30, help="points on the linear path, end points included (default 30)")
-    p.add_argument("--data-seeds", type=number(int, 0, 2**32 - 1, list_of=True), default="1,2", help="the two copies' data orders (default 1,2)")
+    p.add_argument("--data-seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="1,2", help="the two copies' data orders (default 1,2)")
     p.add_argument("--ticket", default=None, help="an IMP run folder: analyse its ticket of --round")
     p.add_argument("--round", type=number(int, 0), default=None, help="with --ticket: the IMP round whose mask is analysed")
     p.add_argument("--edge-popup", action="store_true", help="analyse an edge-popup supermask (scores interpolated)")
-    p.add_argument("--k", type=number(float, 0, 1, low_open=True), default=0.5, help="with --edge-popup: fraction of weights kept (default 0.5)")
+    add_fields(p, [desc.K_FIELD], k={"help": "with --edge-popup: fraction of weights kept (default 0.5)"})
     p.add_argument("--scale-fan", action="store_true", help="with --edge-popup: init with fan_in * k")
     p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="with --edge-popup: top-k scope")
     add_training_args(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
-                   help="edge-popup's mask implementation (as in supermask.train)")
+    add_backend(p, "edge-popup's mask implementation (as in supermask.train)")
     p.add_argument("--runs-dir", default="runs", help="where rewind states and trained copies are stored (default runs/)")
     p.add_argument("--out", default=None, help="folder for the results (default RUNS/instability_<name from the flags>)")
     return p
@@ -83,9 +83,8 @@ def parser() -> Parser:
 
 def validate(args):
     """Checks that need no data. Raises UsageError."""
-    validate_common(args)
-    if args.dataset in data_mod.STREAMED:
-        raise UsageError(f"the instability analysis needs an in-memory dataset, not {args.dataset}")
+    desc.check_training(args)
+    desc.check_in_memory(args, "the instability analysis needs an in-memory dataset, not {dataset}")
     args.rewind_list = sorted(set(args.rewind_iters))
     if not args.rewind_list:
         raise UsageError("--rewind-iters is empty")
@@ -98,34 +97,34 @@ def validate(args):
         raise UsageError("--round needs --ticket IMP_DIR")
     if args.ticket is not None and args.edge_popup:
         raise UsageError("--ticket and --edge-popup analyse different networks: choose one")
-    if args.schedule == "multistep" and not args.milestones:
-        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
-        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {args.warmup_epochs}")
     if args.init is None:
         args.init = "signed_constant" if args.edge_popup else "kaiming_normal"
 
 
 def base_config(args) -> dict:
     """The network and its training: what every stored piece of the analysis shares (JSON types)."""
-    config = {"model": args.model, "width": args.width, "dataset": args.dataset, "val_size": args.val_size,
-              "seed": args.seed, "init": args.init, "dense": not args.edge_popup}
-    if args.edge_popup:
-        config.update(k=args.k, scale_fan=args.scale_fan, topk=args.topk)
-    for key in TRAINING_KEYS:
-        v = getattr(args, key)
-        config[key] = list(v) if isinstance(v, tuple) else v
-    return config
+    return desc.instability_identity(args)
 
 
 def train_config(config: dict, data_seed: int) -> training.TrainConfig:
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in TRAINING_KEYS}
-    return training.TrainConfig(seed=data_seed, **kwargs)
+    """The TrainConfig of a copy: the analysis' training with the data order of data_seed."""
+    return desc.training_config(config, seed=data_seed)
 
 
-def _name(config: dict) -> str:
-    kind = f"ep{config['k']:g}" if not config["dense"] else "dense"
-    return f"{config['model']}_w{config['width']:g}_{config['dataset']}_{kind}_s{config['seed']}"
+def copy_config(config: dict, k: int, data_seed: int, masks: dict | None) -> dict:
+    """The identity (config.json) of a copy trained from iteration k with the data order data_seed."""
+    return {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
+            "mask": mask_id(masks)}
+
+
+def copy_name(config: dict, k: int, data_seed: int, masks: dict | None) -> str:
+    """The folder name (under --runs-dir) of that copy."""
+    return desc.copy_name(copy_config(config, k, data_seed, masks), config)
+
+
+def out_name(oconfig: dict, config: dict) -> str:
+    """The analysis' default folder name (under --runs-dir)."""
+    return desc.instability_name(oconfig, config)
 
 
 def mask_id(masks: dict | None) -> str | None:
@@ -180,7 +179,7 @@ def rewind_states(config: dict, ks: list[int], dataset, device, runs_dir: Path, 
     data order of config's seed; stored in one folder (iter_NNNNNN.pt) and only computed when
     missing, by one training pass stopped at the largest missing k."""
     pconfig = {"command": "instability-rewind", **config}
-    folder = runs_dir / f"instability_rewind_{_name(config)}_{config_hash(pconfig)}"
+    folder = runs_dir / desc.rewind_states_name(pconfig, config)
     path = {k: folder / f"iter_{k:06d}.pt" for k in ks}
     missing = [k for k in ks if not path[k].is_file()]
     if missing:
@@ -190,7 +189,7 @@ def rewind_states(config: dict, ks: list[int], dataset, device, runs_dir: Path, 
         with exclusive(folder):
             if not (folder / "config.json").is_file():
                 write_json(folder / "config.json", pconfig)
-            model = build_model(config, dataset.input_shape, dataset.num_classes)
+            model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
             set_backend(model, backend)
 
             def snapshot(k):
@@ -223,26 +222,16 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
     """Train the network from its state at iteration k to the end with the data order of
     data_seed (masks held fixed if given), in a training run folder named after all of that;
     a finished copy is only read, an interrupted one resumes. Returns the folder."""
-    cconfig = {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
-               "mask": mask_id(masks)}
-    kind = "" if masks is None else f"_m{cconfig['mask']}"
-    out = runs_dir / f"instability_copy_{_name(config)}{kind}_k{k}_d{data_seed}_{config_hash(cconfig)}"
+    cconfig = copy_config(config, k, data_seed, masks)
+    out = runs_dir / copy_name(config, k, data_seed, masks)
     if (out / "results.json").is_file():
         prepare_run_dir(out, cconfig, True)  # checks that it holds this configuration ("done")
         return out
     with contextlib.ExitStack() as held:
-        has_cfg = (out / "config.json").is_file()
-        if has_cfg and not (out / "checkpoint.pt").is_file():
-            if read_run_config(out) != cconfig:
-                raise UsageError(f"{out} holds a run of another configuration; remove it")
-            state = "new"  # interrupted before its first epoch ended: start again
-        else:
-            state = prepare_run_dir(out, cconfig, resume=has_cfg)
-        held.enter_context(exclusive(out))
-        if (out / "results.json").is_file():  # finished by another process a moment ago
+        state, resume = open_run(out, cconfig, None, held)
+        if state == "done":  # finished by another process a moment ago
             return out
-        resume = load_checkpoint(out / "checkpoint.pt") if state == "resume" else None
-        model = build_model(config, dataset.input_shape, dataset.num_classes)
+        model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
         model.load_state_dict(start)
         set_backend(model, backend)
         model.to(device)
@@ -274,7 +263,7 @@ def error_path(config: dict, state_a: dict, state_b: dict, dataset, device, poin
     rows = []
     for i in range(points):
         alpha = i / (points - 1)
-        model = build_model(config, dataset.input_shape, dataset.num_classes)
+        model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
         model.load_state_dict(interpolate(state_a, state_b, alpha))
         set_backend(model, backend)
         res = training.evaluate_untrained(model, dataset, cfg, device)
@@ -302,12 +291,15 @@ def stability_to_pruning(ticket_state: dict, dense_state: dict, masks: dict) -> 
 
 
 def out_config(args, config: dict, masks: dict | None) -> dict:
+    """The analysis' identity (its config.json): the network and training, what is analysed (mode, the mask's
+    content hash), the data orders and the number of points."""
     mode = "ticket" if args.ticket else "edge-popup" if args.edge_popup else "dense"
     return {"command": "instability", **config, "mode": mode, "mask": mask_id(masks),
             "data_seeds": args.data_seed_list, "points": args.points}
 
 
 def check_out(out: Path, oconfig: dict):
+    """UsageError unless out may hold the analysis oconfig (the same one, or nothing at all); writes nothing."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     if (out / "config.json").is_file():
@@ -318,6 +310,8 @@ def check_out(out: Path, oconfig: dict):
 
 
 def write_table(rows: list[dict], out: Path, title: str):
+    """table.md in out: one row per rewind iteration (end-point errors, largest error on the path, error barrier in
+    percentage points, stable or not, stability to pruning)."""
     lines = [f"**{title}**", "",
              "| rewind iteration | test error copy 1 (%) | test error copy 2 (%) | max error on path (%) "
              "| error barrier (pp) | stable (< 2 pp) | stability to pruning (normalised L2) |",
@@ -332,6 +326,8 @@ def write_table(rows: list[dict], out: Path, title: str):
 
 
 def write_plot(rows: list[dict], out: Path, title: str):
+    """plot.png in out: the test error along the linear path for each rewind iteration, and the error barrier
+    against the rewind iteration."""
     import matplotlib  # noqa: PLC0415 (the axes' locators)
 
     fig, (ax_path, ax_bar) = pyplot().subplots(1, 2, figsize=(12, 4.5))
@@ -358,6 +354,8 @@ def write_plot(rows: list[dict], out: Path, title: str):
 
 
 def main(argv=None) -> int:
+    """python -m supermask.instability: the rewind states, the two copies per rewind iteration, the error paths,
+    then the table, plot and instability.json; returns the exit code."""
     args = parser().parse_args(argv)
     validate(args)
     device = resolve_device(args.device)
@@ -371,13 +369,13 @@ def main(argv=None) -> int:
     if args.rewind_list[-1] >= total:
         raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "
                          f"({total} iterations: --epochs {args.epochs} of {math.ceil(len(dataset.train_y) / args.batch_size)})")
-    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
     masks = load_ticket(Path(args.ticket), args.round, config, model) if args.ticket else None
     oconfig = out_config(args, config, masks)
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
-    out = Path(args.out) if args.out else runs_dir / f"instability_{oconfig['mode']}_{_name(config)}_{config_hash(oconfig)}"
+    out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
     check_out(out, oconfig)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder

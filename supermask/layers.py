@@ -122,7 +122,19 @@ class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), None)
+        weight = self.effective_weight()
+        if torch.compiler.is_compiling() and self._strided_pointwise():
+            # torch 2.14's inductor (CPU) gets the weight gradient of a 1x1 convolution with stride > 1
+            # wrong (relative error ~0.5 on plain F.conv2d; ResNet's downsample layers). Without
+            # padding such a convolution reads x[..., ::sh, ::sw]: the same sums at stride 1, which
+            # inductor gets right. Eager keeps the strided call (cuDNN/oneDNN do it without a copy).
+            sh, sw = self.stride
+            return F.conv2d(x[..., ::sh, ::sw], weight, None, 1, 0, 1, self.groups)
+        return self._conv_forward(x, weight, None)
+
+    def _strided_pointwise(self) -> bool:
+        return (tuple(self.kernel_size) == (1, 1) and self.padding in ((0, 0), "valid")
+                and tuple(self.stride) != (1, 1))
 
 
 class NonAffineBatchNorm(nn.BatchNorm2d):

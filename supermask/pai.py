@@ -43,7 +43,7 @@ from . import data as data_mod
 from .init import layer_generator
 from .mask import mask_from_threshold, num_kept, topk_threshold
 from .pruning import MaskKeeper, Masks, prunable_layers, random_masks_like, reinit_
-from .runs import UsageError
+from .errors import UsageError
 
 METHODS = ("snip", "grasp", "synflow", "random", "magnitude")
 # The scope each method's paper uses (random and magnitude are the layer-wise baselines of

@@ -36,6 +36,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def output_layer(model: nn.Module) -> str:
+    """The name of the model's last prunable layer (its output layer)."""
     layers = prunable_layers(model)
     if not layers:
         raise ValueError("model has no Linear or Conv2d layer to prune")
@@ -132,12 +133,14 @@ class MaskKeeper:
         apply_masks_(model, self.masks)
 
     def enforce(self, model: nn.Module):
+        """Zero the pruned weights again (after an optimiser step)."""
         apply_masks_(model, self.masks)
 
     def __call__(self, model: nn.Module):
         self.enforce(model)
 
     def remove(self):
+        """Remove the gradient hooks; the weights stay as they are."""
         for h in self.handles:
             h.remove()
         self.handles = []

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .layers import supermask_layers
-from .runs import atomic_write
+from .storage import atomic_write
 
 _said_unavailable = False
 
@@ -59,6 +59,8 @@ class TensorBoardLog:
 
     @torch.no_grad()
     def epoch(self, row: dict, model: nn.Module) -> None:
+        """Log one epoch's metrics row at its epoch, and each prunable layer's kept fraction (and a supermask
+        layer's score histogram)."""
         if self.writer is None:
             return
         step = row["epoch"]
@@ -77,6 +79,7 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -91,7 +94,7 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
-    """Lay fig out, render it to PNG in memory and write it with runs.atomic_write (a failed write,
+    """Lay fig out, render it to PNG in memory and write it with storage.atomic_write (a failed write,
     a full disk included, is a one-line UsageError and leaves no truncated PNG); fig is closed."""
     buf = io.BytesIO()
     try:

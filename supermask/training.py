@@ -23,7 +23,8 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from .layers import supermask_layers
 from .runlog import TensorBoardLog, write_curves
-from .runs import UsageError, save_checkpoint, write_error, write_json
+from .errors import UsageError, write_error
+from .storage import save_checkpoint, write_json
 
 OPTIMIZERS = ("sgd", "adam")
 # What train(resume=...) reads from a checkpoint (load_checkpoint(path, require=RESUME_KEYS)).
@@ -33,6 +34,10 @@ SCHEDULES = ("cosine", "multistep", "none")
 
 @dataclass
 class TrainConfig:
+    """The training hyperparameters of one run (supermask.desc.training_config makes it from a run's identity):
+    epochs, batch size, lr (per-iteration schedule: cosine, multistep at milestones by gamma, or none; linear
+    warm-up over warmup_epochs), SGD or Adam with momentum, weight decay (none on BatchNorm with no_bn_decay),
+    label smoothing; seed orders the data."""
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
@@ -66,6 +71,8 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg names (SGD with momentum and Nesterov, or Adam) over the trainable parameters; with
+    cfg.no_bn_decay, BatchNorm parameters get no weight decay."""
     bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,140 +257,202 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
     weights are checked to be identical on every rank after each epoch, and only rank 0 logs,
     shows progress and writes into out; resume must then be the same dict on every rank.
     """
-    model.to(device)
-    world, main = dist_mod.world_size(), dist_mod.is_main()
-    if not main:
-        out, progress, log = None, False, lambda *_a, **_k: None
-    if world > 1 and cfg.batch_size < world:
-        raise ValueError(f"the global batch size ({cfg.batch_size}) must be at least the number of processes ({world})")
-    streaming = getattr(dataset, "streaming", False)
-    tensors = {} if streaming else {k: getattr(dataset, k).to(device) for k in
-                                    ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
-    optimizer = make_optimizer(model, cfg)
-    n_train = len(dataset.train) if streaming else len(tensors["train_y"])
-    n_val = _split_len(dataset, tensors, "val")
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if not 0 <= start_step < total_steps:
-        raise ValueError(f"start_step must be in [0, {total_steps}), got {start_step}")
-    metrics, epoch_seconds = [], []
-    start_epoch, skip = divmod(start_step, steps_per_epoch)  # skip: batches of start_epoch already trained
-    val_curve = []  # (iteration, val loss) for the early-stop iteration
+    run = _Run(model, dataset, cfg, device, out, after_step, progress, desc, log)
+    if not run.main:
+        run.out, run.progress, run.log = None, False, lambda *_a, **_k: None
+    if run.world > 1 and cfg.batch_size < run.world:
+        raise ValueError(f"the global batch size ({cfg.batch_size}) must be at least the number of processes "
+                         f"({run.world})")
+    if not 0 <= start_step < run.total_steps:
+        raise ValueError(f"start_step must be in [0, {run.total_steps}), got {start_step}")
+    start_epoch, skip = divmod(start_step, run.steps_per_epoch)  # skip: batches of start_epoch already trained
     if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            metrics, epoch_seconds = list(resume["metrics"]), list(resume["epoch_seconds"])
-            val_curve, start_epoch, skip = [tuple(v) for v in resume["val_curve"]], int(resume["epoch"]), 0
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            why = f"no {e} entry" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
-            raise UsageError(f"the checkpoint to resume from does not fit this run ({why}); "
-                             "it is another run's or damaged: delete the run folder or choose another --out") from None
-        if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
-            torch.set_rng_state(resume["rng"])
-    net = model
-    if world > 1:
+        start_epoch, skip = _resume(run, resume), 0
+    if run.world > 1:
         dist_mod.verify_identical(model, "before training")  # DDP would hide it: it copies rank 0's
-        net = torch.nn.parallel.DistributedDataParallel(
+        run.net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics_file = None
-    if out:
-        # metrics.jsonl: one row per epoch of the checkpoint, then appended. Written from the
-        # checkpoint's rows on resume, so a kill between a row and its checkpoint leaves no extra row.
-        # Unbuffered: a failed write raises at once and _append_row can cut the file back.
-        try:
-            metrics_file = open(out / "metrics.jsonl", "wb", buffering=0)  # noqa: SIM115
-        except OSError as e:
-            raise UsageError(write_error(out / "metrics.jsonl", e)) from None
-        try:
-            for row in metrics:
-                _append_row(metrics_file, row, out / "metrics.jsonl")
-        except BaseException:
-            metrics_file.close()
-            raise
-    board = TensorBoardLog(out, tensorboard)
-    warned_not_learning = False
+    metrics_file = _open_metrics(run.out, run.metrics)
+    board = TensorBoardLog(run.out, tensorboard)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            bar = tqdm(_epoch_batches(dataset, tensors, cfg, epoch, device), total=steps_per_epoch, leave=False,
-                       desc=f"{desc}epoch {epoch + 1}/{cfg.epochs}", disable=not progress, dynamic_ncols=True)
-            seen = loss_sum = correct = eval_seconds = 0.0
-            timer = time.perf_counter()
-            for i, (xb, yb, global_n) in enumerate(bar):
-                if epoch == start_epoch and i < skip:
-                    continue  # before start_step (drawn all the same: the data stream stays the same)
-                step = epoch * steps_per_epoch + i
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
-                out_b = net(xb)
-                if world == 1:
-                    loss = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing)
-                    batch_loss = loss.item() * len(yb)
-                else:  # DDP averages gradients over ranks: scale so that it is the global batch's mean
-                    local = F.cross_entropy(out_b, yb, label_smoothing=cfg.label_smoothing, reduction="sum")
-                    loss = local * (world / global_n)
-                    batch_loss = local.item()
-                if world == 1 and not math.isfinite(batch_loss):
-                    _diverged(batch_loss, step, epoch, out)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if after_step is not None:
-                    after_step(model)
-                seen += len(yb)
-                loss_sum += batch_loss
-                correct += (out_b.argmax(1) == yb).sum().item()
-                if progress and i % 20 == 0 and seen:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-                if cfg.val_every and (step + 1) % cfg.val_every == 0 and n_val:
-                    eval_start = time.perf_counter()
-                    dist_mod.broadcast_buffers(model)
-                    val_curve.append((step + 1, _evaluate_split(model, dataset, tensors, "val", device, cfg)["loss"]))
-                    eval_seconds += time.perf_counter() - eval_start
-            epoch_seconds.append(time.perf_counter() - timer - eval_seconds)
-            bar.close()
-            if world > 1:
-                dist_mod.broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank
-                seen, loss_sum, correct = dist_mod.sum_all([seen, loss_sum, correct])
-                dist_mod.verify_identical(model, f"after epoch {epoch + 1}")
-            if not math.isfinite(loss_sum):  # (under torchrun the sum over ranks: every rank stops alike)
-                _diverged(loss_sum, (epoch + 1) * steps_per_epoch - 1, epoch, out)
-            val = _evaluate_split(model, dataset, tensors, "val", device, cfg)
-            test = _evaluate_split(model, dataset, tensors, "test", device, cfg)
-            iteration = (epoch + 1) * steps_per_epoch
-            if not cfg.val_every and n_val:
-                val_curve.append((iteration, val["loss"]))
-            row = {"epoch": epoch + 1, "iteration": iteration, "lr": learning_rate(cfg, iteration - 1, total_steps, steps_per_epoch),
-                   "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-                   "val_loss": val["loss"], "val_acc": val["acc"], "test_loss": test["loss"],
-                   "test_acc": test["acc"], "test_acc5": test["acc5"], "seconds": epoch_seconds[-1]}
-            metrics.append(row)
-            log(f"{desc}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
-                f"val {val['acc']:.2f}%  test {test['acc']:.2f}%  {epoch_seconds[-1]:.1f}s")
+            loss_sum, correct, seen = _train_epoch(run, epoch, skip if epoch == start_epoch else 0)
+            row = _end_epoch(run, epoch, loss_sum, correct, seen)
             board.epoch(row, model)
-            if main and not warned_not_learning and not_learning(row["train_loss"], row["train_acc"],
-                                                                 dataset.num_classes):
-                warned_not_learning = True  # once a run: the run goes on, its numbers are what they are
-                print(f"warning: {desc}epoch {epoch + 1}: training loss {row['train_loss']:.4g} is no lower than "
-                      f"chance (ln {dataset.num_classes} = {math.log(dataset.num_classes):.4f}) and training "
-                      f"accuracy {row['train_acc']:.2f}% is near chance ({100 / dataset.num_classes:.0f}%): the "
-                      f"network is not learning (too high a --lr?)", file=sys.stderr)
-            if out:
-                _append_row(metrics_file, row, out / "metrics.jsonl")
-                save_checkpoint(out / "checkpoint.pt", {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "metrics": metrics, "epoch_seconds": epoch_seconds, "val_curve": val_curve,
-                    "rng": torch.get_rng_state(),
-                    **(checkpoint_extra or {})})
+            if run.out:
+                _append_row(metrics_file, row, run.out / "metrics.jsonl")
+                save_checkpoint(run.out / "checkpoint.pt", {
+                    "model": model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
+                    "metrics": run.metrics, "epoch_seconds": run.epoch_seconds, "val_curve": run.val_curve,
+                    "rng": torch.get_rng_state(), **(checkpoint_extra or {})})
     finally:
         board.close()
         if metrics_file:
             metrics_file.close()
-    total, kept = count_params(model)
+    results = _results(run, start_step, config)
+    if run.out:
+        write_curves(run.out / "curves.png", run.metrics, title=desc.strip() or run.out.name)
+        write_json(run.out / "results.json", results)
+    dist_mod.barrier()  # rank 0's files are complete before any rank goes on
+    return results
+
+
+class _Run:
+    """What one call of train shares between its parts: the model (net: its DDP wrapper under
+    torchrun), data on the device, optimizer, schedule lengths, where it writes and logs, and the
+    state that a checkpoint keeps (metrics rows, epoch seconds, the validation-loss curve)."""
+
+    def __init__(self, model, dataset, cfg: TrainConfig, device, out, after_step, progress, desc, log):
+        model.to(device)
+        self.model = self.net = model
+        self.dataset, self.cfg, self.device, self.out = dataset, cfg, device, out
+        self.after_step, self.progress, self.desc, self.log = after_step, progress, desc, log
+        self.world, self.main = dist_mod.world_size(), dist_mod.is_main()
+        streaming = getattr(dataset, "streaming", False)
+        self.tensors = {} if streaming else {k: getattr(dataset, k).to(device) for k in
+                                             ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+        self.optimizer = make_optimizer(model, cfg)
+        n_train = len(dataset.train) if streaming else len(self.tensors["train_y"])
+        self.n_val = _split_len(dataset, self.tensors, "val")
+        self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.metrics, self.epoch_seconds, self.val_curve = [], [], []  # val_curve: (iteration, val loss)
+        self.warned_not_learning = False
+
+    def lr(self, step: int) -> float:
+        """The learning rate at iteration step."""
+        return learning_rate(self.cfg, step, self.total_steps, self.steps_per_epoch)
+
+    def evaluate(self, split: str) -> dict:
+        """Loss, top-1 and top-5 accuracy on split ("val" or "test")."""
+        return _evaluate_split(self.model, self.dataset, self.tensors, split, self.device, self.cfg)
+
+
+def _resume(run: _Run, resume: dict) -> int:
+    """Load a checkpoint's model, optimizer, metrics and RNG state into run; returns the epoch to
+    continue from. UsageError when it does not fit."""
+    try:
+        run.model.load_state_dict(resume["model"])
+        run.optimizer.load_state_dict(resume["optimizer"])
+        run.metrics, run.epoch_seconds = list(resume["metrics"]), list(resume["epoch_seconds"])
+        run.val_curve, epoch = [tuple(v) for v in resume["val_curve"]], int(resume["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        why = f"no {e} entry" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        raise UsageError(f"the checkpoint to resume from does not fit this run ({why}); "
+                         "it is another run's or damaged: delete the run folder or choose another --out") from None
+    if "rng" in resume:  # sampled masks draw from the global RNG: continue its stream exactly
+        torch.set_rng_state(resume["rng"])
+    return epoch
+
+
+def _open_metrics(out: Path | None, metrics: list[dict]):
+    """metrics.jsonl opened for appending (None without out), holding the rows of metrics: written
+    from the checkpoint's rows on resume, so a kill between a row and its checkpoint leaves no
+    extra row. Unbuffered: a failed write raises at once and _append_row can cut the file back."""
+    if not out:
+        return None
+    try:
+        metrics_file = open(out / "metrics.jsonl", "wb", buffering=0)  # noqa: SIM115
+    except OSError as e:
+        raise UsageError(write_error(out / "metrics.jsonl", e)) from None
+    try:
+        for row in metrics:
+            _append_row(metrics_file, row, out / "metrics.jsonl")
+    except BaseException:
+        metrics_file.close()
+        raise
+    return metrics_file
+
+
+def _train_epoch(run: _Run, epoch: int, skip: int) -> tuple[float, float, float]:
+    """One epoch's optimiser steps (from its batch skip on); returns the sums of loss and correct
+    predictions and the examples seen (over every rank), and appends the epoch's seconds."""
+    cfg, model = run.cfg, run.model
+    model.train()
+    bar = tqdm(_epoch_batches(run.dataset, run.tensors, cfg, epoch, run.device), total=run.steps_per_epoch,
+               leave=False, desc=f"{run.desc}epoch {epoch + 1}/{cfg.epochs}", disable=not run.progress,
+               dynamic_ncols=True)
+    seen = loss_sum = correct = eval_seconds = 0.0
+    timer = time.perf_counter()
+    for i, (xb, yb, global_n) in enumerate(bar):
+        if i < skip:
+            continue  # before start_step (drawn all the same: the data stream stays the same)
+        step = epoch * run.steps_per_epoch + i
+        batch_loss, out_b = _step(run, step, epoch, xb, yb, global_n)
+        seen += len(yb)
+        loss_sum += batch_loss
+        correct += (out_b.argmax(1) == yb).sum().item()
+        if run.progress and i % 20 == 0 and seen:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        if cfg.val_every and (step + 1) % cfg.val_every == 0 and run.n_val:
+            eval_start = time.perf_counter()
+            dist_mod.broadcast_buffers(model)
+            run.val_curve.append((step + 1, run.evaluate("val")["loss"]))
+            eval_seconds += time.perf_counter() - eval_start
+    run.epoch_seconds.append(time.perf_counter() - timer - eval_seconds)
+    bar.close()
+    if run.world > 1:
+        dist_mod.broadcast_buffers(model)  # BatchNorm statistics: rank 0's on every rank
+        seen, loss_sum, correct = dist_mod.sum_all([seen, loss_sum, correct])
+        dist_mod.verify_identical(model, f"after epoch {epoch + 1}")
+    if not math.isfinite(loss_sum):  # (under torchrun the sum over ranks: every rank stops alike)
+        _diverged(loss_sum, (epoch + 1) * run.steps_per_epoch - 1, epoch, run.out)
+    return loss_sum, correct, seen
+
+
+def _step(run: _Run, step: int, epoch: int, xb, yb, global_n) -> tuple[float, torch.Tensor]:
+    """One optimiser step on the batch (xb, yb) at iteration step; returns its summed loss and outputs."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr(step)
+    out_b = run.net(xb)
+    label_smoothing = run.cfg.label_smoothing
+    if run.world == 1:
+        loss = F.cross_entropy(out_b, yb, label_smoothing=label_smoothing)
+        batch_loss = loss.item() * len(yb)
+    else:  # DDP averages gradients over ranks: scale so that it is the global batch's mean
+        local = F.cross_entropy(out_b, yb, label_smoothing=label_smoothing, reduction="sum")
+        loss = local * (run.world / global_n)
+        batch_loss = local.item()
+    if run.world == 1 and not math.isfinite(batch_loss):
+        _diverged(batch_loss, step, epoch, run.out)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.after_step is not None:
+        run.after_step(run.model)
+    return batch_loss, out_b
+
+
+def _end_epoch(run: _Run, epoch: int, loss_sum: float, correct: float, seen: float) -> dict:
+    """Evaluate after epoch, append its metrics row (returned), log it, warn once if not learning."""
+    val, test = run.evaluate("val"), run.evaluate("test")
+    iteration = (epoch + 1) * run.steps_per_epoch
+    if not run.cfg.val_every and run.n_val:
+        run.val_curve.append((iteration, val["loss"]))
+    row = {"epoch": epoch + 1, "iteration": iteration, "lr": run.lr(iteration - 1),
+           "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
+           "val_loss": val["loss"], "val_acc": val["acc"], "test_loss": test["loss"],
+           "test_acc": test["acc"], "test_acc5": test["acc5"], "seconds": run.epoch_seconds[-1]}
+    run.metrics.append(row)
+    run.log(f"{run.desc}epoch {epoch + 1}/{run.cfg.epochs}  loss {row['train_loss']:.4f}  train "
+            f"{row['train_acc']:.2f}%  val {val['acc']:.2f}%  test {test['acc']:.2f}%  {run.epoch_seconds[-1]:.1f}s")
+    classes = run.dataset.num_classes
+    if run.main and not run.warned_not_learning and not_learning(row["train_loss"], row["train_acc"], classes):
+        run.warned_not_learning = True  # once a run: the run goes on, its numbers are what they are
+        print(f"warning: {run.desc}epoch {epoch + 1}: training loss {row['train_loss']:.4g} is no lower than "
+              f"chance (ln {classes} = {math.log(classes):.4f}) and training accuracy {row['train_acc']:.2f}% is "
+              f"near chance ({100 / classes:.0f}%): the network is not learning (too high a --lr?)", file=sys.stderr)
+    return row
+
+
+def _results(run: _Run, start_step: int, config: dict | None) -> dict:
+    """results.json's dict: the last and best accuracies, the early-stop iteration (lowest
+    validation loss), iterations, weights kept, seconds per epoch (median), the configs."""
+    metrics, val_curve = run.metrics, run.val_curve
+    total, kept = count_params(run.model)
     last = metrics[-1] if metrics else {}
     early = min(val_curve, key=lambda v: v[1]) if val_curve else (None, None)
-    results = {
+    return {
         "test_acc": last.get("test_acc"), "test_acc5": last.get("test_acc5"),
         "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
         "val_acc": last.get("val_acc"), "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
@@ -391,15 +460,10 @@ def train(model: nn.Module, dataset: data_mod.Dataset, cfg: TrainConfig, device:
         "epochs": len(metrics), "start_iteration": start_step,
         "iterations": (metrics[-1]["iteration"] - start_step) if metrics else 0,
         "params_total": total, "params_kept": kept, "weights_remaining": 100.0 * kept / max(1, total),
-        "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
-        "train_config": asdict(cfg),
+        "seconds_per_epoch": statistics.median(run.epoch_seconds) if run.epoch_seconds else None,
+        "train_config": asdict(run.cfg),
         **({"config": config} if config is not None else {}),
     }
-    if out:
-        write_curves(out / "curves.png", metrics, title=desc.strip() or out.name)
-        write_json(out / "results.json", results)
-    dist_mod.barrier()  # rank 0's files are complete before any rank goes on
-    return results
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from supermask import analyze, compare, export, instability
 from supermask import imp as imp_mod
 from supermask import train as train_mod
 from supermask.cli import run_main
-from supermask.runs import load_checkpoint, save_checkpoint
+from supermask.storage import load_checkpoint, save_checkpoint
 
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "200", "--no-progress"]
 IMP_TINY = [*TINY, "--rounds", "1", "--val-every", "0"]
@@ -266,7 +266,7 @@ def mnist(**override):
 
 
 def full_disk(after: int = 0):
-    """os.fsync fails with ENOSPC from its (after+1)-th call on (atomic writes: runs.atomic_write)."""
+    """os.fsync fails with ENOSPC from its (after+1)-th call on (atomic writes: storage.atomic_write)."""
     def patch(mp: pytest.MonkeyPatch):
         real, calls = os.fsync, [0]
 

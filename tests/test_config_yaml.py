@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from supermask import desc
 from supermask import train as train_mod
 from supermask.cli import run_main
 
@@ -67,8 +68,8 @@ def test_official_smallscale_config_maps_to_the_equivalent_flags(tmp_path):
     path = write(tmp_path, SMALLSCALE)
     from_yaml = parsed(["--config", path, "--k", "0.3"])
     from_flags = parsed(EQUIVALENT_FLAGS + ["--k", "0.3"])
-    assert train_mod.run_config(from_yaml) == train_mod.run_config(from_flags)
-    assert train_mod.run_name(train_mod.run_config(from_yaml)) == train_mod.run_name(train_mod.run_config(from_flags))
+    assert desc.train_identity(from_yaml) == desc.train_identity(from_flags)
+    assert desc.train_name(desc.train_identity(from_yaml)) == desc.train_name(desc.train_identity(from_flags))
     assert (from_yaml.data_dir, from_yaml.workers) == ("/mnt", 4)  # not part of the run's identity
     # flags on the command line override the file, as in hidden-networks
     assert parsed(["--config", path, "--k", "0.3", "--lr", "0.2", "--epochs", "3"]).lr == 0.2
@@ -83,7 +84,7 @@ def test_multistep_dense_and_sampled_configs(tmp_path):
         .replace("freeze_weights: True", "freeze_weights: False").replace("init: signed_constant", "init: kaiming_normal")
     args = parsed(["--config", write(tmp_path, dense)])
     flags = [f if f != "signed_constant" else "kaiming_normal" for f in EQUIVALENT_FLAGS] + ["--dense"]
-    assert args.dense and train_mod.run_config(args) == train_mod.run_config(parsed(flags))
+    assert args.dense and desc.train_identity(args) == desc.train_identity(parsed(flags))
     sampled = SMALLSCALE.replace("conv_type: SubnetConv", "conv_type: SampleSubnetConv")
     assert parsed(["--config", write(tmp_path, sampled), "--k", "0.5"]).mask == "sampled"
 
@@ -109,7 +110,7 @@ def test_each_example_config_trains_one_epoch_on_synthetic_data(tmp_path, name, 
             "--no-tensorboard", "--out", str(out), *extra]
     assert run_main("python -m supermask.train", train_mod.main, argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config == train_mod.run_config(parsed(argv))
+    assert config == desc.train_identity(parsed(argv))
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 1 and results["params_kept"] < results["params_total"]
 

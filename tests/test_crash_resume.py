@@ -24,7 +24,7 @@ import torch
 from supermask import imp as imp_mod
 from supermask import train as train_mod
 from supermask.cli import run_main
-from supermask.runs import load_checkpoint
+from supermask.storage import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--width", "0.25", "--val-size", "200", "--no-progress", "--threads", "1",

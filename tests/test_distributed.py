@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from supermask import desc
 from supermask import data as data_mod
 from supermask import distributed
 from supermask import imp as imp_cli
@@ -72,7 +73,7 @@ def _worker(rank: int, port: int, tmp: str):
     assert distributed.world_size() == WORLD and distributed.rank() == rank
 
     # 1. Networks that differ between ranks are refused, on every rank.
-    model = train_cli.build_model({"model": "fc", "width": 0.2, "init": "signed_constant", "seed": rank,
+    model = desc.build_model({"model": "fc", "width": 0.2, "init": "signed_constant", "seed": rank,
                                    "dense": False, "k": 0.5, "scale_fan": False, "topk": "layer"}, (1, 8, 8), 10)
     try:
         distributed.verify_identical(model)
@@ -106,7 +107,7 @@ def _worker(rank: int, port: int, tmp: str):
     train_cli.main([*RUN, "--out", str(tmp / "resumed"), "--resume"])
     # 5. A streamed ImageFolder dataset: DataLoader shards, evaluation sharded and all-reduced.
     folder = data_mod.load("imagenet", tmp / "folder", val_size=2, workers=0, image_size=32)
-    model = train_cli.build_model({"model": "resnet18", "width": 0.125, "init": "signed_constant", "seed": 0,
+    model = desc.build_model({"model": "resnet18", "width": 0.125, "init": "signed_constant", "seed": 0,
                                    "dense": False, "k": 0.5, "scale_fan": False, "topk": "layer"},
                                   folder.input_shape, folder.num_classes)
     cfg = training.TrainConfig(epochs=1, batch_size=5, lr=0.1, seed=0)
@@ -192,7 +193,7 @@ def test_masks_checked_identical_and_mismatch_fails_loudly(runs):
     masks = []
     for run in ("dist", "single"):
         config = json.loads((tmp / run / "config.json").read_text())
-        model = train_cli.build_model(config, (1, 28, 28), 10)
+        model = desc.build_model(config, (1, 28, 28), 10)
         model.load_state_dict(_ckpt(tmp / run)["model"])
         masks.append([layer.mask() for _, layer in supermask_layers(model)])
     assert len(masks[0]) == 3
@@ -225,7 +226,7 @@ def test_streamed_image_folder_distributed(runs):
     assert reports[0]["folder"]["test_acc"] == reports[1]["folder"]["test_acc"]
     # the sharded, all-reduced evaluation equals one process evaluating everything
     folder = data_mod.load("imagenet", tmp / "folder", val_size=2, workers=0, image_size=32)
-    model = train_cli.build_model({"model": "resnet18", "width": 0.125, "init": "signed_constant", "seed": 0,
+    model = desc.build_model({"model": "resnet18", "width": 0.125, "init": "signed_constant", "seed": 0,
                                    "dense": False, "k": 0.5, "scale_fan": False, "topk": "layer"},
                                   folder.input_shape, folder.num_classes)
     model.load_state_dict(_ckpt(tmp / "folder_run")["model"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import supermask
+from supermask import desc
 from supermask import data as data_mod
 from supermask import export
 from supermask import imp as imp_mod
@@ -144,7 +145,7 @@ def _config(**kw):
 ])
 def test_compact_round_trip_with_batchnorm_stats_and_global_topk(config, tmp_path):
     shape, classes = export.shapes_of(config)
-    model = train_mod.build_model(config, shape, classes)
+    model = desc.build_model(config, shape, classes)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in supermask_layers(model):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from supermask import desc
 from supermask import data as data_mod
 from supermask import imp, pruning, training
 from supermask.cli import run_main
@@ -144,7 +145,7 @@ def test_rewind_iteration_is_exact(tmp_path, calls):
         if count[0] == 7:
             captured.update({k: v.detach().clone() for k, v in m.state_dict().items()})
 
-    training.train(model, ds, imp.train_config(config), torch.device("cpu"), progress=False,
+    training.train(model, ds, desc.training_config(config), torch.device("cpu"), progress=False,
                    after_step=after_step, log=lambda *_: None)
     assert all(torch.equal(rewind[k], captured[k]) for k in captured)
     assert not all(torch.equal(rewind[k], ckpt(out / "init.pt")[k]) for k in rewind)
@@ -154,7 +155,7 @@ def test_rewind_iteration_is_exact(tmp_path, calls):
         w = rewind[f"{name}.weight"]
         assert torch.equal(start[f"{name}.weight"], torch.where(m, w, torch.zeros_like(w)))
     # Round 1 trains from iteration 7 to the end (open_lth's rewinding), round 0 from 0.
-    cfg = imp.train_config(config)
+    cfg = desc.training_config(config)
     total = cfg.epochs * math.ceil(len(ds.train_y) / cfg.batch_size)
     r0, r1 = (json.loads((out / f"round_0{r}" / "results.json").read_text()) for r in (0, 1))
     assert (r0["start_iteration"], r0["iterations"]) == (0, total)
@@ -188,7 +189,7 @@ def test_start_step_continues_the_batches_and_the_schedule(monkeypatch):
 
 
 def test_an_imp_run_being_written_by_another_process_is_left_alone(tmp_path, calls, capsys):
-    from supermask.runs import exclusive
+    from supermask.storage import exclusive
     out = tmp_path / "ticket"
     argv = [*BASE, "--epochs", "1", "--out", str(out)]
     assert imp.main([*argv, "--rounds", "1"]) == 0

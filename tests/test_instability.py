@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from supermask import desc
 from supermask import data as data_mod
 from supermask import imp as imp_mod
 from supermask import instability as inst
@@ -211,7 +212,7 @@ def test_batchnorm_statistics_are_re_estimated_at_every_point(tmp_path):
     dataset = data_mod.load("synthetic")
     a, b = (torch.load(Path(c) / "checkpoint.pt", weights_only=True)["model"] for c in row["copies"])
     mid = inst.interpolate(a, b, 0.5)
-    model = inst.build_model(config, dataset.input_shape, dataset.num_classes)
+    model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
     model.load_state_dict(mid)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns

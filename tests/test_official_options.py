@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import supermask as sm
+from supermask import desc
 from supermask import train as train_mod
 from supermask.cli import run_main
 from supermask.mask import sampled_masked_weight
@@ -22,7 +23,7 @@ def run(argv):
 def build(*extra):
     args = train_mod.parser().parse_args(FAST + list(extra))
     train_mod.validate(args)
-    return train_mod.build_model(train_mod.run_config(args), (1, 28, 28), 10)
+    return desc.build_model(desc.train_identity(args), (1, 28, 28), 10)
 
 
 def one_step(model, lr=0.1):

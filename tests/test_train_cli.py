@@ -90,7 +90,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_a_run_being_written_by_another_process_is_left_alone(tmp_path, monkeypatch, capsys):
     import supermask.training as training
-    from supermask.runs import exclusive
+    from supermask.storage import exclusive
     out, args = tmp_path / "run", FAST + ["--epochs", "3"]
     real_save = training.save_checkpoint
 

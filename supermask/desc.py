@@ -1,0 +1,327 @@
+"""The run description: what a run computes, its flags' ranges, its checks, its name, its network.
+
+One table of fields (Field) per part of a run, as open_lth's foundations/hparams.py: the network
+and data (MODEL_FIELDS), supermask.train's mask and pruning-at-init fields (TRAIN_FIELDS), the
+training hyperparameters shared by every kind of run (TRAINING_FIELDS) and where and how fast a run
+happens (RUNTIME_FIELDS, never part of a run's identity). The command layer (supermask.flags) makes
+the argparse flags from these tables, with their ranges, so a range exists once, here. A run's
+values are an attribute namespace with one attribute per field (argparse's, or defaults(...)).
+
+check_training and check_train validate a description once (what one flag's type cannot see);
+train_identity / imp_identity / instability_identity give the run's identity (config.json) and
+train_name / imp_name / instability names the folder name derived from it (as open_lth's
+desc.py). IDENTITY_SCHEMA names the rules that keep the names of runs made before a field
+existed: a field added since joins an identity only when set (see the identity functions).
+training_config gives the TrainConfig of any run's identity; build_model its network.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import data as data_mod
+from . import pai
+from .convert import TOPK_SCOPES, convert
+from .errors import UsageError
+from .init import INITS, init_dense_
+from .layers import MASK_KINDS, supermask_layers
+from .mask import SAMPLED_EVAL
+from .models import MODELS, build
+from .storage import config_hash
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig
+
+# The identity rules of every run made so far (main at 268b484 and before): train drops unset
+# pruning-at-init fields and, for a dense run, the mask fields; IMP keeps IMP_CORE_KEYS always and
+# any other field only when set away from its default; instability lists its fields explicitly.
+# A change of these rules is a new schema, and must keep reading the runs of the old one.
+IDENTITY_SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One value of a run description: its name (the attribute, the config.json key; the flag is
+    --name with dashes), its default, its kind (int, float, str, bool for a switch, or tuple for
+    a comma-separated list of ints), its range for a number ([low, high], an end open with
+    low_open / high_open; None: unbounded), its choices for a string, and the flag's help."""
+
+    name: str
+    default: object
+    kind: type = str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+    help: str = ""
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: --name with dashes."""
+        return "--" + self.name.replace("_", "-")
+
+
+def _positive(name, default, help="", kind=float):
+    return Field(name, default, kind, 0, low_open=True, help=help)
+
+
+# A fraction of weights kept (k), a seed and a count: the same range wherever a command takes one.
+K_FIELD = Field("k", 0.5, float, 0, 1, low_open=True, help="fraction of weights kept, in (0, 1] (default 0.5)")
+SEED_MAX = 2**32 - 1
+
+MODEL_FIELDS = (
+    Field("model", "fc", help=f"architecture: {', '.join(MODELS)} (default fc)"),
+    _positive("width", 1.0, "multiply every layer's channels/units (default 1)"),
+    Field("dataset", "mnist", help=f"{', '.join(data_mod.DATASETS)} (default mnist)"),
+    Field("data_dir", "data", help="where datasets are found or downloaded (default ./data)"),
+    Field("val_size", 5000, int, 0, help="training examples held out for validation"),
+    Field("seed", 0, int, 0, SEED_MAX, help="seeds weights, scores and data order"),
+)
+
+TRAIN_FIELDS = (
+    K_FIELD,
+    Field("init", None, choices=INITS, help="weight init (default signed_constant; kaiming_normal with --dense)"),
+    Field("scale_fan", False, bool, help="init with fan_in * k (the 'scaled' variants)"),
+    Field("topk", None, choices=TOPK_SCOPES, help="top-k per layer or one global threshold (default layer; with "
+                                                  "--prune-at-init the method's paper's: global for snip, grasp, synflow)"),
+    Field("dense", False, bool, help="train the weights of the same network (no mask)"),
+    Field("first_layer_dense", False, bool, help="first layer: ordinary trainable weights"),
+    Field("last_layer_dense", False, bool, help="last layer: ordinary trainable weights"),
+    Field("mask", "topk", choices=MASK_KINDS,
+          help="topk (edge-popup) or sampled: Bernoulli(sigmoid(score)) masks (Zhou et al. 2019)"),
+    Field("sampled_eval", "expected", choices=SAMPLED_EVAL,
+          help="sampled masks at evaluation: expected mask or thresholded at sigmoid 0.5"),
+    Field("score_init_constant", None, float, help="initialise every score to this"),
+    Field("random_subnet", False, bool,
+          help="no training: evaluate the fixed random subnetwork that keeps k of the weights"),
+    Field("prune_at_init", None, choices=pai.METHODS,
+          help="with --dense: mask the weights at initialisation by this method (supermask.pai) at --k, then "
+               "train the kept weights with the mask held fixed"),
+    Field("pai_check", None, choices=pai.CHECKS,
+          help="sanity check of Frankle et al. 2021: shuffle the mask within each layer, or reinit the kept weights"),
+)
+
+TRAINING_FIELDS = (
+    Field("epochs", 15, int, 1),
+    Field("batch_size", 128, int, 1),
+    _positive("lr", 0.1),
+    Field("optimizer", "sgd", choices=OPTIMIZERS),
+    Field("momentum", 0.9, float, 0, 1, high_open=True),
+    Field("weight_decay", 1e-4, float, 0),
+    Field("schedule", "cosine", choices=SCHEDULES,
+          help="per-iteration cosine to 0, multistep (--milestones, --gamma) or constant (none)"),
+    Field("milestones", (), tuple, 0, help="multistep: epochs, e.g. 30,60"),
+    _positive("gamma", 0.1, "multistep: lr factor at each milestone"),
+    Field("warmup_epochs", 0.0, float, 0, help="linear lr warm-up (default 0)"),
+    Field("label_smoothing", 0.0, float, 0, 1, high_open=True),
+    Field("nesterov", False, bool, help="Nesterov momentum (SGD)"),
+    Field("no_bn_decay", False, bool, help="no weight decay on BatchNorm parameters"),
+)
+
+RUNTIME_FIELDS = (
+    Field("device", "auto", help="auto, cpu or cuda (auto: cuda when available)"),
+    Field("threads", 0, int, 0, help="CPU threads for torch (0: torch's default)"),
+    Field("no_progress", False, bool, help="no progress bars, only one line per epoch"),
+    Field("no_tensorboard", False, bool,
+          help="no TensorBoard event files in the run folder (written when tensorboard is installed)"),
+    Field("workers", min(8, os.cpu_count() or 1), int, 0,
+          help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8, or the "
+               "number of CPUs if fewer)"),
+)
+
+TRAINING_KEYS = tuple(f.name for f in TRAINING_FIELDS)
+# Flags of supermask.train that say where and how fast a run happens, or what to do with it, not
+# what it computes: not part of its identity.
+NOT_CONFIG = ("out", "resume", "backend", "data_dir", "evaluate", "config", *(f.name for f in RUNTIME_FIELDS))
+
+
+def defaults(*tables, **values) -> SimpleNamespace:
+    """A description with every field of tables at its default, then values: what the flags of a
+    command give when none is passed (compare builds its runs' descriptions so)."""
+    ns = SimpleNamespace(**{f.name: f.default for table in tables for f in table})
+    for key, value in values.items():
+        setattr(ns, key, value)
+    return ns
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: once, for what the flags' own types cannot see (a value against another).
+
+def check_training(v) -> None:
+    """The checks of every run that builds and trains a network (train, imp, instability): a known
+    model and dataset, Nesterov with momentum, multistep with milestones, a warm-up within the run.
+    Raises UsageError."""
+    if v.model not in MODELS:
+        raise UsageError(f"unknown model {v.model!r}; choose from {', '.join(MODELS)}")
+    if v.dataset not in data_mod.DATASETS:
+        raise UsageError(f"unknown dataset {v.dataset!r}; choose from {', '.join(data_mod.DATASETS)}")
+    if v.nesterov and v.optimizer == "sgd" and v.momentum == 0:
+        raise UsageError("--nesterov needs a momentum > 0 (--momentum)")
+    if v.schedule == "multistep" and not v.milestones:
+        raise UsageError("--schedule multistep needs --milestones, e.g. --milestones 30,60")
+    if v.warmup_epochs > v.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs], got {v.warmup_epochs}")
+
+
+def check_in_memory(v, message: str) -> None:
+    """UsageError(message, its {dataset} filled in) unless v.dataset is held in memory (not read
+    from disk while training)."""
+    if v.dataset in data_mod.STREAMED:
+        raise UsageError(message.format(dataset=v.dataset))
+
+
+def check_train(v) -> None:
+    """check_training, then supermask.train's own checks; fills in the defaults that depend on
+    other fields (init: kaiming_normal for a dense run, else signed_constant; topk: see
+    pai.validate_args). Raises UsageError."""
+    check_training(v)
+    if v.init is None:
+        v.init = "kaiming_normal" if v.dense else "signed_constant"
+    if v.dense and (v.random_subnet or v.mask != "topk"):
+        raise UsageError("--dense trains weights: it does not combine with --random-subnet or --mask")
+    if v.random_subnet:
+        check_in_memory(v, "--random-subnet needs an in-memory dataset, not {dataset}")
+    pai.validate_args(v)  # --prune-at-init / --pai-check, and --topk's default
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities and names (IDENTITY_SCHEMA 1).
+
+def train_identity(v) -> dict:
+    """A train run's identity (its config.json): every field that changes what is computed (JSON
+    types). Unset pruning-at-init fields and, for a dense run, the mask fields are left out, as
+    they were before those fields existed, so older runs keep their names."""
+    config = {k: val for k, val in vars(v).items() if k not in NOT_CONFIG}
+    for key in ("prune_at_init", "pai_check"):
+        if config.get(key) is None:
+            config.pop(key, None)
+    if config["dense"]:  # mask fields mean nothing for a dense run
+        for key in () if config.get("prune_at_init") else ("k", "topk"):
+            config.pop(key, None)
+        for key in ("scale_fan", "mask", "sampled_eval", "score_init_constant", "random_subnet",
+                    "first_layer_dense", "last_layer_dense"):
+            config.pop(key, None)
+    config["milestones"] = list(config["milestones"])
+    return {"command": "train", **config}
+
+
+def train_name(config: dict) -> str:
+    """A train run's folder name: network, width, dataset, kind (k, dense, sampled, a
+    pruning-at-init method, random), seed and the hash of its identity."""
+    kind = "dense" if config["dense"] else "sampled" if config.get("mask") == "sampled" else f"k{config['k']:g}"
+    if config.get("prune_at_init"):
+        check = f"-{config['pai_check']}" if config.get("pai_check") else ""
+        kind = f"{config['prune_at_init']}{config['k']:g}{check}"
+    if config.get("random_subnet"):
+        kind = f"random{config['k']:g}"
+    return f"{_network(config)}_{kind}_s{config['seed']}_{config_hash(config)}"
+
+
+def _network(config: dict) -> str:
+    return f"{config['model']}_w{config['width']:g}_{config['dataset']}"
+
+
+# The identity of the first IMP runs. A field added since (e.g. --warmup-epochs) joins an IMP
+# run's identity only when it is set away from its default, so existing runs keep their names.
+IMP_CORE_KEYS = ("batch_size", "control", "dataset", "epochs", "init", "lr", "model", "momentum", "optimizer",
+                 "output_prune_rate", "prune_rate", "rewind_iter", "schedule", "scope", "seed", "val_every",
+                 "val_size", "weight_decay", "width")
+# Not part of an IMP run's identity: where it lives, how fast it runs, and how many rounds were
+# asked for (a run with more rounds extends the one with fewer).
+IMP_NOT_IDENTITY = (*NOT_CONFIG, "ticket", "rounds")
+
+
+def imp_identity(v) -> dict:
+    """An IMP run's identity: IMP_CORE_KEYS, and every other field that changes what is computed
+    when it is set away from its default (JSON types)."""
+    default = {f.name: f.default for f in (*MODEL_FIELDS, *TRAINING_FIELDS)}
+    config = {}
+    for k, val in vars(v).items():
+        if k in IMP_NOT_IDENTITY or (k not in IMP_CORE_KEYS and k in default and val == default[k]):
+            continue
+        config[k] = list(val) if isinstance(val, tuple) else val
+    return {"command": "imp", **config}
+
+
+def imp_name(config: dict) -> str:
+    """An IMP run's folder name: imp_, network, control, seed and the hash of its identity."""
+    ident = {k: v for k, v in config.items() if k != "rounds"}
+    control = f"_{config['control']}" if config.get("control") else ""
+    return f"imp_{_network(config)}{control}_s{config['seed']}_{config_hash(ident)}"
+
+
+def ticket_identity(config: dict) -> dict:
+    """The identity of the ticket run that an IMP control's masks come from."""
+    return {**config, "control": None}
+
+
+def instability_identity(v) -> dict:
+    """The network and its training in an instability analysis: what every stored piece of it
+    shares (JSON types). v.edge_popup: a supermask's (k, scale_fan, topk join)."""
+    config = {"model": v.model, "width": v.width, "dataset": v.dataset, "val_size": v.val_size,
+              "seed": v.seed, "init": v.init, "dense": not v.edge_popup}
+    if v.edge_popup:
+        config.update(k=v.k, scale_fan=v.scale_fan, topk=v.topk)
+    for key in TRAINING_KEYS:
+        val = getattr(v, key)
+        config[key] = list(val) if isinstance(val, tuple) else val
+    return config
+
+
+def _instability_network(config: dict) -> str:
+    kind = f"ep{config['k']:g}" if not config["dense"] else "dense"
+    return f"{_network(config)}_{kind}_s{config['seed']}"
+
+
+def instability_name(oconfig: dict, config: dict) -> str:
+    """An instability analysis' folder name: its mode, network and the hash of oconfig (its
+    config.json)."""
+    return f"instability_{oconfig['mode']}_{_instability_network(config)}_{config_hash(oconfig)}"
+
+
+def rewind_states_name(pconfig: dict, config: dict) -> str:
+    """The folder name of an analysis' rewind states (pconfig: their config.json)."""
+    return f"instability_rewind_{_instability_network(config)}_{config_hash(pconfig)}"
+
+
+def copy_name(cconfig: dict, config: dict) -> str:
+    """The folder name of a trained copy (cconfig: its config.json, with rewind_iteration,
+    data_seed and the mask's content hash)."""
+    kind = "" if cconfig["mask"] is None else f"_m{cconfig['mask']}"
+    return (f"instability_copy_{_instability_network(config)}{kind}_k{cconfig['rewind_iteration']}_"
+            f"d{cconfig['data_seed']}_{config_hash(cconfig)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a description yields: the training configuration and the network.
+
+def training_config(config: dict, **override) -> TrainConfig:
+    """The TrainConfig of a run's identity (any kind): every TrainConfig field the identity sets,
+    the others at their defaults (what an absent optional field means), then override."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+    return TrainConfig(**{**kwargs, **override})
+
+
+def build_model(config: dict, input_shape, num_classes: int) -> torch.nn.Module:
+    """The network a run's identity describes, freshly initialised from its seed: config's model
+    at its width for input_shape (C, H, W) and num_classes, weights by its init; unless dense, a
+    supermask network (convert) with its k, topk, mask kind and layer options."""
+    model = build(config["model"], input_shape, num_classes, config["width"])
+    init_dense_(model, config["init"], config["seed"])
+    if config["dense"]:
+        return model
+    prunable = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    skip = ((prunable[0],) if config.get("first_layer_dense") else ()) + \
+           ((prunable[-1],) if config.get("last_layer_dense") else ())
+    model = convert(model, config["k"], config["init"], config["scale_fan"], config["seed"], config["topk"],
+                    inplace=True, skip=skip, mask=config.get("mask", "topk"))
+    for _, layer in supermask_layers(model):
+        layer.sampled_eval = config.get("sampled_eval", "expected")
+        if config.get("score_init_constant") is not None:
+            layer.scores.data.fill_(config["score_init_constant"])
+        if config.get("random_subnet"):
+            layer.scores.requires_grad_(False)
+    return model
