@@ -114,6 +114,15 @@ def test_the_commands_threads_flag_goes_through_the_policy(tmp_path, main, extra
     assert torch.get_num_threads() == after
 
 
+@pytest.mark.parametrize("module", ["supermask.train", "supermask.imp", "supermask.instability"])
+def test_help_says_what_threads_does(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    line = " ".join(r.stdout.split())
+    assert "--threads" in line and "torch.set_num_threads" in line and "OMP_WAIT_POLICY=PASSIVE" in line
+
+
 def test_only_the_policy_module_sets_torchs_thread_count():
     pkg = ROOT / "supermask"
     callers = sorted(p.name for p in pkg.glob("*.py") if "set_num_threads(" in p.read_text())
