@@ -8,8 +8,8 @@ these ways:
   sort         GetSubnet as in the official hidden-networks code (SubnetLinear / SubnetConv):
                |scores| sorted every step, an autograd.Function returns the 0/1 mask, weight * mask
   kthvalue     the README's faster GetSubnet: torch.kthvalue instead of the sort
-  supermask    this library's reference path (supermask.convert, run under
-               supermask.ops.use_path("reference")): exact top-k without sorting, warm-started from
+  supermask    this library's reference path (supermask.convert, then
+               supermask.set_backend(model, "torch")): exact top-k without sorting, warm-started from
                the previous step's threshold
   cpu          this library's default on a CPU: the supermask custom ops' CPU implementation, the
                fused C kernels (C compiled on first use): the same masks and gradients, one pass
@@ -181,8 +181,8 @@ class Floor(Subnet):
         return FloorMask.apply(self.layer.weight, self.scores, self.threshold, self.buffers)
 
 
-# The implementation each way's supermask ops run (supermask.ops.use_path, set around its steps).
-PATH = {"supermask": "reference"}
+# The backend each way's supermask layers run (supermask.set_backend; the others keep "auto").
+BACKEND = {"supermask": "torch"}
 
 
 def build(method: str, model: str, width: float, k: float) -> nn.Module:
@@ -199,6 +199,8 @@ def build(method: str, model: str, width: float, k: float) -> nn.Module:
     if method == "floor":
         return with_layers(dense, lambda m: Floor(m, k))
     model = supermask.convert(dense, k)
+    if method in BACKEND:
+        supermask.set_backend(model, BACKEND[method])
     if method == "triton":
         model = model.cuda()
     return model
@@ -216,8 +218,8 @@ class EpochRun:
     """One way's training (model, SGD, data), an epoch at a time, run a chunk of steps per call so
     that the ways' epochs can be interleaved. `seconds`: the time of the epoch's steps so far."""
 
-    def __init__(self, model, x, y, batch_size, device, path="auto"):
-        self.model, self.device, self.batch_size, self.path = model, device, batch_size, path
+    def __init__(self, model, x, y, batch_size, device):
+        self.model, self.device, self.batch_size = model, device, batch_size
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
         self.x, self.y = x.to(device), y.to(device)
@@ -226,11 +228,10 @@ class EpochRun:
 
     def _step(self, i):
         b = self.batch_size
-        with ops.use_path(self.path):
-            loss = F.cross_entropy(self.model(self.x[i * b:(i + 1) * b]), self.y[i * b:(i + 1) * b])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+        loss = F.cross_entropy(self.model(self.x[i * b:(i + 1) * b]), self.y[i * b:(i + 1) * b])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
         return loss
 
     def warm_up(self, steps):
@@ -314,7 +315,7 @@ def bench_training(args, x, y):
         print(f"{method:10s} epoch {min(times):7.3f} s  (loss {loss:.3f})", flush=True)
 
     def start(method):
-        return EpochRun(models[method], x, y, args.batch_size, device(method), PATH.get(method, "auto"))
+        return EpochRun(models[method], x, y, args.batch_size, device(method))
 
     for r in range(args.repeats):
         runs = {m: start(m) for m in fast if m in models}
@@ -447,7 +448,7 @@ def markdown(args, data_name, rows, sel_rows) -> str:
              "| method | best epoch (s) | ratio to dense (median of rounds) | ratios of the rounds |",
              "|---|---:|---:|---|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
-             "supermask": "supermask reference path (ops.use_path(\"reference\"), --backend torch; the ground truth)",
+             "supermask": "supermask reference path (set_backend(model, \"torch\"), --backend torch; the ground truth)",
              "triton": "supermask Triton backend",
              "cpu": "supermask CPU kernels (the ops' CPU implementation, what train uses on a CPU)",
              "floor": "floor: mask passes only, no selection (lower bound, not a method)",

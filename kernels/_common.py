@@ -15,11 +15,14 @@ import torch
 # kernel forgets to write shows up as NaN instead of as whatever the allocator left there).
 _POISON = False
 
-# fp32 operands go through tensor cores as TF32 by default (10-bit mantissa, fp32 accumulation;
-# relative error ~1e-3 per product). "ieee" keeps full fp32 (no tensor cores); "tf32x3" is the
-# 3-pass split that recovers ~fp32 accuracy on tensor cores. fp16/bf16 are unaffected.
-_FP32_PRECISION = "tf32"
+# How tl.dot treats fp32 operands. None (the default): as torch does for its own fp32 matmuls,
+# torch.get_float32_matmul_precision(): "highest" -> "ieee" (full fp32, no tensor cores, torch's
+# default), "high"/"medium" -> "tf32" (10-bit mantissa, fp32 accumulation). set_fp32_precision asks
+# for one regardless: "tf32", "tf32x3" (the 3-pass split, ~fp32 accuracy on tensor cores) or "ieee".
+# fp16/bf16 are unaffected.
+_FP32_PRECISION: str | None = None
 FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
+_FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 
 def interpreting() -> bool:
@@ -55,20 +58,24 @@ def poisoned_outputs(on: bool = True):
         _POISON = old
 
 
-def set_fp32_precision(precision: str) -> None:
-    """How tl.dot treats fp32 operands: "tf32" (default), "tf32x3" or "ieee"."""
+def set_fp32_precision(precision: str | None) -> None:
+    """How tl.dot treats fp32 operands: "tf32", "tf32x3" or "ieee"; None: follow
+    torch.get_float32_matmul_precision() (the default). Raises ValueError for another name."""
     global _FP32_PRECISION
-    if precision not in FP32_PRECISIONS:
-        raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    if precision is not None and precision not in FP32_PRECISIONS:
+        raise ValueError(f"precision must be one of {FP32_PRECISIONS} or None, got {precision!r}")
     _FP32_PRECISION = precision
 
 
 def get_fp32_precision() -> str:
-    return _FP32_PRECISION
+    """The fp32 dot precision in effect: the one asked for, else torch's fp32 matmul precision."""
+    if _FP32_PRECISION is not None:
+        return _FP32_PRECISION
+    return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    return _FP32_PRECISION if dtype == torch.float32 else "ieee"
+    return get_fp32_precision() if dtype == torch.float32 else "ieee"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -83,8 +83,8 @@ def _signature(name: str, variant: str, dt: str, constexprs: dict):
     if name == "_masked_matmul_kernel":
         for a in fn.arg_names:
             sig[a] = "i32"
-        sig.update(w_ptr=ptr, s_ptr=ptr, b_ptr=ptr, c_ptr=ptr, v_ptr="*fp32")
-        consts.update(APPLY_MASK=True, INPUT_PRECISION=prec, UPCAST=False)
+        sig.update(w_ptr=ptr, s_ptr=ptr, b_ptr=ptr, c_ptr=ptr, v_ptr="*fp32", lim_ptr="*i64")
+        consts.update(APPLY_MASK=True, HAS_LIMIT=True, FLAT_T=variant == "dx", INPUT_PRECISION=prec, UPCAST=False)
         # fwd: Y^T = Wm @ X^T (W row-major, Y row-major); dx: dX^T = Wm^T @ dY^T.
         unit = (["stride_wk", "stride_sk", "stride_bk", "stride_cm"] if variant == "fwd"
                 else ["stride_wm", "stride_sm", "stride_bk", "stride_cm"])
@@ -111,7 +111,8 @@ def _signature(name: str, variant: str, dt: str, constexprs: dict):
         ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
         sig.update({p: ptr for p in ptrs})
         if name == "_masked_weight_kernel":
-            sig["v_ptr"] = "*fp32"
+            sig.update(v_ptr="*fp32", lim_ptr="*i64")
+            consts.setdefault("HAS_LIMIT", True)
         div16 = ptrs
     for c in consts:
         sig[c] = "constexpr"

@@ -6,9 +6,10 @@ tensors of any strides: when every operand is contiguous they walk flat offsets 
 coalesced); otherwise the flat index is unravelled against the shape and each operand's strides.
 The output is contiguous.
 
-When ``threshold.split`` is True the surviving entries equal to v are picked by a prefix count in
-flat order, which an elementwise kernel cannot do locally; that (rare) call uses the reference
-``supermask.mask.masked_weight`` instead, so results are always exact.
+When ``threshold.split`` is True the surviving entries equal to v are the first ones in flat order:
+``masked_weight_kernel`` takes them as a tie limit (a flat index, a device tensor: see
+threshold.tie_limit); ``masked_weight_fused`` (a host Threshold) uses the reference
+``supermask.mask.masked_weight`` for that (rare) call, so results are always exact.
 """
 from __future__ import annotations
 
@@ -44,10 +45,20 @@ def sign_of(s):
 
 
 @triton.jit
-def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, out_ptr, n, d1, d2, d3,
+def keep_of(a, v, idx, lim_ptr, HAS_LIMIT: tl.constexpr):
+    """The mask of magnitudes a (fp32) at threshold v: a > v, or a == v at a flat index idx below
+    *lim_ptr (the tie limit, read from device memory); without HAS_LIMIT every a == v is kept."""
+    if HAS_LIMIT:
+        lim = tl.load(lim_ptr)
+        return (a > v) | ((a == v) & (idx < lim))
+    return a >= v
+
+
+@triton.jit
+def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, lim_ptr, out_ptr, n, d1, d2, d3,
                           sw0, sw1, sw2, sw3, ss0, ss1, ss2, ss3,
-                          CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
-    """out (contiguous) = where(|s| >= v, w, 0)."""
+                          CONTIGUOUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out (contiguous) = w * keep, keep = |s| > v or (|s| == v and flat index < *lim)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < n
     if CONTIGUOUS:
@@ -59,7 +70,9 @@ def _masked_weight_kernel(w_ptr, s_ptr, v_ptr, out_ptr, n, d1, d2, d3,
     v = tl.load(v_ptr).to(tl.float32)
     w = tl.load(w_ptr + w_off, mask=inb, other=0.0)
     s = tl.load(s_ptr + s_off, mask=inb, other=0.0)
-    out = tl.where(tl.abs(s).to(tl.float32) >= v, w, tl.zeros_like(w))
+    keep = keep_of(tl.abs(s).to(tl.float32), v, idx, lim_ptr, HAS_LIMIT)
+    # the reference's weight * mask (an inf or NaN weight dropped gives NaN); exact in fp32
+    out = (w.to(tl.float32) * keep.to(tl.float32)).to(w.dtype)
     tl.store(out_ptr + idx, out, mask=inb)
 
 
@@ -91,16 +104,19 @@ def _shape4(t: torch.Tensor):
     return [1] * pad + list(t.shape), [0] * pad + list(t.stride())
 
 
-def _launch(kernel, n, args, contiguous, device):
+def _launch(kernel, n, args, contiguous, device, **constexprs):
     if _common.interpreting():
         block, warps = _INTERPRET_BLOCK, 1
     else:
         block, warps = ELEMENTWISE_CONFIGS[1] if n >= (1 << 20) else ELEMENTWISE_CONFIGS[0]
-    kernel[(triton.cdiv(n, block),)](*args, CONTIGUOUS=contiguous, BLOCK=block, num_warps=warps)
+    kernel[(triton.cdiv(n, block),)](*args, CONTIGUOUS=contiguous, BLOCK=block, num_warps=warps, **constexprs)
 
 
-def masked_weight_kernel(weight: torch.Tensor, scores: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """where(|scores| >= value, weight, 0) in one pass (no autograd)."""
+def masked_weight_kernel(weight: torch.Tensor, scores: torch.Tensor, value: torch.Tensor,
+                         limit: torch.Tensor | None = None) -> torch.Tensor:
+    """where(keep, weight, 0) in one pass (no autograd): keep = |scores| >= value, or with a tie
+    limit (0-dim int64 on the device, see threshold.tie_limit) |scores| > value or |scores| == value
+    at a flat index below limit. value and limit are read from device memory (no host sync)."""
     if weight.shape != scores.shape:
         raise ValueError(f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
     _common.check_device(weight, scores, value)
@@ -111,9 +127,10 @@ def masked_weight_kernel(weight: torch.Tensor, scores: torch.Tensor, value: torc
     shape, sw = _shape4(weight)
     _, ss = _shape4(scores)
     v = value.detach().to(device=weight.device, dtype=torch.float32).reshape(1)
+    lim = v if limit is None else limit.reshape(1)
     contiguous = weight.is_contiguous() and scores.is_contiguous()
-    _launch(_masked_weight_kernel, n, (weight, scores, v, out, n, shape[1], shape[2], shape[3], *sw, *ss),
-            contiguous, weight.device)
+    _launch(_masked_weight_kernel, n, (weight, scores, v, lim, out, n, shape[1], shape[2], shape[3], *sw, *ss),
+            contiguous, weight.device, HAS_LIMIT=limit is not None)
     return out
 
 

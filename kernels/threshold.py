@@ -9,7 +9,8 @@ value, so the k-th largest |s| is found one byte at a time, most significant byt
   the prefix and subtracts the entries of higher bins from k.
 
 fp32 needs 4 passes; fp16 (exactly representable in fp32, low 13 bits zero) 3; bf16 2. Everything
-stays on the device; one host sync at the end reads (ties, equal) to build the ``Threshold``.
+stays on the device; ``topk_threshold`` reads (ties, equal) with one host sync at the end to build
+the ``Threshold``; ``topk_threshold_device`` (the ops' path) keeps them on the device.
 After the last pass the prefix *is* the k-th largest value, ``k_rem`` the number of entries equal
 to it that are kept (``ties``) and the last histogram bin the number of equal entries, split per
 layer for global top-k (one histogram row per layer), so ``split = ties != equal``.
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from supermask.mask import Threshold, num_kept
+from supermask.mask import Threshold, num_kept, refuse_nan
 
 from . import _common
 
@@ -41,7 +42,8 @@ def _radix_histogram_kernel(x_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, 
     hist = tl.zeros([256], dtype=tl.int32)
     # Grid-stride loop: a few programs per SM each keep a private histogram in registers and
     # flush it with one 256-wide atomic add, instead of one atomic per block of input.
-    for start in range(pid * BLOCK, n, nprog * BLOCK):
+    # int64 offsets: near 2**31 scores an int32 `start + BLOCK` would wrap
+    for start in range(pid.to(tl.int64) * BLOCK, n, nprog * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < n
         x = tl.load(x_ptr + offs, mask=inb, other=0.0)
@@ -121,8 +123,10 @@ def _check(x: torch.Tensor):
 
 def topk_threshold(scores: torch.Tensor, n_keep: int) -> Threshold:
     """Threshold keeping the n_keep largest |scores| (scores or magnitudes: |.| is taken in the
-    kernel). Same (value, ties, split) as ``supermask.mask.topk_threshold(scores.abs(), n_keep)``."""
+    kernel). Same (value, ties, split) as ``supermask.mask.topk_threshold(scores.abs(), n_keep)``.
+    Raises ValueError for NaN scores (supermask.mask.NAN_MESSAGE; this function reads the device)."""
     _check(scores)
+    refuse_nan(scores)
     _common.check_device(scores)
     n = scores.numel()
     if not 1 <= n_keep <= n:
@@ -134,6 +138,34 @@ def topk_threshold(scores: torch.Tensor, n_keep: int) -> Threshold:
     return Threshold(value, ties, ties != equal)
 
 
+def tie_limit(scores: torch.Tensor, value: torch.Tensor, ties) -> torch.Tensor:
+    """The tie limit of a threshold, on the device (no host sync): a 0-dim int64 L such that the
+    entries equal to value kept are those of flat index < L (n when every equal entry is kept).
+    ties: how many equal entries are kept, a Python int or a 0-dim integer tensor."""
+    counts = (scores.detach().abs() == value).reshape(-1).cumsum(0)
+    if isinstance(ties, torch.Tensor):
+        return torch.searchsorted(counts, ties.reshape(1).to(counts.dtype), right=True).reshape(())
+    return torch.searchsorted(counts, ties, right=True).reshape(())
+
+
+def topk_threshold_device(scores: torch.Tensor, n_keep: int):
+    """(value, ties, limit), all on scores' device, with no host sync (the Triton path of the ops):
+    value the n_keep-th largest |score| (0-dim, scores' dtype), ties how many entries equal to it
+    are kept (0-dim int64, -1 when all of them), limit the flat index below which equal entries are
+    kept (0-dim int64, see tie_limit). The kernels read value and limit from device memory.
+    Raises TypeError/ValueError for an unsupported dtype, size or n_keep (host checks only)."""
+    _check(scores)
+    _common.check_device(scores)
+    n = scores.numel()
+    if not 1 <= n_keep <= n:
+        raise ValueError(f"k must be in [1, {n}], got {n_keep}")
+    state = _radix_select([_dense_flat(scores.detach())], n_keep, _SHIFTS[scores.dtype])
+    value = state[0:1].view(torch.float32).reshape(()).to(scores.dtype)
+    ties, equal = state[1].to(torch.int64), state[2].to(torch.int64)
+    limit = tie_limit(scores, value, ties)
+    return value, ties.masked_fill(ties == equal, -1), limit
+
+
 def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshold]:
     """One threshold shared by several layers, as ``supermask.mask.global_thresholds``: keep
     num_kept(total, k) of all |scores|; ties at the shared value go out in layer order."""
@@ -142,6 +174,7 @@ def global_thresholds(scores: Sequence[torch.Tensor], k: float) -> list[Threshol
         raise ValueError("no scores")
     for s in scores:
         _check(s)
+        refuse_nan(s)
     _common.check_device(*scores)
     total = sum(s.numel() for s in scores)
     if total >= 2 ** 31:

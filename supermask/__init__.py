@@ -1,4 +1,9 @@
 """supermask: edge-popup supermasks and lottery tickets in PyTorch."""
+# First, before anything imports torch: idle OpenMP threads sleep instead of spinning, unless the user chose a
+# wait policy (libgomp reads it once, when torch loads it; see supermask.threads).
+from .threads import set_wait_policy as _set_wait_policy
+
+_set_wait_policy()
 from .convert import ConvertError, ConvertReport, convert, set_backend, use_global_topk
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
 from .parametrize import SupermaskParametrization, mask_parameter

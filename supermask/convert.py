@@ -338,6 +338,12 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
     return (model, report) if return_report else model
 
 
+def _takes_triton(layer) -> bool:
+    """Whether the layer's ops run the Triton kernels (its path, else its device)."""
+    path = layer._path()
+    return path == "triton" or (path == "auto" and layer.scores.is_cuda and ops._triton_ok(layer.scores))
+
+
 class _GlobalTopK:
     """Forward pre-hook: one threshold across all supermask layers, computed once per forward.
 
@@ -350,7 +356,7 @@ class _GlobalTopK:
     def __call__(self, model, args):
         layers = [m for _, m in supermask_layers(model)]
         select = global_thresholds
-        if layers and ops._choose(layers[0].scores) == "triton":  # the radix-select kernel, same answer
+        if layers and _takes_triton(layers[0]):  # the radix-select kernel, same answer
             from .kernels import global_thresholds as select  # noqa: PLC0415
         for m, t in zip(layers, select([m.scores for m in layers], self.k)):
             m.shared_threshold = t
@@ -370,12 +376,13 @@ BACKENDS = ("torch", "cpu", "triton")
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Which implementation the supermask ops run, for the --backend flag. The device of the tensors
-    picks the kernels (C kernels on the CPU, Triton on CUDA); this only forces one, process-wide
-    (``supermask.ops.use_path``): "torch" the reference path (plain torch, the ground truth);
-    "cpu" the default, raising CPUKernelsUnavailable when the C kernels do not build; "triton" the
-    Triton kernels, on CPU tensors too when Triton's interpreter is on (TRITON_INTERPRET=1).
-    Returns model unchanged. Raises ValueError for another name."""
+    """Which implementation the supermask ops run for this model's supermask layers (the --backend
+    flag): sets each layer's ``path`` (supermask.ops.PATHS); other models keep theirs. "torch": the
+    reference path (plain torch, the ground truth); "cpu": the default ("auto": the device picks, C
+    kernels on the CPU, Triton on CUDA), raising CPUKernelsUnavailable when the C kernels do not
+    build; "triton": the Triton kernels, on CPU tensors too when Triton's interpreter is on
+    (TRITON_INTERPRET=1). Layers added to the model later start at "auto". Returns model.
+    Raises ValueError for another name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu":
@@ -383,5 +390,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
 
         if not cpu_kernels.available():
             raise cpu_kernels.CPUKernelsUnavailable(cpu_kernels.why_unavailable())
-    ops.use_path({"torch": "reference", "cpu": "auto", "triton": "triton"}[backend])
+    path = {"torch": "reference", "cpu": "auto", "triton": "triton"}[backend]
+    for _, layer in supermask_layers(model):
+        layer.path = path
     return model

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .mask import _as_dtype, _threshold_from_counts, _warm_key, mask_from_threshold, warm_topk_threshold
+from .mask import (_threshold_from_counts, _warm_key, accept_band, band_bounds, mask_from_threshold, start_cold,
+                   warm_topk_threshold)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = (torch.float32, torch.float64)
@@ -215,9 +216,8 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, st: torch.Tensor, sigma: 
 # masked_linear's masked weight lives in one buffer per layer (state.buf) that is kept from step to
 # step: the forward pass updates it in place, writing only the entries whose mask changed.
 # ---------------------------------------------------------------------------------------------
-# The band of the forward pass: aim for this many entries around the previous threshold (a wider
-# band costs nothing in the pass and misses less), listed in buffers of _BAND_CAP per thread.
-_BAND_TARGET = 1024
+# The band of the forward pass (supermask.mask's warm-start policy: band_bounds, accept_band,
+# start_cold), its entries listed in buffers of _BAND_CAP per thread.
 _BAND_CAP = 16384
 SMALL = 16384  # layers up to this size start (or restart after a miss) with one quickselect over all of |s|
 
@@ -254,24 +254,18 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
     n = s.numel()
     key = _warm_key(s, n_keep)
     if state.key == key and state.density > 0:
-        # ~0.2% of the layer (128 to 1024 entries) around the last threshold, wider after a big move
-        half = max(min(_BAND_TARGET, max(128, n >> 9)) / (2 * state.density), 4.0 * state.shift)
-        v0 = state.value
-        lo, hi = _as_dtype(max(v0 - half, 0.0), s.dtype), _as_dtype(v0 + half, s.dtype)
+        lo, hi, _ = band_bounds(state, n, s.dtype)
         band = _band_buffers(state, n, s.dtype)
         # band pass, selection among the listed entries and their fix-up, in one call (sm_topk)
         missed = _fn("sm_topk", s.dtype)(s.data_ptr(), weight.data_ptr(), out.data_ptr(), st.data_ptr(), n, n_keep,
                                          lo, hi, int(update), band.cap, *band.ptrs, band.threads)
         if not missed:
-            v, nb = band.res[0], band.res[1]
-            state.shift, state.value = abs(v - v0), v
-            if hi > lo:
-                state.density = 0.5 * state.density + 0.5 * max(nb, 1.0) / (hi - lo)
+            accept_band(state, band.res[0], band.res[1], lo, hi)
             state.fused += 1
             return
     if n <= SMALL:  # cold (or missed): one quickselect over all of |s|
         v, above, equal = select(s, n_keep, absolute=True)
-        _start_small(state, s, n_keep, key, v)
+        start_cold(state, key, v, n, n_keep, lambda r: select(s, r, absolute=True)[0])
         if n_keep - above == equal:  # every entry equal to v is kept: one mask pass
             masked_weight_into(out, st, weight, s, v)
         else:
@@ -279,16 +273,6 @@ def _topk_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: tor
                                                                        equal, n_keep))
         return
     _threshold_into(out, st, weight, s, warm_topk_threshold(s, n_keep, state))
-
-
-def _start_small(state, s: torch.Tensor, n_keep: int, key, v: float) -> None:
-    """Warm-start state for a small layer's next step (the reference path keeps none for layers
-    this small): its threshold and the density of |s| around it, from two more selections."""
-    state.cold += 1
-    q = min(n_keep - 1, s.numel() - n_keep, 64)
-    width = select(s, n_keep - q, absolute=True)[0] - select(s, n_keep + q, absolute=True)[0] if q else 0.0
-    state.key, state.value, state.shift = key, v, 0.0
-    state.density = 2 * q / width if width > 0 else 0.0
 
 
 def _threshold_into(out: torch.Tensor, st: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, th) -> None:

@@ -32,6 +32,7 @@ from .mask import SAMPLED_EVAL
 from .models import MODELS, build
 from .storage import config_hash
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig
+from .threads import THREADS_HELP
 
 # The identity rules of every run made so far (main at 268b484 and before): train drops unset
 # pruning-at-init fields and, for a dense run, the mask fields; IMP keeps IMP_CORE_KEYS always and
@@ -128,7 +129,7 @@ TRAINING_FIELDS = (
 
 RUNTIME_FIELDS = (
     Field("device", "auto", help="auto, cpu or cuda (auto: cuda when available)"),
-    Field("threads", 0, int, 0, help="CPU threads for torch (0: torch's default)"),
+    Field("threads", 0, int, 0, help=THREADS_HELP),
     Field("no_progress", False, bool, help="no progress bars, only one line per epoch"),
     Field("no_tensorboard", False, bool,
           help="no TensorBoard event files in the run folder (written when tensorboard is installed)"),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import distributed, training
+from . import distributed, threads, training
 from . import desc
 from .cli import Parser, number, resolve_device, run_main
 from .flags import add_model_args, add_training_args
@@ -347,8 +347,7 @@ def main(argv=None) -> int:
 
 def _imp_main(args, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_a, **_k: None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.apply_threads(args.threads)
     config = desc.imp_identity(args)
     out = Path(args.out) if args.out else default_out(config)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first

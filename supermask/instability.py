@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import training
+from . import threads, training
 from . import desc
 from .cli import Parser, number, resolve_backend, resolve_device, run_main
 from .flags import add_backend, add_fields, add_model_args, add_training_args
@@ -365,8 +365,7 @@ def main(argv=None) -> int:
     validate(args)
     device = resolve_device(args.device)
     backend = resolve_backend(args.backend, device) if args.edge_popup else "torch"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.apply_threads(args.threads)
     progress = not args.no_progress
     config = base_config(args)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first

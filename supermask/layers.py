@@ -3,8 +3,9 @@
 Forward uses ``weight * mask`` where the mask keeps the top-k fraction of |scores|
 (``supermask.mask``); backward sends the gradient straight through to the scores.
 
-The top-k layers call the ``supermask`` custom ops (``supermask.ops``): the device of the tensors
-picks the implementation (C kernels on the CPU, Triton on CUDA, plain torch otherwise), so the layers
+The top-k layers call the ``supermask`` custom ops (``supermask.ops``) with their ``path`` attribute
+("auto": the device of the tensors picks the implementation, C kernels on the CPU, Triton on CUDA,
+plain torch otherwise; "reference"; "triton"; set per model by ``supermask.set_backend``), so the layers
 compile with ``torch.compile(fullgraph=True)``, run under autocast and export with ``torch.export``.
 Each layer owns an id into the ops' warm-start state registry (``ops.StateHandle``); copies get
 their own.
@@ -30,6 +31,9 @@ class SupermaskMixin:
         self.k = float(k)
         self.kept_count = "round"  # num_kept; "hn": hidden-networks' num_kept_hn (desc.build_model, --hn-compat)
         self._state = ops.StateHandle()  # warm-start selection state, kept by supermask.ops
+        # Which implementation the ops run for this layer (supermask.ops.PATHS): "auto" (the device's
+        # kernels), "reference" (plain torch) or "triton"; set per model by supermask.set_backend.
+        self.path = "auto"
         # Set by a model-level hook for global top-k; None means per-layer top-k.
         self.shared_threshold: Threshold | None = None
         # "topk" (edge-popup) or "sampled" (Bernoulli(sigmoid(score)) masks, Zhou et al. 2019), which
@@ -55,10 +59,13 @@ class SupermaskMixin:
         """The layer's Threshold: the shared one (global top-k) or its own top-k (one host sync)."""
         if self.shared_threshold is not None:
             return self.shared_threshold
-        return ops.topk_threshold(self.scores.detach(), self._n_keep())
+        return ops.topk_threshold(self.scores.detach(), self._n_keep(), self._path())
 
     def _n_keep(self) -> int:
         return (num_kept_hn if self.kept_count == "hn" else num_kept)(self.scores.numel(), self.k)
+
+    def _path(self) -> str:
+        return getattr(self, "path", "auto")  # (layers pickled before the attribute existed)
 
     def _state_id(self) -> int:
         # torch.export: no warm-start state (the exported program stands alone; exact either way)
@@ -74,8 +81,8 @@ class SupermaskMixin:
         if self.mask_kind == "sampled":
             return sampled_masked_weight(self.weight, self.scores, self.training, self.sampled_eval)
         if self.shared_threshold is not None:
-            return ops.masked_weight_at(self.weight, self.scores, self.shared_threshold)
-        return ops.masked_weight(self.weight, self.scores, self._n_keep(), self._state_id())
+            return ops.masked_weight_at(self.weight, self.scores, self.shared_threshold, self._path())
+        return ops.masked_weight(self.weight, self.scores, self._n_keep(), self._state_id(), self._path())
 
     def _inference(self) -> bool:
         """Eval mode without autograd, outside compile: F.linear on the masked weight (no backward to
@@ -102,7 +109,7 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask_kind == "topk" and self.shared_threshold is None and not self._inference():
-            return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id())
+            return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id(), self._path())
         return F.linear(x, self.effective_weight())
 
 

@@ -12,15 +12,26 @@ the frozen weight gets none; masked_linear's input gets dy @ (weight * mask).
 
 Why custom ops: ``torch.compile`` (fullgraph), ``torch.export`` and autocast see one opaque operator
 with a shape function (``register_fake``) instead of ctypes calls, data pointers and a warm-start
-state they cannot trace. The device of the tensors picks the implementation:
+state they cannot trace.
 
-* CPU: the fused C kernels (``supermask.cpu_kernels``; float32/float64 contiguous tensors), else
-  the reference implementation;
-* CUDA: the Triton kernels (``supermask.kernels``) when Triton is installed, else the reference;
-* the reference implementation: plain torch (``supermask.mask``), the ground truth every other
-  implementation is tested against. ``use_path("reference")`` forces it (for checks, and for
-  ``--backend torch``); ``use_path("triton")`` runs the Triton kernels on CPU tensors too (in
-  Triton's interpreter, TRITON_INTERPRET=1, for tests).
+One op, one implementation per device, registered with PyTorch (``register_kernel("cpu")`` and
+``register_kernel("cuda")``; the op's own body, the reference, serves any other device). Every op
+takes a last argument ``path`` (one of PATHS), which the *layer* passes (its ``path`` attribute, set
+by ``supermask.set_backend(model, name)``); there is no process-wide setting:
+
+* "auto" (the default): the device decides. CPU: the fused C kernels (``supermask.cpu_kernels``;
+  float32/float64 contiguous tensors), else the reference. CUDA: the Triton kernels
+  (``supermask.kernels``) when Triton is installed, else the reference;
+* "reference": plain torch (``supermask.mask``), the ground truth every other implementation is
+  tested against (``--backend torch``);
+* "triton": the Triton kernels, on CPU tensors too (in Triton's interpreter, TRITON_INTERPRET=1,
+  for tests).
+
+The Triton path never reads the device from the host in a forward or backward: the threshold and
+its tie limit stay on the device as tensors that the kernels load (``kernels.topk_threshold_device``).
+CUDA graphs: not verified (no GPU has been lent); the warm-start state registry below is host state
+updated per call, so the ops are not tagged as graph-safe and ``torch.compile(mode="reduce-overhead")``
+is unmeasured. NaN scores are refused on every path (see NAN_MESSAGE).
 
 Warm-start state. Between training steps the threshold moves little, so each layer keeps state
 (its last threshold, the density of |s| around it; on the CPU also its masked weight, updated in
@@ -41,7 +52,6 @@ are the same with and without autocast. ``masked_weight`` and ``topk_threshold``
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 
@@ -50,31 +60,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_kernels
-from .mask import Threshold, TopKWarmStart, warm_topk_threshold
+from .mask import NAN_MESSAGE, Threshold, TopKWarmStart, refuse_nan, warm_topk_threshold
 from .mask import _masked as _masked_product, topk_threshold as _cold_threshold
 
 PATHS = ("auto", "reference", "triton")
-_path = "auto"
 
 
-def use_path(name: str):
-    """Force an implementation for every op in this process: "reference" (plain torch), "triton"
-    (the Triton kernels, also on CPU tensors in Triton's interpreter) or "auto" (by device).
-    Usable as a plain call or as a context manager (restores the previous one on exit)."""
-    global _path
-    if name not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {name!r}")
-    previous, _path = _path, name
-
-    @contextlib.contextmanager
-    def restore():
-        global _path
-        try:
-            yield
-        finally:
-            _path = previous
-
-    return restore()
+def check_path(path: str) -> str:
+    """path itself when it is one of PATHS; else ValueError naming the argument."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,50 +178,95 @@ def _triton_ok(*tensors: Tensor) -> bool:
     return _have_triton and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
 
 
-def _choose(*tensors: Tensor) -> str:
-    """"reference", "cpu" or "triton" for these tensors."""
-    if _path == "reference":
+def _cpu_kind(path: str, *tensors: Tensor) -> str:
+    """The CPU kernel's choice: "reference", "cpu" (the C kernels) or "triton" (Triton's interpreter,
+    for tests: only when the layer asks for it)."""
+    if path == "reference":
         return "reference"
-    if _path == "triton":
+    if path == "triton":
         return "triton" if _triton_ok(*tensors) else "reference"
-    dev = tensors[0].device.type
-    if dev == "cpu":
-        return "cpu" if cpu_kernels.available() and cpu_kernels.supports(*tensors) else "reference"
-    if dev == "cuda":
-        return "triton" if _triton_ok(*tensors) else "reference"
+    return "cpu" if cpu_kernels.available() and cpu_kernels.supports(*tensors) else "reference"
+
+
+def _cuda_kind(path: str, *tensors: Tensor) -> str:
+    """The CUDA kernel's choice: "reference" (asked for, or a dtype Triton does not take) or "triton"."""
+    if path == "reference":
+        return "reference"
+    return "triton" if _triton_ok(*tensors) else "reference"
+
+
+def _other_kind(path: str, *tensors: Tensor) -> str:
     return "reference"
 
 
+# One implementation per device (registered below with register_kernel); every other device gets
+# the reference (the ops' default implementation).
+_KINDS = {"cpu": _cpu_kind, "cuda": _cuda_kind}
+
+
+def _kind(path: str, *tensors: Tensor) -> str:
+    """What the kernel registered for the tensors' device runs for this path (the eager shortcut
+    calls the same function the dispatcher would)."""
+    check_path(path)
+    return _KINDS.get(tensors[0].device.type, _other_kind)(path, *tensors)
+
+
+def _register(op, impl, first: int = 0, count: int = 2) -> None:
+    """Registers op's CPU and CUDA kernels: impl(kind, *args, path) with the kind that device picks
+    from the path (the op's last argument; the dispatcher leaves it out when it is the default) and
+    the args[first:first + count] tensors."""
+    n_args = len(op._opoverload._schema.arguments) - 1  # (without path)
+    for device, choose in _KINDS.items():
+        def kernel(*args, _choose=choose, **kwargs):
+            path = args[n_args] if len(args) > n_args else kwargs.get("path", "auto")
+            return impl(_choose(check_path(path), *args[first:first + count]), *args[:n_args])
+        op.register_kernel(device)(kernel)
+
+
 # ---------------------------------------------------------------------------------------------
-# Thresholds (reference and Triton), with the state's warm start on the reference path.
+# NaN policy (every path, see supermask.mask.NAN_MESSAGE): NaN scores are refused by the ops that
+# select (masked_weight, masked_linear, topk_threshold): ValueError on the CPU paths (reference, C
+# kernels); on the Triton path, which must not read the device from the host, a device-side assert
+# (torch._assert_async, no host sync) with the same message: a RuntimeError at the next
+# synchronisation on CUDA (at once on CPU tensors in the interpreter).
 # ---------------------------------------------------------------------------------------------
-def _threshold(scores: Tensor, n_keep: int, state: LayerState | None, kind: str) -> Threshold:
+def _refuse_nan(scores: Tensor, kind: str) -> None:
+    if kind != "triton":
+        refuse_nan(scores.detach())
+        return
+    torch._assert_async(~torch.isnan(scores.detach()).any(), NAN_MESSAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds. Reference and C paths: a Threshold (host ints), warm-started from the layer's state.
+# Triton path: (value, limit) device tensors, no host sync: entries with |s| > value are kept, and
+# those equal to value whose flat index is below limit (see kernels.topk_threshold_device).
+# ---------------------------------------------------------------------------------------------
+def _threshold(scores: Tensor, n_keep: int, state: LayerState | None) -> Threshold:
     s = scores.detach()
-    if kind == "triton":
-        from .kernels import topk_threshold as radix  # noqa: PLC0415
-        return radix(s, n_keep)
     if state is not None:
         return warm_topk_threshold(s, n_keep, state)
     return _cold_threshold(s.abs(), n_keep)
 
 
-def _saved_threshold(weight, scores, n_keep, state: LayerState, kind: str) -> Threshold:
+def _device_threshold(scores: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    from .kernels import topk_threshold_device  # noqa: PLC0415
+    value, _, limit = topk_threshold_device(scores.detach(), n_keep)
+    return value, limit
+
+
+def _saved(weight, scores, n_keep, state: LayerState, kind: str):
+    """The forward's threshold (Threshold, or (value, limit) on the Triton path) when the state holds
+    this forward's, else recomputed."""
     saved = state.saved
     if saved is not None and saved[0] == _key(weight, scores, n_keep):
         return saved[1]
-    return _threshold(scores, n_keep, None, kind)
+    return _device_threshold(scores, n_keep) if kind == "triton" else _threshold(scores, n_keep, None)
 
 
 def _masked_ref(weight: Tensor, scores: Tensor, th: Threshold) -> Tensor:
     """weight * mask, by the mask definition's own product (mask._masked, as mask.MaskedWeight)."""
     return _masked_product(weight, scores.detach(), th)
-
-
-def _masked_triton(weight: Tensor, scores: Tensor, th: Threshold) -> Tensor:
-    if th.split:  # ties cut by a prefix count in flat order: the reference way (rare)
-        return _masked_ref(weight, scores, th)
-    from .kernels import masked_weight_kernel  # noqa: PLC0415
-    return masked_weight_kernel(weight, scores, th.value)
 
 
 def _ste_ref(grad: Tensor, weight: Tensor, scores: Tensor) -> Tensor:
@@ -235,35 +276,40 @@ def _ste_ref(grad: Tensor, weight: Tensor, scores: Tensor) -> Tensor:
     return (grad.to(scores.dtype) * weight * torch.sign(scores)).to(scores.dtype)
 
 
-def _ste_triton(grad: Tensor, weight: Tensor, scores: Tensor) -> Tensor:
-    from .kernels import ste_grad_kernel  # noqa: PLC0415
-    return ste_grad_kernel(grad, weight, scores)
-
-
 # ---------------------------------------------------------------------------------------------
 # supermask::topk_threshold
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("supermask::topk_threshold", mutates_args=())
-def _topk_threshold_op(scores: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """(value, ties): the n_keep-th largest |score| (0-dim, scores' dtype) and how many entries equal
-    to it are kept, first in flat order (0-dim int64; -1: all of them)."""
+def _tt_impl(kind: str, scores: Tensor, n_keep: int, path: str = "auto") -> tuple[Tensor, Tensor]:
     _check_n_keep(scores, n_keep)
-    kind = _choose(scores)
-    if kind == "cpu":  # no C selection over a whole layer: the torch band selection is the CPU one
-        kind = "reference"
-    th = _threshold(scores, n_keep, None, kind)
+    _refuse_nan(scores, kind)
+    if kind == "triton":  # on the device: ties = -1 where every equal entry is kept
+        from .kernels import topk_threshold_device  # noqa: PLC0415
+        value, ties, _ = topk_threshold_device(scores.detach(), n_keep)
+        return value.clone(), ties
+    # no C selection over a whole layer: the torch band selection is the CPU one
+    th = _threshold(scores, n_keep, None)
     ties = th.ties if th.split else -1
     return th.value.detach().clone().reshape(()), torch.tensor(ties, dtype=torch.int64, device=scores.device)
 
 
+@torch.library.custom_op("supermask::topk_threshold", mutates_args=())
+def _topk_threshold_op(scores: Tensor, n_keep: int, path: str = "auto") -> tuple[Tensor, Tensor]:
+    """(value, ties): the n_keep-th largest |score| (0-dim, scores' dtype) and how many entries equal
+    to it are kept, first in flat order (0-dim int64; -1: all of them). path: see PATHS."""
+    return _tt_impl("reference", scores, n_keep, path)
+
+
+_register(_topk_threshold_op, _tt_impl, count=1)
+
+
 @_topk_threshold_op.register_fake
-def _(scores, n_keep):
+def _(scores, n_keep, path="auto"):
     return scores.new_empty(()), scores.new_empty((), dtype=torch.int64)
 
 
-def topk_threshold(scores: Tensor, n_keep: int) -> Threshold:
+def topk_threshold(scores: Tensor, n_keep: int, path: str = "auto") -> Threshold:
     """The Threshold keeping the n_keep largest |scores| through the op (one host sync for ties)."""
-    value, ties = torch.ops.supermask.topk_threshold(scores, n_keep)
+    value, ties = torch.ops.supermask.topk_threshold(scores, n_keep, path)
     t = int(ties)
     return Threshold(value, t if t >= 0 else 1, t >= 0)
 
@@ -271,49 +317,63 @@ def topk_threshold(scores: Tensor, n_keep: int) -> Threshold:
 # ---------------------------------------------------------------------------------------------
 # supermask::ste_grad (the backward of the masked-weight ops)
 # ---------------------------------------------------------------------------------------------
-def _ste_impl(grad: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
-    kind = _choose(grad, weight, scores)
+def _ste_impl(kind: str, grad: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
+              path: str = "auto") -> Tensor:
     if kind == "cpu" and state >= 0:
         st = get_state(state)
         if st.fresh_key == _key(weight, scores, n_keep):
             return cpu_kernels.ste_from_state(grad.contiguous(), weight, st, st.fresh_bits)
     if kind == "triton":
-        return _ste_triton(grad, weight, scores)
+        from .kernels import ste_grad_kernel  # noqa: PLC0415
+        return ste_grad_kernel(grad, weight, scores)
     return _ste_ref(grad, weight, scores)
 
 
 @torch.library.custom_op("supermask::ste_grad", mutates_args=())
-def _ste_grad_op(grad: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
+def _ste_grad_op(grad: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
+                 path: str = "auto") -> Tensor:
     """(grad * weight) * sign(scores) in scores' dtype (the straight-through gradient of the scores).
     n_keep and state: the forward's, so the CPU kernels can reuse its state bytes."""
-    return _ste_impl(grad, weight, scores, n_keep, state)
+    return _ste_impl("reference", grad, weight, scores, n_keep, state, path)
+
+
+_register(_ste_grad_op, _ste_impl, count=3)
 
 
 @_ste_grad_op.register_fake
-def _(grad, weight, scores, n_keep, state):
+def _(grad, weight, scores, n_keep, state, path="auto"):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------
 # supermask::masked_weight (top-k inside, warm-started)
 # ---------------------------------------------------------------------------------------------
-def _mw_impl(weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
+def _mw_impl(kind: str, weight: Tensor, scores: Tensor, n_keep: int, state: int, path: str = "auto") -> Tensor:
     _check_shapes(weight, scores)
     _check_n_keep(scores, n_keep)
-    kind = _choose(weight, scores)
+    _refuse_nan(scores, kind)
     st = get_state(state) if state >= 0 else None
     if kind == "cpu":
         return cpu_kernels.masked_weight_fresh(weight, scores.detach(), n_keep, st or LayerState())
-    th = _threshold(scores, n_keep, st, kind)
+    if kind == "triton":
+        from .kernels import masked_weight_kernel  # noqa: PLC0415
+        th = _device_threshold(scores, n_keep)
+        out = masked_weight_kernel(weight.detach(), scores.detach(), th[0], th[1])
+    else:
+        th = _threshold(scores, n_keep, st)
+        out = _masked_ref(weight.detach(), scores, th).contiguous()
     if st is not None:
         st.saved = (_key(weight, scores, n_keep), th)
-    return (_masked_triton if kind == "triton" else _masked_ref)(weight.detach(), scores, th).contiguous()
+    return out
 
 
 @torch.library.custom_op("supermask::masked_weight", mutates_args=())
-def _masked_weight_op(weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
+def _masked_weight_op(weight: Tensor, scores: Tensor, n_keep: int, state: int, path: str = "auto") -> Tensor:
     """weight * (top-n_keep mask of |scores|), a new contiguous tensor of weight's shape and dtype."""
-    return _mw_impl(weight, scores, n_keep, state)
+    return _mw_impl("reference", weight, scores, n_keep, state, path)
+
+
+_register(_masked_weight_op, _mw_impl)
 
 
 @_masked_weight_op.register_fake
@@ -322,107 +382,120 @@ def _fake_like_weight(weight, scores, *_):
 
 
 def _mw_setup(ctx, inputs, output):
-    weight, scores, n_keep, state = inputs
+    weight, scores, n_keep, state, path = inputs
     ctx.save_for_backward(weight, scores)
-    ctx.n_keep, ctx.state = n_keep, state
+    ctx.n_keep, ctx.state, ctx.path = n_keep, state, path
 
 
 def _mw_backward(ctx, grad):
     weight, scores = ctx.saved_tensors
     gs = None
     if ctx.needs_input_grad[1]:
-        gs = torch.ops.supermask.ste_grad(grad, weight, scores, ctx.n_keep, ctx.state)
-    return None, gs, None, None
+        gs = torch.ops.supermask.ste_grad(grad, weight, scores, ctx.n_keep, ctx.state, ctx.path)
+    return None, gs, None, None, None
 
 
 _masked_weight_op.register_autograd(_mw_backward, setup_context=_mw_setup)
 
 
-def masked_weight(weight: Tensor, scores: Tensor, n_keep: int, state: int = -1) -> Tensor:
+def masked_weight(weight: Tensor, scores: Tensor, n_keep: int, state: int = -1, path: str = "auto") -> Tensor:
     """weight * mask, the mask keeping the n_keep largest |scores| (ties: lowest flat index), with
     the straight-through gradient to the scores (the weight gets none).
 
     weight, scores: one shape, float dtypes, one device. n_keep: 1..numel (``mask.num_kept(n, k)``).
-    state: a ``new_state()`` id for warm-started selection across steps (-1: none).
-    Returns a new tensor of weight's shape and dtype. Raises ValueError on mismatched shapes or
-    n_keep out of range."""
+    state: a ``new_state()`` id for warm-started selection across steps (-1: none). path: one of
+    PATHS ("auto": the device's kernels; "reference": plain torch; "triton": the Triton kernels,
+    on CPU tensors in Triton's interpreter). Returns a new tensor of weight's shape and dtype.
+    Raises ValueError on mismatched shapes, n_keep out of range, an unknown path or NaN scores
+    (see NAN_MESSAGE: a device-side assert on the Triton path)."""
     if _eager(weight, scores):
-        return _EagerMaskedWeight.apply(weight, scores, n_keep, state)
-    return torch.ops.supermask.masked_weight(weight, scores, n_keep, state)
+        return _EagerMaskedWeight.apply(weight, scores, n_keep, state, path)
+    return torch.ops.supermask.masked_weight(weight, scores, n_keep, state, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # supermask::masked_weight_at (a given threshold, e.g. global top-k)
 # ---------------------------------------------------------------------------------------------
+def _mwa_impl(kind: str, weight: Tensor, scores: Tensor, value: Tensor, ties: int, path: str = "auto") -> Tensor:
+    _check_shapes(weight, scores)
+    if kind == "triton":
+        from .kernels import masked_weight_kernel, tie_limit  # noqa: PLC0415
+        limit = tie_limit(scores.detach(), value, ties) if ties >= 0 else None
+        return masked_weight_kernel(weight.detach(), scores.detach(), value, limit)
+    return _masked_ref(weight.detach(), scores, Threshold(value, max(ties, 0), ties >= 0)).contiguous()
+
+
 @torch.library.custom_op("supermask::masked_weight_at", mutates_args=())
-def _masked_weight_at_op(weight: Tensor, scores: Tensor, value: Tensor, ties: int) -> Tensor:
+def _masked_weight_at_op(weight: Tensor, scores: Tensor, value: Tensor, ties: int, path: str = "auto") -> Tensor:
     """weight where |scores| > value, and where |scores| == value for the first ``ties`` such
     entries in flat order (ties=-1: all of them); else 0."""
-    _check_shapes(weight, scores)
-    th = Threshold(value, max(ties, 0), ties >= 0)
-    kind = _choose(weight, scores)
-    fn = _masked_triton if kind == "triton" else _masked_ref
-    return fn(weight.detach(), scores, th).contiguous()
+    return _mwa_impl("reference", weight, scores, value, ties, path)
 
 
+_register(_masked_weight_at_op, _mwa_impl)
 _masked_weight_at_op.register_fake(_fake_like_weight)
 
 
 def _mwa_setup(ctx, inputs, output):
-    weight, scores, _, _ = inputs
+    weight, scores, _, _, path = inputs
     ctx.save_for_backward(weight, scores)
-    ctx.n_keep, ctx.state = 0, -1  # the mask is given: ste_grad needs no selection state
+    ctx.n_keep, ctx.state, ctx.path = 0, -1, path  # the mask is given: ste_grad needs no selection state
 
 
 _masked_weight_at_op.register_autograd(_mw_backward, setup_context=_mwa_setup)
 
 
-def masked_weight_at(weight: Tensor, scores: Tensor, threshold: Threshold) -> Tensor:
+def masked_weight_at(weight: Tensor, scores: Tensor, threshold: Threshold, path: str = "auto") -> Tensor:
     """weight * mask for a given ``mask.Threshold`` (e.g. one of ``mask.global_thresholds``), with
     the straight-through gradient to the scores. Returns a new tensor of weight's shape and dtype."""
     return torch.ops.supermask.masked_weight_at(weight, scores, threshold.value,
-                                                int(threshold.ties) if threshold.split else -1)
+                                                int(threshold.ties) if threshold.split else -1, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # supermask::masked_linear (fused)
 # ---------------------------------------------------------------------------------------------
-def _ml_impl(x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
+def _ml_impl(kind: str, x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
+             path: str = "auto") -> Tensor:
     _check_shapes(weight, scores)
     _check_n_keep(scores, n_keep)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, weight has shape {tuple(weight.shape)}")
-    kind = _choose(weight, scores)
+    _refuse_nan(scores, kind)
     st = get_state(state) if state >= 0 else None
     if kind == "cpu":
         masked = cpu_kernels.masked_weight_cached(weight, scores.detach(), n_keep, st or LayerState())
         return F.linear(x, masked.to(x.dtype))
-    th = _threshold(scores, n_keep, st, kind)
+    if kind == "triton":
+        from .kernels import masked_linear_forward  # noqa: PLC0415
+        th = _device_threshold(scores, n_keep)
+        y = masked_linear_forward(x, weight.detach().to(x.dtype), scores.detach(), th[0], th[1])
+    else:
+        th = _threshold(scores, n_keep, st)
+        y = F.linear(x, _masked_ref(weight.detach(), scores, th).to(x.dtype))
     if st is not None:
         st.saved = (_key(weight, scores, n_keep), th)
-    if kind == "triton" and not th.split:
-        from .kernels import masked_linear_forward  # noqa: PLC0415
-        y = masked_linear_forward(x, weight.detach().to(x.dtype), scores.detach(), th.value)
-    else:
-        y = F.linear(x, _masked_ref(weight.detach(), scores, th).to(x.dtype))
     return y
 
 
 @torch.library.custom_op("supermask::masked_linear", mutates_args=())
-def _masked_linear_op(x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int) -> Tensor:
+def _masked_linear_op(x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
+                      path: str = "auto") -> Tensor:
     """x @ (weight * mask)^T for x (..., in_features), weight and scores (out_features, in_features);
     the output in x's dtype (the masked weight is cast to it: autocast, see the module docstring)."""
-    return _ml_impl(x, weight, scores, n_keep, state)
+    return _ml_impl("reference", x, weight, scores, n_keep, state, path)
+
+
+_register(_masked_linear_op, _ml_impl, first=1)
 
 
 @_masked_linear_op.register_fake
-def _(x, weight, scores, n_keep, state):
+def _(x, weight, scores, n_keep, state, path="auto"):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _mlb_impl(grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
-              need_x: bool, need_scores: bool) -> tuple[Tensor, Tensor]:
-    kind = _choose(weight, scores)
+def _mlb_impl(kind: str, grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int,
+              need_x: bool, need_scores: bool, path: str = "auto") -> tuple[Tensor, Tensor]:
     K = weight.shape[1]
     gy2, x2 = grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, K)
     st = get_state(state)  # (-1: a throwaway state)
@@ -432,12 +505,12 @@ def _mlb_impl(grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep:
         gx, gs = cpu_kernels.linear_backward(gy2, x2, weight, scores, n_keep, st, cached, need_x, need_scores)
         gx = gx.reshape(x.shape) if need_x else empty
         return gx, gs if need_scores else empty
-    th = _saved_threshold(weight, scores, n_keep, st, kind)
+    th = _saved(weight, scores, n_keep, st, kind)
     gx = gs = empty
-    if kind == "triton" and not th.split:
+    if kind == "triton":
         from .kernels import masked_linear_backward  # noqa: PLC0415
-        gx, gs = masked_linear_backward(gy2, x2, weight.detach().to(gy2.dtype), scores.detach(), th.value,
-                                        need_x, need_scores)
+        gx, gs = masked_linear_backward(gy2, x2, weight.detach().to(gy2.dtype), scores.detach(), th[0],
+                                        need_x, need_scores, limit=th[1])
         return (gx.reshape(x.shape) if need_x else empty), (gs if need_scores else empty)
     if need_x:
         masked = _masked_ref(weight.detach(), scores, th).to(gy2.dtype)
@@ -449,32 +522,36 @@ def _mlb_impl(grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep:
 
 @torch.library.custom_op("supermask::masked_linear_backward", mutates_args=())
 def _masked_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, n_keep: int,
-                               state: int, need_x: bool, need_scores: bool) -> tuple[Tensor, Tensor]:
+                               state: int, need_x: bool, need_scores: bool,
+                               path: str = "auto") -> tuple[Tensor, Tensor]:
     """(grad_x, grad_scores) of masked_linear; an empty tensor for a gradient not asked for."""
-    return _mlb_impl(grad_y, x, weight, scores, n_keep, state, need_x, need_scores)
+    return _mlb_impl("reference", grad_y, x, weight, scores, n_keep, state, need_x, need_scores, path)
+
+
+_register(_masked_linear_backward_op, _mlb_impl, first=2)
 
 
 @_masked_linear_backward_op.register_fake
-def _(grad_y, x, weight, scores, n_keep, state, need_x, need_scores):
+def _(grad_y, x, weight, scores, n_keep, state, need_x, need_scores, path="auto"):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else grad_y.new_empty(0)
     gs = torch.empty_like(scores, memory_format=torch.contiguous_format) if need_scores else grad_y.new_empty(0)
     return gx, gs
 
 
 def _ml_setup(ctx, inputs, output):
-    x, weight, scores, n_keep, state = inputs
+    x, weight, scores, n_keep, state, path = inputs
     ctx.save_for_backward(x, weight, scores)
-    ctx.n_keep, ctx.state = n_keep, state
+    ctx.n_keep, ctx.state, ctx.path = n_keep, state, path
 
 
 def _ml_backward(ctx, grad_y):
     x, weight, scores = ctx.saved_tensors
     need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_x or need_s):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     gx, gs = torch.ops.supermask.masked_linear_backward(grad_y, x, weight, scores, ctx.n_keep, ctx.state,
-                                                        need_x, need_s)
-    return (gx if need_x else None), None, (gs if need_s else None), None, None
+                                                        need_x, need_s, ctx.path)
+    return (gx if need_x else None), None, (gs if need_s else None), None, None, None
 
 
 _masked_linear_op.register_autograd(_ml_backward, setup_context=_ml_setup)
@@ -489,12 +566,12 @@ def _register_linear_autocast(device_type: str) -> None:
     key = getattr(torch._C.DispatchKey, key_name)
     op = torch.ops.supermask.masked_linear.default
 
-    def autocast_impl(x, weight, scores, n_keep, state):
+    def autocast_impl(x, weight, scores, n_keep, state, path="auto"):
         dtype = torch.get_autocast_dtype(device_type)
         if x.is_floating_point() and x.dtype != torch.float64 and x.dtype != dtype:
             x = x.to(dtype)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(x, weight, scores, n_keep, state)
+            return op(x, weight, scores, n_keep, state, path)
 
     op.py_impl(key)(autocast_impl)  # what tracing (torch.compile, export) runs
     _lib.impl("masked_linear", lambda _, *args: autocast_impl(*args), key_name, with_keyset=True)
@@ -505,20 +582,22 @@ for _device in ("cpu", "cuda"):
     _register_linear_autocast(_device)
 
 
-def masked_linear(x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int = -1) -> Tensor:
+def masked_linear(x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, state: int = -1,
+                  path: str = "auto") -> Tensor:
     """F.linear(x, masked_weight(weight, scores, n_keep)) as one op (no bias).
 
     x: (..., in_features); weight, scores: (out_features, in_features). Output (..., out_features)
     in x's dtype. Backward: dx = dy @ (weight * mask), d scores = (dy^T @ x) * weight * sign(scores).
-    state: see masked_weight. Raises ValueError on mismatched shapes or n_keep out of range."""
+    state, path: see masked_weight. Raises ValueError on mismatched shapes, n_keep out of range, an
+    unknown path or NaN scores."""
     if _eager(x, weight, scores):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):  # as the op's autocast kernel does
             dtype = torch.get_autocast_dtype(device_type)
             if x.is_floating_point() and x.dtype != torch.float64 and x.dtype != dtype:
                 x = x.to(dtype)
-        return _EagerMaskedLinear.apply(x, weight, scores, n_keep, state)
-    return torch.ops.supermask.masked_linear(x, weight, scores, n_keep, state)
+        return _EagerMaskedLinear.apply(x, weight, scores, n_keep, state, path)
+    return torch.ops.supermask.masked_linear(x, weight, scores, n_keep, state, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,30 +623,32 @@ def _eager(*tensors: Tensor) -> bool:
 
 class _EagerMaskedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scores, n_keep, state):
+    def forward(ctx, x, weight, scores, n_keep, state, path):
         ctx.save_for_backward(x, weight, scores)
-        ctx.n_keep, ctx.state = n_keep, state
-        return _ml_impl(x, weight, scores, n_keep, state)
+        ctx.n_keep, ctx.state, ctx.kind = n_keep, state, _kind(path, weight, scores)
+        return _ml_impl(ctx.kind, x, weight, scores, n_keep, state)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, scores = ctx.saved_tensors
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if not (need_x or need_s):
-            return None, None, None, None, None
-        gx, gs = _mlb_impl(grad_y, x, weight, scores, ctx.n_keep, ctx.state, need_x, need_s)
-        return (gx if need_x else None), None, (gs if need_s else None), None, None
+            return None, None, None, None, None, None
+        gx, gs = _mlb_impl(ctx.kind, grad_y, x, weight, scores, ctx.n_keep, ctx.state, need_x, need_s)
+        return (gx if need_x else None), None, (gs if need_s else None), None, None, None
 
 
 class _EagerMaskedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scores, n_keep, state):
+    def forward(ctx, weight, scores, n_keep, state, path):
         ctx.save_for_backward(weight, scores)
-        ctx.n_keep, ctx.state = n_keep, state
-        return _mw_impl(weight, scores, n_keep, state)
+        ctx.n_keep, ctx.state, ctx.path = n_keep, state, path
+        return _mw_impl(_kind(path, weight, scores), weight, scores, n_keep, state)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        gs = _ste_impl(grad, weight, scores, ctx.n_keep, ctx.state) if ctx.needs_input_grad[1] else None
-        return None, gs, None, None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None
+        kind = _kind(ctx.path, grad, weight, scores)  # as the ste_grad op's kernel for this device
+        return None, _ste_impl(kind, grad, weight, scores, ctx.n_keep, ctx.state), None, None, None

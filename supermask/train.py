@@ -17,7 +17,7 @@ import torch
 
 from . import data as data_mod
 from . import distributed
-from . import pai
+from . import pai, threads
 from . import desc
 from .cli import Parser, resolve_backend, resolve_device, run_main
 from .convert import set_backend
@@ -122,8 +122,7 @@ def main(argv=None) -> int:
 
 def _train_main(args, device: torch.device) -> int:
     backend = resolve_backend(args.backend, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.apply_threads(args.threads)
     config = desc.train_identity(args)
     out = Path(args.out) if args.out else Path("runs") / desc.train_name(config)
     # fail on missing data first

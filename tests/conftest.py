@@ -5,6 +5,9 @@ import os
 if os.environ.get("SUPERMASK_TEST_ON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# supermask before torch: its thread policy (OMP_WAIT_POLICY=PASSIVE unless set) must be in the environment
+# when torch loads OpenMP, or idle threads spin against the other jobs of a shared machine.
+import supermask  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,11 +33,3 @@ def pytest_collection_modifyitems(config, items):
 def _fixed_threads():
     torch.set_num_threads(2)
     yield
-
-
-@pytest.fixture(autouse=True)
-def _ops_path_restored():
-    # supermask.set_backend / ops.use_path force an implementation process-wide: not past one test
-    from supermask import ops
-    with ops.use_path("auto"):
-        yield

@@ -160,18 +160,18 @@ def test_training_is_bit_identical_to_the_reference_backend(init, topk):
     ref_model = _model(init)
     if topk == "global":
         supermask.use_global_topk(ref_model, 0.5)
-    cpu_model = copy.deepcopy(ref_model)
+    cpu_model = supermask.set_backend(copy.deepcopy(ref_model), "cpu")
+    supermask.set_backend(ref_model, "torch")
     g = torch.Generator().manual_seed(6)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5, momentum=0.9, weight_decay=1e-4)
             for m in (ref_model, cpu_model)]
     for step in range(12):
         x = torch.randn(16, 3, 8, 8, generator=g)
         target = torch.randint(0, 10, (16,), generator=g)
-        for model, opt, path in zip((ref_model, cpu_model), opts, ("reference", "auto")):
-            with ops.use_path(path):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), target).backward()
-                opt.step()
+        for model, opt in zip((ref_model, cpu_model), opts):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            opt.step()
         for (n, a), (_, b) in zip(ref_model.named_parameters(), cpu_model.named_parameters()):
             assert torch.equal(bits(a.detach()), bits(b.detach())), (n, step)
     for (_, a), (_, b) in zip(supermask.supermask_layers(ref_model), supermask.supermask_layers(cpu_model)):
@@ -182,8 +182,7 @@ def test_training_is_bit_identical_to_the_reference_backend(init, topk):
     cpu_model.eval()
     with torch.no_grad():
         x = torch.randn(4, 3, 8, 8, generator=g)
-        with ops.use_path("reference"):
-            want = ref_model(x)
+        want = ref_model(x)
         assert torch.equal(want, cpu_model(x))
 
 
@@ -191,8 +190,7 @@ def test_tensors_the_kernels_do_not_take_go_the_reference_way():
     layer = supermask.SupermaskLinear(40, 30, k=0.5, seed=0, name="l").to(torch.bfloat16)
     ref = copy.deepcopy(layer)
     x = torch.randn(3, 40, dtype=torch.bfloat16)
-    with ops.use_path("reference"):
-        want = ref(x)
+    want = supermask.set_backend(ref, "torch")(x)
     assert torch.equal(layer(x), want)
 
 

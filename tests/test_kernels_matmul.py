@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import supermask
-from supermask import ops
 from supermask import mask as ref
 from supermask.kernels import (get_fp32_precision, interpreting, masked_linear, masked_matmul,
                                masked_weight_fused, matmul_ste, poisoned_outputs)
@@ -200,16 +199,17 @@ def test_training_step_matches_reference_backend(topk):
     ref_model = _model()
     if topk == "global":
         supermask.use_global_topk(ref_model, 0.5)
-    tri_model = copy.deepcopy(ref_model)
+    tri_model = supermask.set_backend(copy.deepcopy(ref_model), "triton")
+    supermask.set_backend(ref_model, "torch")
     x = torch.randn(8, 3, 7, 7, device=DEVICE)
     target = torch.randint(0, 5, (8,), device=DEVICE)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
             for m in (ref_model, tri_model)]
     for step in range(3):
         losses = []
-        for model, opt, path in zip((ref_model, tri_model), opts, ("reference", "triton")):
+        for model, opt in zip((ref_model, tri_model), opts):
             opt.zero_grad()
-            with poisoned_outputs(), ops.use_path(path):
+            with poisoned_outputs():
                 loss = F.cross_entropy(model(x), target)
                 loss.backward()
             opt.step()
@@ -219,6 +219,6 @@ def test_training_step_matches_reference_backend(topk):
             if a.grad is not None:
                 close(b.grad, a.grad, torch.float32, f"grad {n} step {step}")
             close(b.detach(), a.detach(), torch.float32, f"{n} step {step}")
-    with ops.use_path("reference"):
-        for (_, a), (_, b) in zip(supermask.supermask_layers(ref_model), supermask.supermask_layers(tri_model)):
-            assert torch.equal(a.mask(), b.mask())
+    supermask.set_backend(tri_model, "torch")
+    for (_, a), (_, b) in zip(supermask.supermask_layers(ref_model), supermask.supermask_layers(tri_model)):
+        assert torch.equal(a.mask(), b.mask())

@@ -127,12 +127,11 @@ def test_global_thresholds_mixed_dtypes():
 
 def test_layer_threshold_uses_kernel_on_triton_backend(monkeypatch):
     import supermask.kernels as K
-    from supermask import ops
     layer = SupermaskLinear(30, 20, k=0.3, seed=1).to(DEVICE)
     want = layer.threshold()
     calls = []
-    orig = K.topk_threshold
-    monkeypatch.setattr(K, "topk_threshold", lambda *a: calls.append(1) or orig(*a))
-    with ops.use_path("triton"):
-        _same(layer.threshold(), want)
+    orig = K.topk_threshold_device
+    monkeypatch.setattr(K, "topk_threshold_device", lambda *a: calls.append(1) or orig(*a))
+    layer.path = "triton"
+    _same(layer.threshold(), want)
     assert calls, "triton backend did not use the radix-select kernel"

@@ -45,20 +45,19 @@ def test_opcheck_every_op(path, dtype):
     x = torch.randn(6, 40, dtype=dtype, device=DEVICE, requires_grad=True)
     n_keep = num_kept(s.numel(), 0.3)
     sid = ops.new_state()
-    with ops.use_path(path):
-        for state in (-1, sid):
-            torch.library.opcheck(torch.ops.supermask.masked_weight.default, (w, s, n_keep, state))
-            torch.library.opcheck(torch.ops.supermask.masked_linear.default, (x, w, s, n_keep, state))
-            torch.library.opcheck(torch.ops.supermask.ste_grad.default,
-                                  (torch.randn_like(w), w, s.detach(), n_keep, state))
-            for need_x, need_s in ((True, True), (False, True), (True, False)):
-                torch.library.opcheck(torch.ops.supermask.masked_linear_backward.default,
-                                      (torch.randn(6, 24, dtype=dtype, device=DEVICE), x.detach(), w, s.detach(),
-                                       n_keep, state, need_x, need_s))
-        torch.library.opcheck(torch.ops.supermask.topk_threshold.default, (s.detach(), n_keep))
-        v = s.detach().abs().flatten().kthvalue(s.numel() - n_keep + 1).values
-        for ties in (-1, 0, 3):
-            torch.library.opcheck(torch.ops.supermask.masked_weight_at.default, (w, s, v, ties))
+    for state in (-1, sid):
+        torch.library.opcheck(torch.ops.supermask.masked_weight.default, (w, s, n_keep, state, path))
+        torch.library.opcheck(torch.ops.supermask.masked_linear.default, (x, w, s, n_keep, state, path))
+        torch.library.opcheck(torch.ops.supermask.ste_grad.default,
+                              (torch.randn_like(w), w, s.detach(), n_keep, state, path))
+        for need_x, need_s in ((True, True), (False, True), (True, False)):
+            torch.library.opcheck(torch.ops.supermask.masked_linear_backward.default,
+                                  (torch.randn(6, 24, dtype=dtype, device=DEVICE), x.detach(), w, s.detach(),
+                                   n_keep, state, need_x, need_s, path))
+    torch.library.opcheck(torch.ops.supermask.topk_threshold.default, (s.detach(), n_keep, path))
+    v = s.detach().abs().flatten().kthvalue(s.numel() - n_keep + 1).values
+    for ties in (-1, 0, 3):
+        torch.library.opcheck(torch.ops.supermask.masked_weight_at.default, (w, s, v, ties, path))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -68,28 +67,26 @@ def test_ops_give_the_reference_mask_and_straight_through_gradients(path):
     x = torch.randn(7, 50, device=DEVICE, requires_grad=True)
     mask = topk_mask(s, 0.4)
     gy = torch.randn(7, 30, device=DEVICE)
-    with ops.use_path(path):
-        out = ops.masked_weight(w, s, n_keep, ops.new_state())
-        assert torch.equal(out, w * mask)
-        out.backward(torch.ones_like(w))
-        assert torch.equal(s.grad, w * torch.sign(s.detach()))
-        s.grad = None
-        y = ops.masked_linear(x, w, s, n_keep, ops.new_state())
-        tol = dict(rtol=2e-3, atol=2e-3) if DEVICE == "cuda" else {}  # (TF32 on CUDA)
-        torch.testing.assert_close(y, x.detach() @ (w * mask).t(), **tol)
-        y.backward(gy)
-        torch.testing.assert_close(x.grad, gy @ (w * mask), **tol)
-        torch.testing.assert_close(s.grad, (gy.t() @ x.detach()) * w * torch.sign(s.detach()), **tol)
-        th = ops.topk_threshold(s.detach(), n_keep)
-        assert torch.equal(s.detach().abs() >= th.value, mask)
+    out = ops.masked_weight(w, s, n_keep, ops.new_state(), path)
+    assert torch.equal(out, w * mask)
+    out.backward(torch.ones_like(w))
+    assert torch.equal(s.grad, w * torch.sign(s.detach()))
+    s.grad = None
+    y = ops.masked_linear(x, w, s, n_keep, ops.new_state(), path)
+    tol = dict(rtol=2e-3, atol=2e-3) if DEVICE == "cuda" else {}  # (TF32 on CUDA)
+    torch.testing.assert_close(y, x.detach() @ (w * mask).t(), **tol)
+    y.backward(gy)
+    torch.testing.assert_close(x.grad, gy @ (w * mask), **tol)
+    torch.testing.assert_close(s.grad, (gy.t() @ x.detach()) * w * torch.sign(s.detach()), **tol)
+    th = ops.topk_threshold(s.detach(), n_keep, path)
+    assert torch.equal(s.detach().abs() >= th.value, mask)
 
 
 def test_gradcheck_float64_input_gradient():
     w, s = _tensors((12, 9), torch.float64, 2, requires_grad=False, device="cpu")
     x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
     for path in ("auto", "reference"):
-        with ops.use_path(path):
-            assert torch.autograd.gradcheck(lambda x: ops.masked_linear(x, w, s, 40, -1), (x,))
+        assert torch.autograd.gradcheck(lambda x: ops.masked_linear(x, w, s, 40, -1, path), (x,))
 
 
 def test_bad_arguments_raise():
@@ -98,7 +95,10 @@ def test_bad_arguments_raise():
             (lambda: ops.masked_weight(w, s, 21), "n_keep"),
             (lambda: ops.masked_weight(w, s[:, :4], 3), "shape"),
             (lambda: ops.masked_linear(torch.randn(2, 4), w, s, 3), "features"),
-            (lambda: ops.use_path("gpu"), "path")]
+            (lambda: ops.masked_weight(w, s, 3, -1, "gpu"), "path"),
+            (lambda: ops.masked_linear(torch.randn(2, 5), w, s, 3, -1, "cpu"), "path"),
+            (lambda: torch.ops.supermask.masked_weight(w, s, 3, -1, "gpu"), "path"),
+            (lambda: supermask.set_backend(nn.Sequential(supermask.SupermaskLinear(4, 4)), "gpu"), "backend")]
     for call, words in rows:
         with pytest.raises(ValueError, match=words):
             call()
@@ -227,7 +227,8 @@ def test_bf16_autocast_forward_backward_matches_the_reference_masks(path):
     ref = copy.deepcopy(model)
     x = torch.randn(5, 1, 8, 8)
     target = torch.arange(5)
-    with torch.autocast("cpu", dtype=torch.bfloat16), ops.use_path(path):
+    supermask.set_backend(model, {"auto": "cpu", "reference": "torch", "triton": "triton"}[path])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
         assert y.dtype == torch.bfloat16
         F.cross_entropy(y, target).backward()

@@ -65,8 +65,7 @@ def test_masked_weight_op(n, n_keep, path):
     state = ops.new_state()
     g = torch.Generator().manual_seed(n)
     for step in range(4):
-        with ops.use_path(path):
-            out = ops.masked_weight(w, s, n_keep, state)
+        out = ops.masked_weight(w, s, n_keep, state, path)
         want = oracle(s, n_keep)
         assert torch.equal(out != 0, want & (w != 0)), step
         assert torch.equal(out, w * want), step
@@ -100,9 +99,9 @@ def test_issue_example_k_1e_4(path):
         pytest.skip(ck.why_unavailable())
     layer = supermask.SupermaskLinear(784, 300, k=1e-4, seed=0, name="fc1")
     assert num_kept(784 * 300, 1e-4) == 24
+    layer.path = path
     for _ in range(3):
-        with ops.use_path(path):
-            y = layer(torch.randn(2, 784))
+        y = layer(torch.randn(2, 784))
         y.sum().backward()
         assert int(layer.mask().sum()) == 24
         assert torch.equal(layer.mask(), oracle(layer.scores, 24))
