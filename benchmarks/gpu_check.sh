@@ -34,7 +34,7 @@ cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$out/log.txt"
 start=$(date +%s)
-status=0 child=""
+status=0 child="" last_rc=0
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; echo "gpu_check: stopped by a signal; the rows so far are under $out" >&2; exit 143' TERM INT
 
 row() {  # row STAGE CASE STATUS WHY: a row written by this script (TIMEOUT, sanitizer results)
@@ -47,16 +47,15 @@ run_stage() {  # run_stage NAME LIMIT: one stage, in the background so that a si
     left=$(( budget - 15 - ($(date +%s) - start) ))
     [ "$name" = summary ] && left=15
     [ "$lim" -gt "$left" ] && lim=$left
-    if [ "$lim" -lt 5 ]; then row "$name" "stage" "TIMEOUT" "no time left in the budget of ${budget} s"; status=1; return 1; fi
+    if [ "$lim" -lt 5 ]; then row "$name" "stage" "TIMEOUT" "no time left in the budget of ${budget} s"; status=1; last_rc=124; return 1; fi
     echo "== $name (limit $lim s, $(( $(date +%s) - start )) s so far)" | tee -a "$log"
     timeout -k 5 "$lim" python3 benchmarks/gpu_check.py --stage "$name" --out "$out" > >(tee -a "$log") 2>&1 &
     child=$!
     wait "$child"; rc=$?
-    child=""
+    child="" last_rc=$rc
     case $rc in
         0) ;;
         124|137) row "$name" "stage" "TIMEOUT" "killed at its limit of $lim s (rows before it are kept)"; status=1 ;;
-        3) return 3 ;;
         *) status=1 ;;
     esac
     return 0
@@ -66,12 +65,12 @@ if ! python3 -c "import supermask.kernels" 2>>"$log"; then
     [ -e supermask/kernels ] || ln -s ../kernels supermask/kernels  # a copy that dropped the link
 fi
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>>"$log" || echo 0)
-if [ "$cuda" = 1 ]; then lim_pre=60 lim_cor=90; else lim_pre=150 lim_cor=120; budget=$(( budget > 600 ? budget : 600 )); fi
+if [ "$cuda" = 1 ]; then lim_pre=45 lim_cor=70; else lim_pre=150 lim_cor=120; budget=$(( budget > 600 ? budget : 600 )); fi
 
-run_stage env 20
+run_stage env 15
 run_stage preflight "$lim_pre"
-if [ $? = 3 ]; then
-    echo "gpu_check: preflight refused: nothing was timed (see $out/results.md)" >&2
+if [ "$last_rc" != 0 ]; then  # refused, failed or out of time: nothing after it could be trusted
+    echo "gpu_check: preflight did not pass (exit $last_rc): nothing was checked or timed (see $out/results.md)" >&2
     run_stage summary 15
     exit 3
 fi
@@ -83,7 +82,7 @@ elif ! command -v compute-sanitizer >/dev/null; then
     row sanitizer "memcheck, racecheck" SKIPPED "compute-sanitizer is not on PATH"
 else
     for tool in memcheck racecheck; do
-        left=$(( budget - 15 - ($(date +%s) - start) )); lim=$(( left < 45 ? left : 45 ))
+        left=$(( budget - 15 - ($(date +%s) - start) )); lim=$(( left < 35 ? left : 35 ))
         [ "$lim" -lt 10 ] && { row sanitizer "$tool" TIMEOUT "no time left"; status=1; continue; }
         echo "== sanitizer $tool (limit $lim s)" | tee -a "$log"
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$lim" compute-sanitizer --tool "$tool" --error-exitcode 9 \
@@ -98,9 +97,9 @@ else
     done
 fi
 
-run_stage kernels 90
-run_stage threshold 30
-run_stage train 100
+run_stage kernels 120
+run_stage threshold 25
+run_stage train 110
 run_stage summary 15
 echo "== done in $(( $(date +%s) - start )) s, exit $status; results under $out" | tee -a "$log"
 exit $status
