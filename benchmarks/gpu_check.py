@@ -11,9 +11,10 @@ Stages (see benchmarks/README.md for how to read what they write under DIR):
                interpreted kernels' frames on the CPU), and checks that timing the reference as
                "fused" is refused
   correctness  fixed config (SUPERMASK_AUTOTUNE=0) vs float64 references at edge shapes, twice each
+  nan          NaN scores refused (its own process: on CUDA a device assert ends the CUDA context)
   tiny         one tiny launch of every kernel (what compute-sanitizer runs)
   kernels      masked linear fwd+bwd: fused vs masked weight + cuBLAS vs dense cuBLAS vs reference,
-               TF32 off and on; prints the suggested per-shape LINEAR_CHOICE table
+               TF32 off and on, fixed config then autotuned; the suggested per-shape LINEAR_CHOICE
   threshold    supermask::topk_threshold vs torch.topk(sorted=False), sort, kthvalue
   train        fc and conv4 training steps, eager and torch.compile, with launch/sync/copy counts
   summary      DIR/summary.md from the rows
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check_common as C  # noqa: E402  (sets TRITON_INTERPRET before triton is imported)
 import torch  # noqa: E402
 
-STAGES = ("env", "preflight", "correctness", "tiny", "kernels", "threshold", "train", "summary")
+STAGES = ("env", "preflight", "correctness", "nan", "tiny", "kernels", "threshold", "train", "summary")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +136,11 @@ def stage_summary(res: C.Results, args) -> None:
     bad = [r for r in rows if r["status"] in ("FAIL", "REFUSED", "TIMEOUT")]
     lines += ["", f"{len(bad)} rows FAIL / REFUSED / TIMEOUT" + (":" if bad else ".")]
     lines += [f"- {r['stage']}: {r['case']}: {r['status']} {r.get('error', r.get('why', ''))}"[:400] for r in bad]
+    late = [r for r in rows if r["status"] == "SKIPPED" and "no time left" in r.get("why", "")]
+    if late:
+        lines += ["", f"{len(late)} cases SKIPPED for lack of time (their stage's limit): "
+                  + ", ".join(f"{st} {sum(r['stage'] == st for r in late)}" for st in dict.fromkeys(r["stage"] for r in late))
+                  + "; rerun one stage alone with more time: python3 benchmarks/gpu_check.py --stage NAME --out DIR"]
     choice = [r for r in rows if r["stage"] == "kernels" and "suggest" in r]
     if choice:
         lines += ["", "Suggested per-shape choice (kernels/masked_linear.py LINEAR_CHOICE):", "", "```python"]
@@ -150,7 +156,7 @@ _STATUSES = ("ok", "FAIL", "SKIPPED", "REFUSED", "TIMEOUT", "DRYRUN")
 
 
 def _stage(name: str):
-    if name in ("correctness", "tiny"):
+    if name in ("correctness", "nan", "tiny"):
         import gpu_check_correct as m  # noqa: PLC0415
         return getattr(m, f"stage_{name}")
     if name in ("kernels", "threshold", "train"):

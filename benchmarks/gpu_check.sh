@@ -6,7 +6,7 @@
 # Runs the stages of benchmarks/gpu_check.py, each in its own python3 process under its own time
 # limit, inside a total budget (default 470 s, so that a rerun fits in 15 minutes of device time):
 #   env, preflight (aborts the check, exit 3, unless the Triton kernels are really the path taken),
-#   correctness, sanitizer (compute-sanitizer memcheck + racecheck of the tiny stage, if on PATH),
+#   correctness, nan, sanitizer (compute-sanitizer memcheck + racecheck of the tiny stage, if on PATH),
 #   kernels, threshold, train, summary.
 # Every row is appended under DIR as soon as it is known (results.md, results.jsonl; also log.txt,
 # env.txt, sanitizer.txt, and summary.md last): stop it half-way and the finished rows are there.
@@ -49,7 +49,7 @@ run_stage() {  # run_stage NAME LIMIT: one stage, in the background so that a si
     [ "$lim" -gt "$left" ] && lim=$left
     if [ "$lim" -lt 5 ]; then row "$name" "stage" "TIMEOUT" "no time left in the budget of ${budget} s"; status=1; last_rc=124; return 1; fi
     echo "== $name (limit $lim s, $(( $(date +%s) - start )) s so far)" | tee -a "$log"
-    timeout -k 5 "$lim" python3 benchmarks/gpu_check.py --stage "$name" --out "$out" > >(tee -a "$log") 2>&1 &
+    GPU_CHECK_DEADLINE=$(( $(date +%s) + lim - 8 )) timeout -k 5 "$lim" python3 benchmarks/gpu_check.py --stage "$name" --out "$out" > >(tee -a "$log") 2>&1 &
     child=$!
     wait "$child"; rc=$?
     child="" last_rc=$rc
@@ -65,7 +65,7 @@ if ! python3 -c "import supermask.kernels" 2>>"$log"; then
     [ -e supermask/kernels ] || ln -s ../kernels supermask/kernels  # a copy that dropped the link
 fi
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>>"$log" || echo 0)
-if [ "$cuda" = 1 ]; then lim_pre=45 lim_cor=70; else lim_pre=150 lim_cor=120; budget=$(( budget > 600 ? budget : 600 )); fi
+if [ "$cuda" = 1 ]; then lim_pre=45 lim_cor=85; else lim_pre=150 lim_cor=120; budget=$(( budget > 600 ? budget : 600 )); fi
 
 run_stage env 15
 run_stage preflight "$lim_pre"
@@ -75,6 +75,7 @@ if [ "$last_rc" != 0 ]; then  # refused, failed or out of time: nothing after it
     exit 3
 fi
 run_stage correctness "$lim_cor"
+run_stage nan 15
 
 if [ "$cuda" != 1 ]; then
     row sanitizer "memcheck, racecheck" SKIPPED "no CUDA device (torch.cuda.is_available() is False)"
@@ -82,7 +83,7 @@ elif ! command -v compute-sanitizer >/dev/null; then
     row sanitizer "memcheck, racecheck" SKIPPED "compute-sanitizer is not on PATH"
 else
     for tool in memcheck racecheck; do
-        left=$(( budget - 15 - ($(date +%s) - start) )); lim=$(( left < 35 ? left : 35 ))
+        left=$(( budget - 15 - ($(date +%s) - start) )); lim=$(( left < 30 ? left : 30 ))
         [ "$lim" -lt 10 ] && { row sanitizer "$tool" TIMEOUT "no time left"; status=1; continue; }
         echo "== sanitizer $tool (limit $lim s)" | tee -a "$log"
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$lim" compute-sanitizer --tool "$tool" --error-exitcode 9 \
@@ -97,9 +98,9 @@ else
     done
 fi
 
-run_stage kernels 120
+run_stage kernels 110
 run_stage threshold 25
-run_stage train 110
+run_stage train 100
 run_stage summary 15
 echo "== done in $(( $(date +%s) - start )) s, exit $status; results under $out" | tee -a "$log"
 exit $status

@@ -276,6 +276,29 @@ def env(**values):
                 os.environ[k] = v
 
 
+def time_left() -> float:
+    """Seconds until this stage's soft deadline (GPU_CHECK_DEADLINE, epoch seconds, set by
+    gpu_check.sh a few seconds before the stage's hard limit); inf when unset."""
+    deadline = os.environ.get("GPU_CHECK_DEADLINE")
+    return float(deadline) - time.time() if deadline else float("inf")
+
+
+def guarded(res: Results, fn, *args, margin: float = 3.0) -> None:
+    """fn(res, *args), one case of a stage: SKIPPED when the stage's soft deadline is (almost)
+    reached, so a stage ends with its rows instead of being killed; Refused -> a REFUSED row,
+    another exception a FAIL row (the other cases still run)."""
+    name = f"{fn.__name__}{args}"
+    if time_left() < margin:
+        res.skipped(name, "no time left in this stage's limit (GPU_CHECK_DEADLINE)")
+        return
+    try:
+        fn(res, *args)
+    except Refused as e:
+        res.row(name, "REFUSED", error=str(e)[:300])
+    except Exception as e:  # noqa: BLE001 (one failing case must not hide the others)
+        res.row(name, "FAIL", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
 def dry_run() -> bool:
     """GPU_CHECK_CPU_DRYRUN=1 without CUDA: the CUDA stages run their code once on tiny CPU inputs
     (the Triton kernels interpreted), rows marked DRYRUN, so the code is exercised here. Not timings."""

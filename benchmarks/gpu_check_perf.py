@@ -10,7 +10,6 @@ require_triton): else the row is REFUSED, never timed.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import gpu_check_common as C
@@ -45,15 +44,20 @@ def _precision(tf32: bool | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # kernels: masked linear forward + backward
 # ---------------------------------------------------------------------------------------------
-def linear_shapes() -> list[tuple[int, int, int, torch.dtype, bool | None]]:
-    """(M, N, K, dtype, tf32), most telling first (a stage cut by its time limit keeps those)."""
+def linear_shapes() -> list[tuple[int, int, int, torch.dtype, bool | None, bool]]:
+    """(M, N, K, dtype, tf32, autotune), most telling first (the stage skips what its time limit
+    leaves no room for). First every shape at the fixed config (SUPERMASK_AUTOTUNE=0: one compile
+    per specialisation, so the whole table fits), then autotuned as users run it (each new
+    specialisation compiles and benchmarks every config: a few rows at most)."""
     if not C.CUDA:
-        return [(8, 16, 24, torch.float32, False)]
-    fc = [(b, n, k) for b in (128, 96) for n, k in FC]
-    rows = [(4096, 4096, 4096, torch.bfloat16, None)] + [(*s, torch.bfloat16, None) for s in fc]
-    for tf32 in (True, False):
-        rows += [(4096, 4096, 4096, torch.float32, tf32)] + [(*s, torch.float32, tf32) for s in fc]
-    return rows
+        return [(8, 16, 24, torch.float32, False, False)]
+    fc128 = [(128, n, k) for n, k in FC]
+    rows = []
+    for dtype, tf32 in ((torch.bfloat16, None), (torch.float32, False), (torch.float32, True)):
+        rows += [(4096, 4096, 4096, dtype, tf32, False)] + [(*s, dtype, tf32, False) for s in fc128]
+    rows += [(96, n, k, torch.float32, False, False) for n, k in FC]  # the short last batch (same bucket)
+    rows += [(4096, 4096, 4096, torch.bfloat16, None, True)] + [(*s, torch.bfloat16, None, True) for s in fc128]
+    return rows + [(*s, torch.float32, False, True) for s in fc128]
 
 
 def _linear_variants(M, N, K, dtype):
@@ -93,12 +97,17 @@ def _linear_variants(M, N, K, dtype):
     return {"dense": dense, "reference": reference, "fused": op("fused"), "cublas": op("cublas")}
 
 
-def time_linear(res: C.Results, M, N, K, dtype, tf32) -> None:
+def time_linear(res: C.Results, M, N, K, dtype, tf32, autotune) -> None:
     """One row: ms of each variant, ratios, and the suggested choice fused / cublas."""
+    with C.env(SUPERMASK_AUTOTUNE="1" if autotune else "0"):
+        _time_linear(res, M, N, K, dtype, tf32, autotune)
+
+
+def _time_linear(res: C.Results, M, N, K, dtype, tf32, autotune) -> None:
     _precision(tf32)
     fns = _linear_variants(M, N, K, dtype)
     prec = "bf16" if dtype == torch.bfloat16 else ("fp32 tf32 on" if tf32 else "fp32 tf32 off")
-    case = f"{M}x{N}x{K} {prec}"
+    case = f"{M}x{N}x{K} {prec} {'autotuned' if autotune else 'fixed config'}"
     for f in fns.values():  # compiles and autotunes outside the profiler
         f()
     for name in ("fused", "cublas"):
@@ -115,11 +124,11 @@ def time_linear(res: C.Results, M, N, K, dtype, tf32) -> None:
     res.row(case, dense_ms=t["dense"], reference_ms=t["reference"], fused_ms=t["fused"], cublas_ms=t["cublas"],
             fused_vs_dense=t["fused"] / t["dense"], fused_vs_reference=t["fused"] / t["reference"],
             fused_vs_cublas=t["fused"] / t["cublas"], suggest=suggest,
-            key=repr((size_bucket(M), N, K, dtype)), autotune=os.environ.get("SUPERMASK_AUTOTUNE", "1") != "0")
+            key=repr((size_bucket(M), N, K, dtype)), autotune=autotune)
 
 
 def stage_kernels(res: C.Results, args) -> None:
-    """Masked linear fwd+bwd timings (autotuned, as users run it) and the suggested choice."""
+    """Masked linear fwd+bwd timings (fixed config, then autotuned) and the suggested choice."""
     if _skip_or_dry(res, "masked linear timings (CUDA events vs cuBLAS, TF32 off/on)"):
         return
     res.table("masked linear forward + backward, median ms (CUDA events, interleaved)",
@@ -127,7 +136,7 @@ def stage_kernels(res: C.Results, args) -> None:
                "fused_vs_reference", "fused_vs_cublas", "suggest"])
     try:
         for shape in linear_shapes():
-            _guarded(res, time_linear, *shape)
+            C.guarded(res, time_linear, *shape, margin=30 if shape[-1] else 6)
     finally:
         torch.set_float32_matmul_precision("highest")
 
@@ -169,7 +178,7 @@ def stage_threshold(res: C.Results, args) -> None:
               ["case", "status", "ours_ms", "topk_ms", "sort_ms", "kthvalue_ms", "topk_vs_ours", "sort_vs_ours",
                "kthvalue_vs_ours"])
     for n in ((10**6, 10**7, 4096 * 4096) if C.CUDA else (10**4,)):
-        _guarded(res, time_threshold, n)
+        C.guarded(res, time_threshold, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +245,8 @@ def stage_train(res: C.Results, args) -> None:
     for name, width in plan:
         for compiled in modes:
             for kind in ("dense", "supermask"):
-                _guarded(res, time_train, name, width, kind, compiled, 200 if C.CUDA else 1)
+                C.guarded(res, time_train, name, width, kind, compiled, 200 if C.CUDA else 1,
+                          margin=25 if compiled else 8)
             _ratio(res, name, width, compiled)
 
 
@@ -246,13 +256,3 @@ def _ratio(res: C.Results, name, width, compiled) -> None:
            if r["stage"] == "train" and r.get("model") == name and r.get("mode") == mode and r["status"] == "ok"}
     if len(got) == 2:
         res.row(f"{name} x{width} {mode} supermask / dense", ms_per_step=got["supermask"] / got["dense"])
-
-
-def _guarded(res: C.Results, fn, *args) -> None:
-    """fn(res, *args); Refused -> a REFUSED row, another exception a FAIL row (the rest still run)."""
-    try:
-        fn(res, *args)
-    except C.Refused as e:
-        res.row(f"{fn.__name__}{args}", "REFUSED", error=str(e)[:300])
-    except Exception as e:  # noqa: BLE001 (one failing case must not hide the others)
-        res.row(f"{fn.__name__}{args}", "FAIL", error=f"{type(e).__name__}: {str(e)[:300]}")

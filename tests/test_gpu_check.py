@@ -138,3 +138,20 @@ def test_whole_check_on_a_cpu_machine(tmp_path):
     assert sum(x["status"] == "ok" and x["case"].startswith("linear") for x in by_stage["correctness"]) >= 6
     assert any(x["case"] == "reference timed as fused is refused" for x in by_stage["preflight"])
     assert "SKIPPED" in r.stdout and "0 rows FAIL" in (out / "summary.md").read_text()
+
+
+def test_summary_suggests_the_per_shape_choice(tmp_path):
+    """The summary stage reads the rows (a torn last line left out) and prints LINEAR_CHOICE lines."""
+    rows = [{"stage": "kernels", "case": "128x750x784 bf16 fixed config", "status": "ok", "fused_ms": 0.05,
+             "cublas_ms": 0.08, "suggest": "fused", "key": "(128, 750, 784, torch.bfloat16)"},
+            {"stage": "kernels", "case": "4096x4096x4096 bf16 fixed config", "status": "ok", "fused_ms": 0.9,
+             "cublas_ms": 0.7, "suggest": "cublas", "key": "(4096, 4096, 4096, torch.bfloat16)"},
+            {"stage": "train", "case": "fc", "status": "FAIL", "error": "boom"}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "tra')
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stage", "summary", "--out",
+                        str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "summary.md").read_text()
+    assert "LINEAR_CHOICE[(128, 750, 784, torch.bfloat16)] = 'fused'" in text
+    assert "LINEAR_CHOICE[(4096, 4096, 4096, torch.bfloat16)] = 'cublas'" in text
+    assert "1 rows FAIL / REFUSED / TIMEOUT" in text and "train: fc: FAIL boom" in text
