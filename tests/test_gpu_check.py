@@ -155,3 +155,18 @@ def test_summary_suggests_the_per_shape_choice(tmp_path):
     assert "LINEAR_CHOICE[(128, 750, 784, torch.bfloat16)] = 'fused'" in text
     assert "LINEAR_CHOICE[(4096, 4096, 4096, torch.bfloat16)] = 'cublas'" in text
     assert "1 rows FAIL / REFUSED / TIMEOUT" in text and "train: fc: FAIL boom" in text
+
+
+@pytest.mark.slow
+def test_cuda_stages_code_runs_as_a_cpu_dry_run(tmp_path):
+    """GPU_CHECK_CPU_DRYRUN=1: the timing stages' code (variants, guards, profiler counts, rows) runs
+    once on tiny CPU inputs with the kernels interpreted, so it is exercised before a GPU is lent."""
+    env = dict(_env(), GPU_CHECK_CPU_DRYRUN="1")
+    for stage in ("kernels", "threshold", "train"):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stage", stage, "--out",
+                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = _rows(tmp_path)
+    assert {r["stage"] for r in rows} == {"kernels", "threshold", "train"}
+    assert all(r["status"] == "DRYRUN" for r in rows), rows
+    assert [r["case"] for r in rows if r["stage"] == "train"] == ["fc x0.1 eager dense", "fc x0.1 eager supermask"]
