@@ -60,13 +60,13 @@ def stage_env(res: C.Results, args) -> None:
         res.skipped("clocks", "nvidia-smi is not on PATH")
         return
     q = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,driver_version"
-    r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+    r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], check=False, capture_output=True,
                        text=True, timeout=30)
     if r.returncode != 0:
         res.skipped("clocks", f"nvidia-smi --query-gpu failed: {(r.stderr or r.stdout).strip()[:200]}")
     else:
         res.row("clocks", **dict(zip(q.split(","), r.stdout.strip().split(", "))))
-    full = subprocess.run(["nvidia-smi", "-q"], capture_output=True, text=True, timeout=30)
+    full = subprocess.run(["nvidia-smi", "-q"], check=False, capture_output=True, text=True, timeout=30)
     (res.dir / "env.txt").write_text(full.stdout[-200_000:])
 
 
@@ -146,7 +146,8 @@ def stage_summary(res: C.Results, args) -> None:
     late = [r for r in rows if r["status"] == "SKIPPED" and "no time left" in r.get("why", "")]
     if late:
         lines += ["", f"{len(late)} cases SKIPPED for lack of time (their stage's limit): "
-                  + ", ".join(f"{st} {sum(r['stage'] == st for r in late)}" for st in dict.fromkeys(r["stage"] for r in late))
+                  + ", ".join(f"{st} {sum(r['stage'] == st for r in late)}"
+                              for st in dict.fromkeys(r["stage"] for r in late))
                   + "; rerun one stage alone with more time: python3 benchmarks/gpu_check.py --stage NAME --out DIR"]
     choice = [r for r in rows if r["stage"] == "kernels" and "suggest" in r]
     if choice:

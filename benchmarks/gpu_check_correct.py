@@ -23,7 +23,8 @@ from supermask.mask import num_kept
 TOL = {torch.float32: 1e-4, torch.bfloat16: 8e-3, torch.float16: 1.5e-3}
 # Triton 3.8's interpreter converts bf16 subnormals to fp32 wrongly (tl.load(bf16).to(tl.float32) of
 # k * 2^-130, k = 1..7, gives 0, 0, 5.9e-39, 0, 2.9e-39, 5.9e-39, 8.8e-39), so those cases run on CUDA only.
-INTERPRETER_BF16 = "Triton's interpreter converts bf16 subnormals to fp32 wrongly (the GPU's conversion is exact); CUDA only"
+INTERPRETER_BF16 = ("Triton's interpreter converts bf16 subnormals to fp32 wrongly (the GPU's conversion is "
+                    "exact); CUDA only")
 FC = [(750, 784), (250, 750), (10, 250)]  # fc (LeNet-300-100) x width 2.5: (out, in)
 
 
@@ -77,8 +78,9 @@ def _linear_ref(x, w, s, gy, n_keep):
 def check_linear(res: C.Results, M: int, N: int, K: int, dtype: torch.dtype) -> None:
     """One shape: forward, dx, d scores and the masked weight, fused and masked weight + cuBLAS."""
     g = torch.Generator(device=C.DEV).manual_seed(M * 7 + N * 3 + K)
-    x, gy = (torch.randn(M, K, generator=g, device=C.DEV).to(dtype), torch.randn(M, N, generator=g, device=C.DEV).to(dtype))
-    w, s = (torch.randn(N, K, generator=g, device=C.DEV).to(dtype), torch.randn(N, K, generator=g, device=C.DEV).to(dtype))
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=C.DEV).to(dtype)
+    x, gy, w, s = rnd(M, K), rnd(M, N), rnd(N, K), rnd(N, K)
     n_keep = num_kept(N * K, 0.5)
     keep, ref, bound = _linear_ref(x, w, s, gy, n_keep)
     for choice in ("fused", "cublas"):
@@ -191,7 +193,7 @@ def stage_tiny(res: C.Results, args) -> None:
         x, w, s = (torch.randn(5, 19, device=C.DEV), torch.randn(7, 19, device=C.DEV),
                    torch.randn(7, 19, device=C.DEV))
         for choice in ("fused", "cublas"):
-            y, gx, gs, mw = _linear_once(x, w, s, torch.randn(5, 7, device=C.DEV), 40, choice)
+            _linear_once(x, w, s, torch.randn(5, 7, device=C.DEV), 40, choice)
         sg = s.clone().requires_grad_()
         ops.masked_weight(w, sg, 40, -1, C.FUSED_PATH).sum().backward()
         torch.ops.supermask.topk_threshold(s, 40, C.FUSED_PATH)

@@ -78,7 +78,7 @@ BAD_AOT_ARGS = [
 def test_aot_writes_only_where_told(tmp_path, args, message):
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
     before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
-    r = subprocess.run([sys.executable, "-m", "supermask.kernels.aot", *args], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "supermask.kernels.aot", *args], check=False, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
