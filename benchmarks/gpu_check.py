@@ -1,251 +1,193 @@
-"""The GPU part of benchmarks/gpu_check.sh: torch.library.opcheck of the supermask ops on CUDA, the
-kernel benchmarks and one compiled training epoch, written to benchmarks/results/gpu_<gpu>.md.
+"""One stage of the one-call GPU check; benchmarks/gpu_check.sh runs them all, each in its own
+process under its own time limit, and is the way to run the check:
 
-    python benchmarks/gpu_check.py [--quick] [--out-dir DIR]
+    bash benchmarks/gpu_check.sh --out DIR
+    python3 benchmarks/gpu_check.py --stage STAGE --out DIR [--backend NAME]   (one stage)
 
-Sections (each says SKIPPED, and why, when it cannot run):
-  opcheck    torch.library.opcheck of every supermask op on CUDA tensors (fp32, bf16)
-  linear     fused masked linear (supermask::masked_linear, Triton) forward+backward vs dense cuBLAS
-             F.linear and vs the reference path (weight * mask, then F.linear), 4096 x 4096 weight,
-             batch 4096, fp32 and bf16 (bf16: under torch.autocast, as training runs)
-  threshold  the radix-select threshold (supermask::topk_threshold) vs torch.topk(sorted=False),
-             torch.sort and torch.kthvalue, n = 1e6 and 1e7, k = n / 2
-  epoch      one epoch (Fashion-MNIST shaped data, batch 128) of fc (width 2.5) and conv4 training,
-             torch.compile of the supermask model vs torch.compile of the dense one
+Stages (see benchmarks/README.md for how to read what they write under DIR):
+  env          versions, GPU name, SMs, clocks (nvidia-smi, when on PATH) -> rows + DIR/env.txt
+  preflight    refuses (exit 3, one line on stderr) unless the supermask layers' forward and backward
+               really launch the Triton kernels of supermask.kernels (torch.profiler on CUDA; the
+               interpreted kernels' frames on the CPU), and checks that timing the reference as
+               "fused" is refused
+  correctness  fixed config (SUPERMASK_AUTOTUNE=0) vs float64 references at edge shapes, twice each
+  nan          NaN scores refused (its own process: on CUDA a device assert ends the CUDA context)
+  tiny         one tiny launch of every kernel (what compute-sanitizer runs)
+  kernels      masked linear fwd+bwd: fused vs masked weight + cuBLAS vs dense cuBLAS vs reference,
+               TF32 off and on, fixed config then autotuned; the suggested per-shape LINEAR_CHOICE
+  threshold    supermask::topk_threshold vs torch.topk(sorted=False), sort, kthvalue
+  train        fc and conv4 training steps, eager and torch.compile, with launch/sync/copy counts
+  summary      DIR/summary.md from the rows
 
-Timings: torch.utils.benchmark.Timer (blocked_autorange, CUDA synchronized), medians. Without CUDA
-(this script is also run by gpu_check.sh on a CPU machine, to show it works) every section runs
-its code once on tiny CPU inputs (the Triton kernels in the interpreter) and no timing is reported.
+Exit: 0 (rows ok or SKIPPED), 1 (a row FAILED), 2 (bad arguments), 3 (preflight refused).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by supermask.kernels)
+import gpu_check_common as C  # noqa: E402  (sets TRITON_INTERPRET before triton is imported)
+import torch  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-import torch.utils.benchmark as tb  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import supermask  # noqa: E402
-from supermask import models, ops  # noqa: E402
-from supermask.mask import num_kept  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-DEV = torch.device("cuda" if CUDA else "cpu")
-# Without CUDA the kernel code paths still run: the Triton kernels on CPU tensors, interpreted.
-FUSED_PATH = "auto" if CUDA else "triton"
-lines: list[str] = []
+STAGES = ("env", "preflight", "correctness", "nan", "tiny", "kernels", "threshold", "train", "summary")
 
 
-def say(text: str = "") -> None:
-    print(text, flush=True)
-    lines.append(text)
+# ---------------------------------------------------------------------------------------------
+def stage_env(res: C.Results, args) -> None:
+    """Versions, device, clocks; nvidia-smi's full query to DIR/env.txt."""
+    import triton  # noqa: PLC0415
+
+    import supermask.kernels as k  # noqa: PLC0415
+    res.row("versions", python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+            cuda=torch.version.cuda, kernels_from=str(Path(k.__file__).resolve().parent),
+            autotune=os.environ.get("SUPERMASK_AUTOTUNE", "1"), cpu=_cpu_model(), cpu_count=os.cpu_count())
+    if not C.CUDA:
+        res.skipped("GPU name, SMs, clocks", C.NO_CUDA)
+        return
+    p = torch.cuda.get_device_properties(0)
+    res.row("device", name=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}", tf32_default=torch.get_float32_matmul_precision())
+    if not shutil.which("nvidia-smi"):
+        res.skipped("clocks", "nvidia-smi is not on PATH")
+        return
+    q = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,driver_version"
+    r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], check=False, capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        res.skipped("clocks", f"nvidia-smi --query-gpu failed: {(r.stderr or r.stdout).strip()[:200]}")
+    else:
+        res.row("clocks", **dict(zip(q.split(","), r.stdout.strip().split(", "))))
+    full = subprocess.run(["nvidia-smi", "-q"], check=False, capture_output=True, text=True, timeout=30)
+    (res.dir / "env.txt").write_text(full.stdout[-200_000:])
 
 
-def skipped(what: str, why: str) -> None:
-    say(f"SKIPPED {what}: {why}")
-
-
-def median_ms(fn, min_run_time=1.0) -> float:
-    """Median milliseconds of fn() (torch.utils.benchmark synchronizes CUDA around the runs)."""
-    fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def triton_ok() -> str | None:
+def _cpu_model() -> str:
     try:
-        import supermask.kernels  # noqa: F401, PLC0415
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+def _models(backend: str | None):
+    """A small fc (linear layers: masked_linear) and a small conv model (masked_weight), on DEV."""
+    import supermask  # noqa: PLC0415
+    from supermask import models  # noqa: PLC0415
+    out = []
+    for name, width in (("fc", 0.1), ("conv2", 0.1)):
+        m = supermask.convert(models.build(name, (1, 28, 28), 10, width), k=0.5).to(C.DEV)
+        if backend is not None:
+            supermask.set_backend(m, backend)
+        elif not C.CUDA:
+            supermask.set_backend(m, "triton")  # on CPU tensors "auto" means the C kernels
+        out.append((name, m))
+    return out
+
+
+def _layers_step(model, x):
+    def step():
+        model(x).square().mean().backward()
+    return step
+
+
+def stage_preflight(res: C.Results, args) -> None:
+    """Refused unless each model's training step launches supermask's Triton kernels, and unless
+    the guard refuses a plain torch computation timed as "fused"."""
+    os.environ["SUPERMASK_AUTOTUNE"] = "0"  # one config per kernel: the check, not the tuning, is timed here
+    try:
+        names = C.kernel_names()
     except ImportError as e:
-        return f"Triton not importable ({e})"
-    return None
+        raise C.Refused(f"supermask.kernels is not importable from {ROOT} ({e})") from e
+    res.row("kernels found by introspection", kernels=",".join(sorted(names)))
+    x = torch.randn(4, 1, 28, 28, device=C.DEV)
+    seen = set()
+    for name, model in _models(args.backend):
+        got = C.require_triton(_layers_step(model, x), f"{name} training step (backend {args.backend or 'default'})")
+        seen |= set(got)
+        res.row(f"{name} step launches Triton", kernels=",".join(sorted(got)))
+    w, s = torch.randn(64, 32, device=C.DEV), torch.randn(64, 32, device=C.DEV)
+    try:
+        C.require_triton(lambda: torch.nn.functional.linear(x.flatten(1)[:, :32], w * (s.abs() > 0.5)), "ref")
+    except C.Refused:
+        res.row("reference timed as fused is refused")
+    else:
+        raise C.Refused("the guard let plain torch pass as the fused path: the check cannot be trusted")
+    res.row("kernels not launched by these steps", kernels=",".join(sorted(C.kernel_names() - seen)) or "-")
 
 
 # ---------------------------------------------------------------------------------------------
-def section_opcheck(quick: bool) -> None:
-    say("\n## opcheck (torch.library.opcheck of every supermask op)\n")
-    if not CUDA:
-        skipped("opcheck on CUDA", "no CUDA device: opcheck ran on CPU tensors with the Triton kernels "
-                "interpreted instead")
-    why = triton_ok()
-    if why:
-        say(f"note: {why}; the CUDA ops run the reference implementation")
-    for dtype in (torch.float32, torch.bfloat16):
-        g = torch.Generator(device=DEV).manual_seed(0)
-        w = torch.randn(96, 160, device=DEV, dtype=dtype, generator=g)
-        s = torch.randn(96, 160, device=DEV, dtype=dtype, generator=g).requires_grad_()
-        x = torch.randn(8, 160, device=DEV, dtype=dtype, generator=g, requires_grad=True)
-        n_keep = num_kept(s.numel(), 0.3)
-        v = s.detach().abs().flatten().float().kthvalue(s.numel() - n_keep + 1).values.to(dtype)
-        cases = {
-            "masked_weight": (w, s, n_keep, ops.new_state()),
-            "masked_linear": (x, w, s, n_keep, ops.new_state()),
-            "ste_grad": (torch.randn_like(w), w, s.detach(), n_keep, -1),
-            "masked_linear_backward": (torch.randn(8, 96, device=DEV, dtype=dtype), x.detach(), w, s.detach(),
-                                       n_keep, -1, True, True),
-            "topk_threshold": (s.detach(), n_keep),
-            "masked_weight_at": (w, s, v, -1),
-        }
-        for name, args in cases.items():
-            try:
-                with ops.use_path(FUSED_PATH):
-                    torch.library.opcheck(getattr(torch.ops.supermask, name).default, args)
-                say(f"- {name} {dtype}: passed")
-            except Exception as e:  # noqa: BLE001 (report every op)
-                say(f"- {name} {dtype}: FAILED {type(e).__name__}: {str(e)[:300]}")
+def stage_summary(res: C.Results, args) -> None:
+    """DIR/summary.md: per stage the counts of ok / FAIL / SKIPPED / ..., the failures, the
+    suggested LINEAR_CHOICE table (from the kernels stage)."""
+    rows = C.read_rows(args.out)
+    stages: dict[str, dict] = {}
+    for r in rows:
+        stages.setdefault(r["stage"], {}).setdefault(r["status"], 0)
+        stages[r["stage"]][r["status"]] += 1
+    lines = ["# GPU check summary", "", f"device: {torch.cuda.get_device_name() if C.CUDA else 'none: ' + C.NO_CUDA}",
+             "", "| stage | " + " | ".join(_STATUSES) + " |", "|---|" + "---|" * len(_STATUSES)]
+    for st, counts in stages.items():
+        lines.append(f"| {st} | " + " | ".join(str(counts.get(s, 0)) for s in _STATUSES) + " |")
+    bad = [r for r in rows if r["status"] in ("FAIL", "REFUSED", "TIMEOUT")]
+    lines += ["", f"{len(bad)} rows FAIL / REFUSED / TIMEOUT" + (":" if bad else ".")]
+    lines += [f"- {r['stage']}: {r['case']}: {r['status']} {r.get('error', r.get('why', ''))}"[:400] for r in bad]
+    late = [r for r in rows if r["status"] == "SKIPPED" and "no time left" in r.get("why", "")]
+    if late:
+        lines += ["", f"{len(late)} cases SKIPPED for lack of time (their stage's limit): "
+                  + ", ".join(f"{st} {sum(r['stage'] == st for r in late)}"
+                              for st in dict.fromkeys(r["stage"] for r in late))
+                  + "; rerun one stage alone with more time: python3 benchmarks/gpu_check.py --stage NAME --out DIR"]
+    choice = [r for r in rows if r["stage"] == "kernels" and "suggest" in r]
+    if choice:
+        lines += ["", "Suggested per-shape choice (kernels/masked_linear.py LINEAR_CHOICE):", "", "```python"]
+        lines += [f"LINEAR_CHOICE[{r['key']}] = {r['suggest']!r}  # fused {r['fused_ms']:.4g} ms, "
+                  f"masked+cuBLAS {r['cublas_ms']:.4g} ms ({r['case']})" for r in choice]
+        lines.append("```")
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / "summary.md").write_text(text)
+    print(text)
 
 
-# ---------------------------------------------------------------------------------------------
-def section_linear(quick: bool) -> None:
-    say("\n## Fused masked linear, forward + backward (weight N x K, batch M)\n")
-    size = 4096 if CUDA else 64
-    if not CUDA:
-        skipped("timing", "no CUDA device: the code below ran once at 64 x 64 on the CPU, untimed")
-    say("| dtype | M x N x K | dense cuBLAS F.linear (ms) | reference path (ms) | fused op (ms) "
-        "| fused / dense | fused / reference |")
-    say("|---|---|---:|---:|---:|---:|---:|")
-    for dtype in (torch.float32, torch.bfloat16):
-        g = torch.Generator(device=DEV).manual_seed(1)
-        w = torch.randn(size, size, device=DEV, generator=g)
-        s = torch.randn(size, size, device=DEV, generator=g).requires_grad_()
-        x = torch.randn(size, size, device=DEV, generator=g).requires_grad_()
-        wd = w.clone().requires_grad_()
-        gy = torch.randn(size, size, device=DEV, generator=g)
-        n_keep = num_kept(s.numel(), 0.5)
-        sid = ops.new_state()
-        auto = torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-        def dense():
-            with auto:
-                F.linear(x, wd).backward(gy)
-
-        def fused(path=FUSED_PATH):
-            with auto, ops.use_path(path):
-                ops.masked_linear(x, w, s, n_keep, sid).backward(gy)
-
-        def reference():
-            fused("reference")
-
-        if CUDA:
-            t = {name: median_ms(fn) for name, fn in (("dense", dense), ("reference", reference), ("fused", fused))}
-            say(f"| {str(dtype)[6:]} | {size}^3 | {t['dense']:.3f} | {t['reference']:.3f} | {t['fused']:.3f} "
-                f"| {t['fused'] / t['dense']:.2f}x | {t['fused'] / t['reference']:.2f}x |")
-        else:
-            for fn in (dense, reference, fused):
-                fn()
-            say(f"| {str(dtype)[6:]} | {size}^3 | ran | ran | ran | n/a | n/a |")
+_STATUSES = ("ok", "FAIL", "SKIPPED", "REFUSED", "TIMEOUT", "DRYRUN")
 
 
-# ---------------------------------------------------------------------------------------------
-def section_threshold(quick: bool) -> None:
-    say("\n## Top-k threshold (k = n / 2)\n")
-    sizes = (10**6, 10**7) if CUDA else (10**4,)
-    if not CUDA:
-        skipped("timing", "no CUDA device: ran once at n = 1e4 on the CPU, untimed")
-    say("| n | supermask::topk_threshold (ms) | torch.topk sorted=False (ms) | torch.sort (ms) "
-        "| torch.kthvalue (ms) | topk / ours | sort / ours | kthvalue / ours |")
-    say("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in sizes:
-        x = torch.randn(n, device=DEV, generator=torch.Generator(device=DEV).manual_seed(2))
-        k = n // 2
-        def ours():
-            with ops.use_path(FUSED_PATH):
-                torch.ops.supermask.topk_threshold(x, k)
-
-        fns = {"ours": ours,
-               "topk": lambda: torch.topk(x.abs(), k, sorted=False),
-               "sort": lambda: torch.sort(x.abs(), descending=True),
-               "kthvalue": lambda: torch.kthvalue(x.abs(), n - k + 1)}
-        if CUDA:
-            t = {name: median_ms(fn, 0.5) for name, fn in fns.items()}
-            say(f"| {n:.0e} | {t['ours']:.3f} | {t['topk']:.3f} | {t['sort']:.3f} | {t['kthvalue']:.3f} "
-                f"| {t['topk'] / t['ours']:.1f}x | {t['sort'] / t['ours']:.1f}x | {t['kthvalue'] / t['ours']:.1f}x |")
-        else:
-            for fn in fns.values():
-                fn()
-            say(f"| {n:.0e} | ran | ran | ran | ran | n/a | n/a | n/a |")
-
-
-# ---------------------------------------------------------------------------------------------
-def _epoch(model, x, y, batch):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    for i in range(0, x.shape[0], batch):
-        loss = F.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def section_epoch(quick: bool) -> None:
-    say("\n## One training epoch, torch.compile (supermask vs dense)\n")
-    n = 60000 if CUDA and not quick else 512
-    if not CUDA:
-        skipped("timing", f"no CUDA device: one epoch of {n} images ran on the CPU, untimed")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(n, 1, 28, 28, generator=g).to(DEV)
-    y = torch.randint(0, 10, (n,), generator=g).to(DEV)
-    say("| model | dense compiled epoch (s) | supermask compiled epoch (s) | ratio | compile + warm-up (s) |")
-    say("|---|---:|---:|---:|---:|")
-    for name, width in (("fc", 2.5), ("conv4", 1.0)):
-        torch.manual_seed(0)
-        dense = models.build(name, (1, 28, 28), 10, width).to(DEV)
-        sm = supermask.convert(models.build(name, (1, 28, 28), 10, width), k=0.5).to(DEV)
-        row = {}
-        for label, model in (("dense", dense), ("supermask", sm)):
-            cm = torch.compile(model)
-            t0 = time.perf_counter()
-            _epoch(cm, x[:1024], y[:1024], 128)  # compiles (forward and backward) and warms up
-            warm = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _epoch(cm, x, y, 128)
-            row[label] = (time.perf_counter() - t0, warm)
-        if CUDA:
-            say(f"| {name} x{width} | {row['dense'][0]:.2f} | {row['supermask'][0]:.2f} "
-                f"| {row['supermask'][0] / row['dense'][0]:.2f}x | {row['dense'][1]:.0f} / {row['supermask'][1]:.0f} |")
-        else:
-            say(f"| {name} x{width} | ran | ran | n/a | {row['dense'][1]:.0f} / {row['supermask'][1]:.0f} |")
-
-
-SECTIONS = {"opcheck": section_opcheck, "linear": section_linear, "threshold": section_threshold,
-            "epoch": section_epoch}
+def _stage(name: str):
+    if name in ("correctness", "nan", "tiny"):
+        import gpu_check_correct as m  # noqa: PLC0415
+        return getattr(m, f"stage_{name}")
+    if name in ("kernels", "threshold", "train"):
+        import gpu_check_perf as m  # noqa: PLC0415
+        return getattr(m, f"stage_{name}")
+    return globals()[f"stage_{name}"]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
-    p.add_argument("--quick", action="store_true", help="epoch section: 512 images instead of 60,000")
-    p.add_argument("--out-dir", default=str(RESULTS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--out", required=True, help="folder for the results (created)")
+    p.add_argument("--backend", default=None, help="preflight: supermask.set_backend name to check "
+                   "(default: the layers' own 'auto' on CUDA, 'triton' on the CPU)")
     args = p.parse_args(argv)
-    gpu = torch.cuda.get_device_name() if CUDA else "none"
-    say(f"# GPU check: {gpu}")
-    say(f"torch {torch.__version__}, python {platform.python_version()}, CUDA {torch.version.cuda}, "
-        f"triton: {triton_ok() or 'ok'}; command: python benchmarks/gpu_check.py {' '.join(argv or sys.argv[1:])}")
-    failed = []
-    for name in args.sections.split(","):
-        try:
-            SECTIONS[name](args.quick)
-        except Exception as e:  # noqa: BLE001 (one failing section must not hide the others)
-            failed.append(name)
-            say(f"\nFAILED section {name}: {type(e).__name__}: {str(e)[:500]}")
-    tag = "".join(c if c.isalnum() else "_" for c in gpu) if CUDA else "dryrun_no_gpu"
-    out = Path(args.out_dir) / f"gpu_{tag}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {out}")
-    return 1 if failed else 0
+    res = C.Results(args.out, args.stage)
+    try:
+        _stage(args.stage)(res, args)
+    except C.Refused as e:
+        res.row(args.stage, "REFUSED", error=str(e))
+        print(f"gpu_check: {args.stage} REFUSED: {e}", file=sys.stderr)
+        return 3
+    return 1 if res.failed else 0
 
 
 if __name__ == "__main__":

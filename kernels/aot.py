@@ -1,8 +1,11 @@
 """Ahead-of-time compile of every kernel, in every configuration, for Ampere (sm_80) and Hopper
 (sm_90a), on a machine without a GPU (Triton's wheel ships ptxas).
 
-    python -m supermask.kernels.aot            # full sweep -> benchmarks/results/kernels_aot.{json,md}
-    python -m supermask.kernels.aot --quick    # one config per kernel and arch (the test suite's)
+    python -m supermask.kernels.aot --out benchmarks/results/kernels_aot.json   # full sweep (+ .md beside)
+    python -m supermask.kernels.aot --quick --out /tmp/aot.json             # one config per kernel and arch
+
+It writes only where --out says (the JSON there, the markdown table beside it with suffix .md), never
+into the source tree by default: without --out it exits 2 with one line on stderr.
 
 For each build it records registers per thread, spill stores/loads (ptxas -v), shared memory
 (Triton's allocation), local memory, and which tensor-core instructions the PTX holds (mma.sync on
@@ -26,7 +29,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 ARCHS = (80, 90)
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -193,15 +195,18 @@ def _markdown(recs) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one config per kernel and arch")
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/kernels_aot[_quick].json)")
+    p.add_argument("--out", default=None, help="JSON path (required; the .md table goes beside it)")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     a = p.parse_args(argv)
+    if not a.out:
+        print("aot: --out PATH is required (the results go only where they are told)", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "supermask.kernels.aot", *(argv or sys.argv[1:])], env=env)
     t0 = time.time()
     recs = run(a.quick, a.workers)
-    out = Path(a.out) if a.out else RESULTS / ("kernels_aot_quick.json" if a.quick else "kernels_aot.json")
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import triton
     meta = dict(triton=triton.__version__, archs=[f"sm_{a}" for a in ARCHS], seconds=round(time.time() - t0, 1),

@@ -64,3 +64,24 @@ def test_committed_aot_results_cover_every_config():
     want = {(n, v, d, f"sm_{a}", json.dumps(c[0], sort_keys=True), c[1], c[2]) for n, v, d, c, a in _jobs(quick=False)}
     assert want <= got, f"results miss {len(want - got)} builds: rerun python -m supermask.kernels.aot"
     _check([b for b in data["builds"]], _jobs(quick=False))
+
+
+# (arguments, what must hold): without --out the module refuses (one line on stderr, exit 2) and
+# writes nothing, into the source tree least of all.
+BAD_AOT_ARGS = [
+    (["--quick"], "--out PATH is required"),
+    ([], "--out PATH is required"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_AOT_ARGS)
+def test_aot_writes_only_where_told(tmp_path, args, message):
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    r = subprocess.run([sys.executable, "-m", "supermask.kernels.aot", *args], check=False, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+    assert list(tmp_path.iterdir()) == []
