@@ -15,7 +15,8 @@ from .masked_linear import (MaskedLinear, masked_linear, masked_linear_backward,
 from .masked_weight import MaskedWeightFused, masked_weight_fused, masked_weight_kernel, ste_grad_kernel
 from .threshold import global_thresholds, tie_limit, topk_threshold, topk_threshold_device
 
-__all__ = ["topk_threshold", "topk_threshold_device", "tie_limit", "global_thresholds", "masked_linear", "MaskedLinear", "masked_linear_forward", "masked_linear_backward", "masked_matmul",
+__all__ = ["topk_threshold", "topk_threshold_device", "tie_limit", "global_thresholds", "masked_linear", "MaskedLinear",
+           "masked_linear_forward", "masked_linear_backward", "masked_matmul",
            "matmul_ste", "masked_weight_fused", "MaskedWeightFused", "masked_weight_kernel",
            "ste_grad_kernel", "set_fp32_precision", "get_fp32_precision", "interpreting",
            "poisoned_outputs"]

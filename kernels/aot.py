@@ -35,9 +35,9 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 def _jobs(quick: bool):
     """(kernel name, variant, dtype, num_warps, num_stages, constexprs) to build."""
-    from supermask.kernels.masked_linear import MATMUL_CONFIGS
-    from supermask.kernels.masked_weight import ELEMENTWISE_CONFIGS
-    from supermask.kernels.threshold import HISTOGRAM_CONFIGS
+    from supermask.kernels.masked_linear import MATMUL_CONFIGS  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
+    from supermask.kernels.masked_weight import ELEMENTWISE_CONFIGS  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
+    from supermask.kernels.threshold import HISTOGRAM_CONFIGS  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
 
     jobs = []
     mm = [(c.kwargs, c.num_warps, c.num_stages) for c in MATMUL_CONFIGS]
@@ -67,7 +67,7 @@ def _jobs(quick: bool):
 
 def _signature(name: str, variant: str, dt: str, constexprs: dict):
     """Triton signature, constants and divisibility hints for one kernel variant."""
-    import importlib
+    import importlib  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
     # (the package re-exports a function named masked_linear, so import the modules by path)
     masked_linear, masked_weight, threshold = (importlib.import_module(f"supermask.kernels.{m}")
                                                for m in ("masked_linear", "masked_weight", "threshold"))
@@ -100,7 +100,8 @@ def _signature(name: str, variant: str, dt: str, constexprs: dict):
         consts.update(INPUT_PRECISION=prec, UPCAST=False)
         unit = ["stride_am", "stride_bn", "stride_wn", "stride_sn", "stride_cn"]  # dS = dY^T @ X
         consts.update({u: 1 for u in unit})
-        div16 = ["a_ptr", "b_ptr", "w_ptr", "s_ptr", "c_ptr", "stride_ak", "stride_bk", "stride_wm", "stride_sm", "stride_cm"]
+        div16 = ["a_ptr", "b_ptr", "w_ptr", "s_ptr", "c_ptr",
+                 "stride_ak", "stride_bk", "stride_wm", "stride_sm", "stride_cm"]
     elif name == "_radix_histogram_kernel":
         sig = dict(x_ptr=ptr, n="i32", state_ptr="*i32", hist_ptr="*i32")
         div16 = ["x_ptr", "state_ptr", "hist_ptr"]
@@ -124,10 +125,10 @@ def _signature(name: str, variant: str, dt: str, constexprs: dict):
 
 def _build(job):
     name, variant, dt, (constexprs, warps, stages), arch = job
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
+    from triton import knobs  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
+    from triton.compiler import ASTSource  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
 
     fn, sig, consts, attrs = _signature(name, variant, dt, constexprs)
     target = GPUTarget("cuda", arch, 32)
@@ -141,7 +142,7 @@ def _build(job):
     try:
         with contextlib.redirect_stdout(log):
             cc = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts.__dict__)
-    except Exception as e:  # recorded, and a failure for the test
+    except Exception as e:  # noqa: BLE001 (any compiler error is recorded, and fails the test)
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         return rec
     ptx, text = cc.asm["ptx"], log.getvalue()
@@ -178,12 +179,14 @@ def run(quick: bool, workers: int) -> list[dict]:
 
 def _markdown(recs) -> str:
     lines = ["# AOT builds of supermask.kernels (CPU-only machine, Triton's bundled ptxas)", "",
-             "| kernel | variant | dtype | arch | config | warps | stages | regs | spill st/ld (B) | smem (B) | tensor-core instr. |",
+             "| kernel | variant | dtype | arch | config | warps | stages | regs | spill st/ld (B) | smem (B) "
+             "| tensor-core instr. |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
         if not r["ok"]:
-            lines.append(f"| {r['kernel']} | {r['variant']} | {r['dtype']} | {r['arch']} | {cfg} | {r['num_warps']} | {r['num_stages']} | FAILED | | | {r['error'][:80]} |")
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['dtype']} | {r['arch']} | {cfg} | {r['num_warps']} "
+                         f"| {r['num_stages']} | FAILED | | | {r['error'][:80]} |")
             continue
         tc = f"wgmma×{r['wgmma']}" if r["wgmma"] else (f"mma.sync×{r['mma_sync']}" if r["mma_sync"] else "-")
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['dtype']} | {r['arch']} | {cfg} | {r['num_warps']} | "
@@ -208,7 +211,7 @@ def main(argv=None):
     recs = run(a.quick, a.workers)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import triton
+    import triton  # noqa: PLC0415 (triton only in the worker processes, which run without TRITON_INTERPRET)
     meta = dict(triton=triton.__version__, archs=[f"sm_{a}" for a in ARCHS], seconds=round(time.time() - t0, 1),
                 builds=len(recs), failed=sum(not r["ok"] for r in recs))
     out.write_text(json.dumps(dict(meta=meta, builds=recs), indent=1))

@@ -73,7 +73,8 @@ def size_bucket(n: int) -> int:
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # few, larger programs: the interpreter pays per op
+# few, larger programs: the interpreter pays per op
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
 def smem_estimate(cfg_kwargs, num_stages, a_bytes, b_bytes, extra_bytes=0) -> int:
@@ -171,7 +172,8 @@ def _masked_tile(w_ptrs, s_ptrs, ok, v, lr, lc, rows, ks, FLAT_T: tl.constexpr,
 def _masked_matmul_kernel(
     w_ptr, s_ptr, v_ptr, lim_ptr, b_ptr, c_ptr, M, N, K,
     stride_wm, stride_wk, stride_sm, stride_sk, stride_bk, stride_bn, stride_cm, stride_cn, flat_len, N_BUCKET,
-    APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, FLAT_T: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    APPLY_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, FLAT_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (W ⊙ mask)[M, K] @ B[K, N]; mask = |S| >= v (v = *v_ptr), or with HAS_LIMIT
@@ -302,7 +304,8 @@ def masked_matmul(w: torch.Tensor, s: torch.Tensor | None, value: torch.Tensor |
     flat_len = M if transposed else K
     args = (w, s, v, limit.reshape(1) if has_limit else v, b, out, M, N, K, w.stride(0), w.stride(1),
             s.stride(0), s.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), flat_len, size_bucket(N))
-    _launch(_masked_matmul_kernel, _masked_matmul_tuned, M, N, args, APPLY_MASK=apply, HAS_LIMIT=has_limit, FLAT_T=transposed,
+    _launch(_masked_matmul_kernel, _masked_matmul_tuned, M, N, args, APPLY_MASK=apply, HAS_LIMIT=has_limit,
+            FLAT_T=transposed,
             INPUT_PRECISION=_common.dot_precision(w.dtype), UPCAST=_common.upcast_dot(w.dtype))
     return out
 

@@ -4,10 +4,10 @@
 from .threads import set_wait_policy as _set_wait_policy
 
 _set_wait_policy()
-from .convert import ConvertError, ConvertReport, convert, set_backend, use_global_topk
-from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
-from .parametrize import SupermaskParametrization, mask_parameter
-from .mask import Threshold, global_thresholds, mask_from_threshold, masked_weight, num_kept, topk_mask, topk_threshold
+from .convert import ConvertError, ConvertReport, convert, set_backend, use_global_topk  # noqa: E402 (after the wait policy)
+from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers  # noqa: E402 (after the wait policy)
+from .parametrize import SupermaskParametrization, mask_parameter  # noqa: E402 (after the wait policy)
+from .mask import Threshold, global_thresholds, mask_from_threshold, masked_weight, num_kept, topk_mask, topk_threshold  # noqa: E402 (after the wait policy)
 
 __all__ = ["convert", "ConvertError", "ConvertReport", "set_backend", "use_global_topk",
            "SupermaskParametrization", "mask_parameter", "NonAffineBatchNorm", "SupermaskConv2d",
