@@ -3,11 +3,11 @@
 Runs `python3 -m supermask.train --model fc --width 2.5 --k 0.5 --dataset fashion-mnist --epochs 1`
 (into a temporary --out) under these settings:
 
-  libgomp default   what a user got before the policy: no wait policy (GOMP_SPINCOUNT=300000, the
+  libgomp-default   what a user got before the policy: no wait policy (GOMP_SPINCOUNT=300000, the
                     count libgomp uses when OMP_WAIT_POLICY is unset; the policy leaves it alone), torch's threads
   policy            nothing set: supermask.threads (OMP_WAIT_POLICY=PASSIVE, torch's threads)
   active            OMP_WAIT_POLICY=ACTIVE (a user's own choice, left alone), torch's threads
-  threads 1         the policy and --threads 1
+  threads-1         the policy and --threads 1
 
 each with the machine as it is ("idle") and with busy processes beside it ("busy": --busy processes of
 `while True: pass`, one by default, as a browser tab or another job would). The settings run interleaved,
@@ -33,22 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "fc", "--width", "2.5", "--k", "0.5", "--dataset", "fashion-mnist", "--epochs", "1",
          "--no-progress", "--no-tensorboard"]
 SETTINGS = {  # name: (environment changes, extra flags)
-    "libgomp default": ({"GOMP_SPINCOUNT": "300000"}, []),
+    "libgomp-default": ({"GOMP_SPINCOUNT": "300000"}, []),
     "policy": ({}, []),
     "active": ({"OMP_WAIT_POLICY": "ACTIVE"}, []),
-    "threads 1": ({}, ["--threads", "1"]),
+    "threads-1": ({}, ["--threads", "1"]),
 }
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
-def epoch_seconds(setting: str, timeout: float) -> float:
-    """One training run under `setting`; its seconds_per_epoch (raises on a failed run)."""
+def epoch_seconds(setting: str, timeout: float) -> float | None:
+    """One training run under `setting`; its seconds_per_epoch, None when the run took over `timeout`
+    seconds (raises on a failed run)."""
     changes, flags = SETTINGS[setting]
     env = {k: v for k, v in os.environ.items() if k not in WAIT_VARS}
     env.update(changes, PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as out:
-        r = subprocess.run([sys.executable, "-m", "supermask.train", *TRAIN, *flags, "--out", out],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run([sys.executable, "-m", "supermask.train", *TRAIN, *flags, "--out", out],
+                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
         if r.returncode:
             raise RuntimeError(f"{setting}: exit {r.returncode}: {r.stderr[-2000:]}")
         return json.loads((Path(out) / "results.json").read_text())["seconds_per_epoch"]
@@ -68,10 +72,10 @@ def measure(args, save) -> dict[str, dict[str, list[float]]]:
             spinners = busy(args.busy) if load == "busy" else []
             try:
                 time.sleep(0.5 if spinners else 0)
-                for setting in SETTINGS:
+                for setting in args.settings:
                     t = epoch_seconds(setting, args.timeout)
                     times[load][setting].append(t)
-                    print(f"round {r} {load:4s} {setting:16s} {t:7.2f} s", flush=True)
+                    print(f"round {r} {load:4s} {setting:16s} {t if t is None else round(t, 2)} s", flush=True)
             finally:
                 for p in spinners:
                     p.kill()
@@ -90,17 +94,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _median(ts: list, timeout: float) -> float:
+    """Median epoch seconds; a run over the timeout counts as the timeout (a lower bound then)."""
+    return statistics.median(timeout if t is None else t for t in ts)
+
+
+def _cell(ts: list, timeout: float) -> str:
+    return f"{'>= ' if None in ts else ''}{_median(ts, timeout):.2f}" if ts else "-"
+
+
 def markdown(times, rounds: int, args, cpu: str, command: str) -> str:
-    base = statistics.median(times["idle"]["policy"])
+    base = _median(times["idle"]["policy"], args.timeout) if times["idle"]["policy"] else float("nan")
     lines = ["# CPU thread policy: one fc epoch, idle vs busy machine", "",
              f"CPU: {cpu}, {os.cpu_count()} logical cores (shared with other jobs while measured: 'idle' is the "
              f"machine as it was). Busy: {args.busy} competing `while True: pass` process(es). Median of "
-             f"{rounds} interleaved round(s); ratio to the policy's idle epoch.", "",
+             f"{rounds} interleaved round(s); ratio to the policy's idle epoch; '>=': a run stopped at the "
+             f"--timeout of {args.timeout:.0f} s.", "",
              f"Command: `{command}`", "",
              "| setting | idle epoch (s) | busy epoch (s) | idle ratio | busy ratio |", "|---|---|---|---|---|"]
-    for s in SETTINGS:
-        i, b = statistics.median(times["idle"][s]), statistics.median(times["busy"][s])
-        lines.append(f"| {s} | {i:.2f} | {b:.2f} | {i / base:.2f}x | {b / base:.2f}x |")
+    for s in args.settings:
+        idle, busy_ = times["idle"][s], times["busy"][s]
+        ratio = [f"{_median(ts, args.timeout) / base:.2f}x" if ts else "-" for ts in (idle, busy_)]
+        lines.append(f"| {s} | {_cell(idle, args.timeout)} | {_cell(busy_, args.timeout)} | {ratio[0]} | {ratio[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +123,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--busy", type=int, default=1, help="competing busy processes in the busy runs (default 1)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed for one training run")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds allowed for one training run (a slower one is recorded as '>= timeout')")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                   help="which settings to run, in this order (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.md"),
                    help="markdown path; the JSON beside it (default benchmarks/results/threads.md)")
     args = p.parse_args(argv)

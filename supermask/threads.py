@@ -13,9 +13,10 @@ Two parts:
   child processes get the new one).
 * **Thread count.** ``apply_threads(n)`` is what the commands' ``--threads N`` does: ``N > 0`` sets
   torch's intra-op threads to N (``torch.set_num_threads``); ``0`` (the default) keeps torch's own
-  count (``OMP_NUM_THREADS`` when set, else one thread per physical core). With the passive wait the
-  default count holds on an idle and on a busy machine (benchmarks/results/threads.md), so it is
-  not lowered.
+  count (``OMP_NUM_THREADS`` when set, else one thread per physical core): the policy changes only
+  how threads wait, not how many there are. The measured epochs (idle and busy machine, the old
+  libgomp default, the policy, --threads 1) are in benchmarks/results/threads.md
+  (benchmarks/bench_threads.py).
 
 This module imports nothing but ``os`` at its top, so that importing it does not load torch.
 """
