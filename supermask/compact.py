@@ -98,8 +98,13 @@ def run_kind(config) -> str | None:
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """(config, checkpoint) of a training run folder or IMP round folder; UsageError otherwise."""
+    from .desc import config_problem  # noqa: PLC0415
+
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    problem = config_problem(config)
+    if problem:
+        raise UsageError(f"{run_dir / 'config.json'} is damaged: {problem}")
     command = run_kind(config)
     if command == "imp":
         rounds = sorted(p.name for p in run_dir.glob("round_[0-9][0-9]") if (p / "results.json").is_file())
@@ -274,7 +279,11 @@ def load_compact_run(path: str | os.PathLike, device: str | torch.device = "cpu"
     """(model, config, input_shape, num_classes) of a compact file; see load_compact."""
     from .desc import build_model  # noqa: PLC0415
 
+    from .desc import config_problem  # noqa: PLC0415
+
     config, masks, state, input_shape, num_classes = read_compact(path)
+    if config_problem(config):
+        raise CompactFileError(f"{path}: its config holds a value its flag refuses ({config_problem(config)})")
     try:
         model = build_model(config, input_shape, num_classes)
     except (KeyError, ValueError, TypeError) as e:

@@ -34,7 +34,7 @@ from .models import MODELS
 from .pruning import SCOPES
 from .runlog import pyplot, save_figure
 from .errors import UsageError
-from .storage import atomic_write, read_json_object
+from .storage import atomic_write, read_json_object, read_results
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
@@ -194,11 +194,11 @@ class Job:
         if self.kind == "train":
             if not (self.out / "results.json").is_file():
                 return []
-            res = read_json_object(self.out / "results.json")
+            res = read_results(self.out, read_json_object(self.out / "config.json"))
             return [self._row(self.setting, res)]
         if not (self.out / "results.json").is_file():
             return []
-        res = read_json_object(self.out / "results.json")
+        res = read_results(self.out, read_json_object(self.out / "config.json"))
         return [self._row(f"round {r['round']}", r) for r in res["rounds"] if r["round"] <= self.rounds]
 
     def _row(self, setting, res) -> dict:

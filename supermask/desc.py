@@ -187,6 +187,52 @@ def check_train(v) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stored values: a config.json read back goes through the ranges of the flags it stands for.
+
+# Keys of stored identities that are not fields of the tables above (imp.ROUNDS is [0, 99]).
+STORED_FIELDS = (Field("rounds", 5, int, 0, 99), Field("round", 0, int, 0, 99), Field("rewind_iter", 0, int, 0),
+                 Field("rewind_iteration", 0, int, 0), Field("start_iteration", 0, int, 0),
+                 Field("data_seed", 0, int, 0, SEED_MAX), Field("points", 2, int, 2))
+_STORED = {f.name: f for f in (*MODEL_FIELDS, *TRAIN_FIELDS, *TRAINING_FIELDS, *STORED_FIELDS)}
+_NAMES = {"model": MODELS, "dataset": data_mod.DATASETS}
+
+
+def value_problem(f: Field, value) -> str | None:
+    """Why value (read from a file) is not what f's flag accepts, or None: the JSON type of f's
+    kind (an int for an int, never a string or a bool for a number), finite and in f's range, one
+    of f's choices."""
+    if value is None and (f.default is None or f.kind is tuple or f.name == "seed"):  # seed None: unseeded
+        return None
+    if f.kind is bool:
+        return None if type(value) is bool else "not true or false"
+    if f.kind is str:
+        choices = f.choices or _NAMES.get(f.name)
+        if not isinstance(value, str):
+            return "not a name"
+        return None if choices is None or value in choices else f"not one of {', '.join(map(str, choices))}"
+    values = value if f.kind is tuple and isinstance(value, list) else [value]
+    whole = f.kind in (int, tuple)
+    for v in values:
+        if type(v) not in ((int,) if whole else (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            return f"not {'an integer' if whole else 'a finite number'}"
+        if (f.low is not None and (v <= f.low if f.low_open else v < f.low)) or \
+                (f.high is not None and (v >= f.high if f.high_open else v > f.high)):
+            return f"out of range ({f.flag}'s)"
+    return None
+
+
+def config_problem(config: dict) -> str | None:
+    """Why a stored identity (a config.json, a compact file's config) holds a value its flag would
+    refuse, or None: the first such key and value, e.g. "'rounds' = '5': not an integer"."""
+    for key, value in config.items():
+        f = _STORED.get(key)
+        why = value_problem(f, value) if f is not None else None
+        if why:
+            return f"{key!r} = {str(value)[:40]!r}: {why}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Identities and names (IDENTITY_SCHEMA 1).
 
 def train_identity(v) -> dict:

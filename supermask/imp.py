@@ -120,6 +120,9 @@ def check_imp_dir(out: Path, config: dict) -> int:
     stored_rounds = 0
     if cfg_path.is_file():
         stored = read_json_object(cfg_path, "; choose another --out")
+        problem = desc.config_problem(stored)
+        if problem:
+            raise UsageError(f"{cfg_path} is damaged: {problem}; choose another --out")
         stored_rounds = stored.pop("rounds", 0)
         check_same_config(out, stored, config)
     elif out.is_dir() and any(out.iterdir()):

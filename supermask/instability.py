@@ -241,7 +241,7 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
         training.train(model, dataset, train_config(config, data_seed), device, out, resume, after_step=keeper,
                        progress=progress, desc=f"k={k} d={data_seed} ", log=log,
                        checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k,
-                       tensorboard=tensorboard)
+                       tensorboard=tensorboard, config=cconfig)
         if keeper is not None:
             keeper.remove()
     return out

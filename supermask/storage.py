@@ -149,6 +149,71 @@ def read_json_object(path: Path, what: str = "") -> dict:
     return obj
 
 
+def _percent(v) -> bool:
+    return type(v) in (int, float) and 0 <= v <= 100
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _seconds(v) -> bool:
+    return v is None or (type(v) in (int, float) and 0 <= v < float("inf"))
+
+
+# What a finished training run's results.json holds (training.train, evaluate_untrained): key -> check.
+RESULT_CHECKS = {
+    "test_acc": _percent, "best_test_acc": _percent,
+    "val_acc": lambda v: v is None or _percent(v), "best_val_acc": lambda v: v is None or _percent(v),
+    "epochs": _count, "iterations": _count, "params_total": _count, "params_kept": _count,
+    "weights_remaining": _percent, "seconds_per_epoch": _seconds,
+    "early_stop_iteration": lambda v: v is None or _count(v),
+}
+# One row of a whole IMP run's results.json ("rounds": a list of them, imp._round_row).
+ROUND_CHECKS = {"round": _count, "test_acc": _percent, "best_test_acc": _percent, "weights_remaining": _percent,
+                "epochs": _count, "seconds_per_epoch": _seconds, "val_acc": lambda v: v is None or _percent(v),
+                "early_stop_iteration": lambda v: v is None or _count(v)}
+
+
+def _bad_keys(obj: dict, checks: dict) -> list[str]:
+    return [k for k, ok in checks.items() if k not in obj or not ok(obj[k])]
+
+
+def results_problem(results, config: dict | None) -> str | None:
+    """Why results (a results.json's content) is not the results of the run whose config.json is
+    config, or None when it is: it must be an object carrying the same "config" and every required
+    key with a value of the right type and range (RESULT_CHECKS; for a whole IMP run "rounds", a
+    list of ROUND_CHECKS rows). config None: only the keys and types are checked."""
+    if not isinstance(results, dict):
+        return f"it holds a JSON {type(results).__name__}, not an object"
+    if "config" not in results:
+        return "it names no config (another tool's, or written by an older supermask)"
+    if config is not None and results["config"] != config:
+        stored = results["config"] if isinstance(results["config"], dict) else {}
+        differ = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        return f"it is another run's (its config differs: {', '.join(differ[:4]) or 'not an object'})"
+    kind = results["config"].get("command") if isinstance(results["config"], dict) else None
+    if kind == "imp" and "round" not in results["config"]:
+        rows = results.get("rounds")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return "its 'rounds' is missing or not a list of rounds"
+        bad = sorted({k for r in rows for k in _bad_keys(r, ROUND_CHECKS)})
+    else:
+        bad = _bad_keys(results, RESULT_CHECKS)
+    return f"missing or wrong-typed {', '.join(repr(k) for k in bad[:4])}" if bad else None
+
+
+def read_results(run_dir: Path, config: dict | None, hint: str = "") -> dict:
+    """results.json of the finished run in run_dir whose config.json is config: a UsageError (one
+    line, then hint) when it is unreadable or results_problem finds it is not this run's."""
+    path = Path(run_dir) / "results.json"
+    results = read_json_object(path, hint)
+    problem = results_problem(results, config)
+    if problem:
+        raise UsageError(f"{path} does not hold this run's results: {problem}{hint or '; delete it'}")
+    return results
+
+
 def read_run_config(run_dir: Path) -> dict:
     """config.json of a run folder; UsageError (one line) when there is none or it is unreadable."""
     run_dir = Path(run_dir)
@@ -169,6 +234,13 @@ def check_same_config(out: Path, stored: dict, config: dict, what: str = "a run"
                          "choose another --out")
 
 
+def _redo_hint(out: Path) -> str:
+    """What to do about the results.json of out that is not its run's."""
+    if (out / "checkpoint.pt").is_file():
+        return f"; delete it and run the same command with --resume to write it again from {out / 'checkpoint.pt'}"
+    return "; delete the run folder to run it again"
+
+
 def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
     a new run. Raises UsageError instead of overwriting anything."""
@@ -179,6 +251,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     if cfg_path.is_file():
         check_same_config(out, read_json_object(cfg_path, "; choose another --out"), config)
         if (out / "results.json").is_file():
+            read_results(out, config, _redo_hint(out))
             return "done"
         if not (out / "checkpoint.pt").is_file():
             return "new"  # stopped before its first checkpoint: nothing to continue, start it again

@@ -513,7 +513,68 @@ CASES = [
     Case("analyze missing run", "analyze", ["{root}/ep", "{root}/nothing", "--out", "{root}/an"], "not a folder"),
     Case("analyze out is a file", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/ep.smask"],
          "not a folder"),
+    # issue #24, kind 1: integrity that covers the whole file
+    Case("export smask whose config says seed 4", "export", ["{root}/ep.smask", "--out", "{root}/x.pt2"],
+         "checksum mismatch", lambda root: edit_smask_config(root / "ep.smask", seed=4)),
+    Case("export smask whose input shape changed", "export", ["{root}/ep.smask", "--out", "{root}/x.pt2"],
+         "checksum mismatch", lambda root: edit_smask_meta(root / "ep.smask", input_shape="[1, 28, 27]")),
+    # kind 2: a run's files belong together; a finished run's results.json carries its config and keys
+    Case("train another run's results.json", "train", EP, "another run's (its config differs: seed)",
+         copy_file("ep2/results.json", "ep/results.json")),
+    Case("train results.json empty object", "train", EP, "names no config", write("ep/results.json", b"{}")),
+    Case("train results.json test_acc high", "train", EP, "'test_acc'",
+         lambda root: edit_json(root / "ep/results.json", test_acc="high")),
+    Case("evaluate another run's results.json", "train", ["--evaluate", "{root}/ep"], "another run's",
+         copy_file("ep2/results.json", "ep/results.json")),
+    Case("analyze results.json empty object", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
+         "names no config", write("ep2/results.json", b"{}")),
+    Case("imp round holding another round's results.json", "imp", IMP, "another run's (its config differs: round",
+         copy_file("imp/round_00/results.json", "imp/round_01/results.json")),
+    Case("compare stored results.json empty object", "compare", BASE_ARGV["compare"], "names no config",
+         lambda root: write(str(next((root / "cruns").glob("fc_w0.25_synthetic_k0.5_*")) / "results.json"),
+                            b"{}")(root), compare_runs=True),
+    Case("compare stored IMP results.json rounds missing", "compare", [*BASE_ARGV["compare"], "--no-train"],
+         "'rounds'", lambda root: edit_json(next((root / "cruns").glob("imp_*")) / "results.json", rounds=None),
+         compare_runs=True),
+    # kind 3: values read from files go through the checks of the flag they stand for
+    Case("export config.json width a string", "export", ["{root}/ep", "--out", "{root}/x.pt2"], "'width'",
+         lambda root: edit_json(root / "ep/config.json", width="0.25")),
+    Case("evaluate config.json k a list", "train", ["--evaluate", "{root}/ep"], "'k'",
+         lambda root: edit_json(root / "ep/config.json", k=[0.5])),
+    Case("analyze config.json model a list", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"], "'model'",
+         lambda root: edit_json(root / "ep2/config.json", model=["fc"])),
+    Case("imp config.json rounds a string", "imp", IMP, "'rounds'", lambda root: edit_json(root / "imp/config.json",
+                                                                                           rounds="5")),
+    Case("imp config.json rounds 1e15", "imp", IMP, "'rounds'",
+         lambda root: (root / "imp/config.json").write_text(
+             (root / "imp/config.json").read_text().replace('"rounds": 1', '"rounds": 1e15'))),
 ]
+
+
+def edit_json(path: Path, **values):
+    """path's JSON object with values set (None: the key removed)."""
+    obj = json.loads(path.read_text())
+    for k, v in values.items():
+        obj.pop(k) if v is None else obj.__setitem__(k, v)
+    path.write_text(json.dumps(obj))
+
+
+def edit_smask_meta(path: Path, **values):
+    """A compact file with metadata fields replaced, its tensors and checksum untouched."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(values)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def edit_smask_config(path: Path, **values):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    config = json.loads(json.loads(data[8:8 + n])["__metadata__"]["config"])
+    edit_smask_meta(path, config=json.dumps({**config, **values}, sort_keys=True, separators=(",", ":")))
 
 
 def flip_tensor_byte(path: Path):
