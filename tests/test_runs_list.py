@@ -174,3 +174,20 @@ def test_json_into_a_closed_pipe_is_no_traceback(runs_dir):
     proc = subprocess.run(f"{sys.executable} -m supermask.runs {runs_dir} --json | head -1", shell=True,
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.stdout == "[\n" and proc.stderr == "", proc.stderr
+
+
+def test_instability_analyses_are_listed_finished_with_their_mode(runs_dir, tmp_path, capsys):
+    """Issue #24: a finished analysis is `finished` (not `unfinished`), a ticket analysis is not `dense`."""
+    from supermask import instability
+
+    root = tmp_path / "runs"
+    syn = [*FAST, "--epochs", "1", "--val-size", "200", "--rewind-iters", "0", "--points", "3",
+           "--runs-dir", str(root)]
+    assert run_main(instability.PROG, instability.main, [*syn, "--out", str(root / "a_dense")]) == 0
+    assert run_main(instability.PROG, instability.main, [*syn, "--ticket", str(runs_dir / "imp"), "--round", "1",
+                                                         "--out", str(root / "b_ticket")]) == 0
+    rows = {r["name"]: r for r in json.loads(listing(capsys, str(root), "--json"))}
+    assert (rows["a_dense"]["state"], rows["a_dense"]["k_or_round"]) == ("finished", "dense"), rows["a_dense"]["problem"]
+    assert (rows["b_ticket"]["state"], rows["b_ticket"]["k_or_round"]) == ("finished", "ticket")
+    copies = [r for r in rows.values() if r["command"] == "instability-copy"]
+    assert copies and all(r["state"] == "finished" and r["k_or_round"].startswith("copy k0") for r in copies)
