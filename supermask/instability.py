@@ -49,9 +49,9 @@ from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runlog import pyplot, save_figure
-from .errors import UsageError
-from .storage import (atomic_write, check_same_config, exclusive, load_checkpoint, open_run, prepare_run_dir,
-                      read_json_object, read_run_config, save_checkpoint, write_json)
+from .errors import UsageError, write_error
+from .storage import (atomic_write, check_same_config, check_writable, exclusive, load_checkpoint, open_run,
+                      prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
 
 PROG = "python -m supermask.instability"
 STABLE_BELOW = 2.0  # percentage points of error barrier (the paper's threshold)
@@ -377,7 +377,12 @@ def main(argv=None) -> int:
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
     out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
     check_out(out, oconfig)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")  # before any training: a read-only place is one line, not a traceback
+    check_writable(runs_dir, "--runs-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(write_error(out, e)) from None
     if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
         write_json(out / "config.json", oconfig)
     seconds = {"rewind_states": 0.0, "copies": 0.0, "paths": 0.0}

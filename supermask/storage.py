@@ -51,10 +51,32 @@ def atomic_write(path: Path, data) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only file system: the cleanup must not bury the real error
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UsageError(write_error(path, e)) from None
         raise
+
+
+def check_writable(folder: Path, what: str = "--out") -> None:
+    """UsageError (one line) unless files can be written in folder: the folder, or where it does not
+    exist yet its nearest existing parent (where it will be created), must be a folder in which a
+    probe file can be created (then removed). For checking an output place before any work; leaves
+    nothing behind."""
+    folder = Path(folder)
+    place = folder
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"{what} {folder}: {place} exists and is not a folder")
+    probe = place / f".write-probe.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise UsageError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def write_json(path: Path, obj) -> None:

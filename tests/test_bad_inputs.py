@@ -292,6 +292,28 @@ def full_disk_at(name: str):
     return patch
 
 
+def read_only(name: str):
+    """A read-only file system below every folder called name (os.open for writing, os.mkdir: EROFS)."""
+    def patch(mp: pytest.MonkeyPatch):
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def inside(path) -> bool:
+            return f"/{name}/" in os.fspath(path)
+
+        def fake_open(path, flags, *a, **k):
+            if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real_open(path, flags, *a, **k)
+
+        def fake_mkdir(path, *a, **k):
+            if inside(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real_mkdir(path, *a, **k)
+        mp.setattr(os, "open", fake_open)
+        mp.setattr(os, "mkdir", fake_mkdir)
+    return patch
+
+
 def trained_copies(root: Path):
     """The copies of BASE_ARGV["instability"], trained by an analysis into another folder (inst0)."""
     argv = [a.format(root=root).replace("/inst", "/inst0") for a in BASE_ARGV["instability"]]
@@ -545,6 +567,20 @@ CASES = [
          lambda root: edit_json(root / "ep2/config.json", model=["fc"])),
     Case("imp config.json rounds a string", "imp", IMP, "'rounds'", lambda root: edit_json(root / "imp/config.json",
                                                                                            rounds="5")),
+    # kind 5: output places checked before any work
+    Case("compare read-only --out trains nothing", "compare", BASE_ARGV["compare"], "cannot write to --out",
+         lambda root: (root / "cmp").mkdir(), read_only("cmp")),
+    Case("compare read-only --runs-dir trains nothing", "compare", BASE_ARGV["compare"], "cannot write to --runs-dir",
+         lambda root: (root / "cruns").mkdir(), read_only("cruns")),
+    Case("instability read-only --out", "instability", BASE_ARGV["instability"], "cannot write to --out",
+         lambda root: (root / "inst").mkdir(), read_only("inst")),
+    Case("instability read-only --runs-dir", "instability", BASE_ARGV["instability"], "cannot write to --runs-dir",
+         lambda root: (root / "iruns").mkdir(), read_only("iruns")),
+    Case("compare --out holding another comparison", "compare", [*BASE_ARGV["compare"], "--ks", "0.3", "--no-train"],
+         "holds another comparison; pass --force", compare_runs=True),
+    Case("compare --out holding files of its own", "compare", BASE_ARGV["compare"],
+         "files not written by this comparison", lambda root: (root / "cmp").mkdir() or
+         (root / "cmp" / "table.md").write_text("the committed table\n")),
     Case("imp config.json rounds 1e15", "imp", IMP, "'rounds'",
          lambda root: (root / "imp/config.json").write_text(
              (root / "imp/config.json").read_text().replace('"rounds": 1', '"rounds": 1e15'))),
