@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import io
 import os
 import struct
@@ -106,40 +107,59 @@ def load_image_folder(name: str, data_dir: str | os.PathLike, val_size: int = 50
                            test, len(train_all.classes), (3, image_size, image_size), workers)
 
 
+MAX_IDX_BYTES = 1 << 30  # the most values one IDX file may declare (MNIST's training images: 47 MB)
+
+
 def read_idx(path: Path, ndim: int | None = None) -> torch.Tensor:
     """Read an IDX file (MNIST's format), gzip-compressed or not, as a uint8 tensor. DataError, one
     line naming the file, when it cannot be read: bad gzip (truncated, corrupted, not gzip at all),
-    wrong IDX magic, not ndim dimensions (when given), or fewer or more bytes than its shape."""
+    wrong IDX magic, not ndim dimensions (when given), a declared size over MAX_IDX_BYTES, or fewer
+    or more bytes than its shape. Read (and decompressed) incrementally: never more than the size its
+    header declares plus one byte, so a gzip that inflates far past it costs no memory."""
     path = Path(path)
     try:
-        if str(path).endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            shape = _idx_header(path, f, ndim)
+            n = math.prod(shape)
+            data = bytearray(n)
+            got = f.readinto(memoryview(data)) if n else 0
+            while 0 < got < n:  # gzip returns what one block held
+                more = f.readinto(memoryview(data)[got:])
+                if not more:
+                    break
+                got += more
+            extra = len(f.read(1))
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         why = "truncated" if isinstance(e, EOFError) else " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: bad gzip file ({why}); download it again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: not an IDX file ({len(raw)} bytes{', empty' if not raw else ''})")
-    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
+    if got != n or extra:
+        raise DataError(f"{path} is truncated or too long: its header says {n} values, "
+                        f"it holds {got if got != n else 'more'}")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape) if n else torch.empty(shape, dtype=torch.uint8)
+
+
+def _idx_header(path: Path, f, ndim: int | None) -> tuple[int, ...]:
+    """The shape an open IDX file's header declares (read from f); DataError when it is not one."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: not an IDX file ({len(magic)} bytes{', empty' if not magic else ''})")
+    zero, dtype, dims = struct.unpack(">HBB", magic)
     if zero != 0 or dtype != 0x08 or dims == 0:
-        raise DataError(f"{path}: wrong IDX magic {raw[:4].hex()} (not an unsigned-byte IDX file)")
+        raise DataError(f"{path}: wrong IDX magic {magic.hex()} (not an unsigned-byte IDX file)")
     if ndim is not None and dims != ndim:
         what = {1: "labels", 3: "images"}.get(ndim, f"{ndim}-dimensional data")
         raise DataError(f"{path}: wrong dimensions: {dims}-dimensional data where {what} "
                         f"({ndim} dimensions) belong")
-    if len(raw) < 4 + 4 * dims:
+    raw = f.read(4 * dims)
+    if len(raw) < 4 * dims:
         raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
-    data = torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8) if len(raw) > 4 + 4 * dims \
-        else torch.empty(0, dtype=torch.uint8)
-    if data.numel() != torch.Size(shape).numel():
-        raise DataError(f"{path} is truncated or too long: its header says {torch.Size(shape).numel()} values, "
-                        f"it holds {data.numel()}")
-    return data.reshape(shape)
+    shape = struct.unpack(f">{dims}I", raw)
+    if math.prod(shape) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: its header declares {math.prod(shape)} values (shape {shape}), more than the "
+                        f"{MAX_IDX_BYTES} an IDX dataset of this tool may hold")
+    return shape
 
 
 def _check_idx_dataset(files, tensors, num_classes: int = 10):

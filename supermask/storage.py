@@ -79,6 +79,43 @@ def check_writable(folder: Path, what: str = "--out") -> None:
             probe.unlink()
 
 
+MAX_TEXT_BYTES = 1 << 20  # a config file (YAML, JSON) of this tool is a few KB
+
+
+def read_bounded_text(path: Path, what: str = "", limit: int = MAX_TEXT_BYTES) -> str:
+    """The text of path, read up to limit bytes (never more: /dev/zero, a huge file); UsageError
+    (one line, naming what, e.g. "--config") when it is larger, unreadable or not UTF-8."""
+    path = Path(path)
+    name = f"{what} {path}".strip()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"{name}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"{name} is larger than {limit} bytes: not a config file of this tool")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} is not UTF-8 text") from None
+
+
+def load_yaml_bounded(path: Path, what: str = "--config", limit: int = MAX_TEXT_BYTES):
+    """yaml.safe_load of read_bounded_text(path), refusing aliases (*name: a few lines that expand
+    into billions of entries, the "billion laughs" bomb) with a one-line UsageError; other YAML
+    errors are yaml.YAMLError as from yaml.safe_load."""
+    import yaml  # noqa: PLC0415
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise UsageError(f"{what} {path} uses a YAML alias (*{self.peek_event().anchor}); write the values "
+                                 "out instead")
+            return super().compose_node(parent, index)
+
+    return yaml.load(read_bounded_text(path, what, limit), Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def write_json(path: Path, obj) -> None:
     """obj as indented, key-sorted JSON in path, written atomically (atomic_write)."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
