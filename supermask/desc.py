@@ -70,6 +70,7 @@ def _positive(name, default, help="", kind=float):
 # A fraction of weights kept (k), a seed and a count: the same range wherever a command takes one.
 K_FIELD = Field("k", 0.5, float, 0, 1, low_open=True, help="fraction of weights kept, in (0, 1] (default 0.5)")
 SEED_MAX = 2**32 - 1
+CPUS = os.cpu_count() or 1  # threads and data-loading workers are bounded by the machine
 
 MODEL_FIELDS = (
     Field("model", "fc", help=f"architecture: {', '.join(MODELS)} (default fc)"),
@@ -122,11 +123,11 @@ TRAINING_FIELDS = (
 
 RUNTIME_FIELDS = (
     Field("device", "auto", help="auto, cpu or cuda (auto: cuda when available)"),
-    Field("threads", 0, int, 0, help="CPU threads for torch (0: torch's default)"),
+    Field("threads", 0, int, 0, CPUS, help=f"CPU threads for torch (0: torch's default; at most the {CPUS} CPUs)"),
     Field("no_progress", False, bool, help="no progress bars, only one line per epoch"),
     Field("no_tensorboard", False, bool,
           help="no TensorBoard event files in the run folder (written when tensorboard is installed)"),
-    Field("workers", min(8, os.cpu_count() or 1), int, 0,
+    Field("workers", min(8, CPUS), int, 0, CPUS,
           help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8, or the "
                "number of CPUs if fewer)"),
 )
@@ -184,6 +185,37 @@ def check_train(v) -> None:
     if v.random_subnet:
         check_in_memory(v, "--random-subnet needs an in-memory dataset, not {dataset}")
     pai.validate_args(v)  # --prune-at-init / --pai-check, and --topk's default
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory a run on device can still allocate (CUDA: free on the GPU; CPU: the kernel's
+    MemAvailable, /proc/meminfo), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_memory(v, input_shape, num_classes: int, device: torch.device, copies: int = 4) -> None:
+    """UsageError (one line) when the network v describes (its model and width) cannot be held in
+    memory for training: its parameter bytes, counted on the meta device (nothing allocated), times
+    copies (weights, scores or gradients, momentum, another), over the memory available. For
+    checking before anything is written."""
+    with torch.device("meta"):
+        model = build(v.model, input_shape, num_classes, v.width)
+    need = copies * sum(p.numel() * p.element_size() for p in model.parameters())
+    have = available_memory(device)
+    if have is not None and need > have:
+        n = sum(p.numel() for p in model.parameters())
+        raise UsageError(f"--width {v.width:g}: {v.model} has {n:,} parameters, about {need / 2**30:.1f} GiB to train "
+                         f"on {device.type} (weights, scores, gradients, momentum), more than the "
+                         f"{have / 2**30:.1f} GiB available")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,6 +355,7 @@ def _imp_main(args, device: torch.device) -> int:
     config = desc.imp_identity(args)
     out = Path(args.out) if args.out else default_out(config)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     progress = not args.no_progress
     ticket = None
     if args.control:

@@ -365,6 +365,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     config = base_config(args)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     total = args.epochs * math.ceil(len(dataset.train_y) / args.batch_size)
     if args.rewind_list[-1] >= total:
         raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "

@@ -129,6 +129,7 @@ def _train_main(args, device: torch.device) -> int:
     config = desc.train_identity(args)
     out = Path(args.out) if args.out else Path("runs") / desc.train_name(config)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size, **_load_options(args))  # fail on missing data first
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     if distributed.world_size() > 1 and args.batch_size < distributed.world_size():
         raise UsageError(f"--batch-size is the global batch: it must be at least the number of processes "
                          f"({distributed.world_size()}), got {args.batch_size}")

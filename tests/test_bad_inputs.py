@@ -66,8 +66,8 @@ NUMERIC_FLAGS = [
     ("--gamma", TRAINING, ["0", "nan", "-1"]),
     ("--warmup-epochs", TRAINING, ["-1", "nan", "inf"]),
     ("--label-smoothing", TRAINING, ["-0.1", "1", "nan"]),
-    ("--threads", TRAINING, ["-1", "1.5"]),
-    ("--workers", TRAINING, ["-1", "nan"]),
+    ("--threads", TRAINING, ["-1", "1.5", "10000"]),
+    ("--workers", TRAINING, ["-1", "nan", "10000"]),
     ("--k", ("train", "instability"), ["0", "1.5", "nan", "-0.5", "inf"]),
     ("--score-init-constant", ("train",), ["nan", "inf", "-inf"]),
     ("--rounds", ("imp", "compare"), ["-1", "100", "nan"]),
@@ -338,6 +338,9 @@ TRAIN_IMG = "data/mnist/train-images-idx3-ubyte.gz"
 TRAIN_LAB = "data/mnist/train-labels-idx1-ubyte.gz"
 TEST_IMG = "data/mnist/t10k-images-idx3-ubyte.gz"
 LIST_JSON = b"[1, 2, 3]\n"
+# "billion laughs": 9 levels of 10 aliases each, 10**9 entries once expanded
+BOMB_YAML = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "epochs: *a8\n"
 NO_RESULTS = unlink("ep/results.json")  # an unfinished run, resumable from its checkpoint
 OTHER_CKPT = copy_file("wide/checkpoint.pt", "ep/checkpoint.pt")  # another run's (width 0.5) checkpoint
 
@@ -581,6 +584,15 @@ CASES = [
     Case("compare --out holding files of its own", "compare", BASE_ARGV["compare"],
          "files not written by this comparison", lambda root: (root / "cmp").mkdir() or
          (root / "cmp" / "table.md").write_text("the committed table\n")),
+    # kind 4: sizes bounded before they are read or allocated
+    Case("train --config /dev/zero", "train", [*BASE_ARGV["train"], "--config", "/dev/zero"], "larger than"),
+    Case("train --config YAML alias bomb", "train", [*BASE_ARGV["train"], "--config", "{root}/bomb.yaml"],
+         "uses a YAML alias", lambda root: (root / "bomb.yaml").write_text(BOMB_YAML)),
+    Case("train --width 1000", "train", [*BASE_ARGV["train"], "--width", "1000"], "GiB available"),
+    Case("imp --width 1000", "imp", [*BASE_ARGV["imp"], "--width", "1000"], "GiB available"),
+    Case("instability --width 1000", "instability", [*BASE_ARGV["instability"], "--width", "1000"], "GiB available"),
+    Case("data IDX header declaring 2**32 images", "train", MNIST, "more than the",
+         write(TRAIN_IMG, gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 2**32 - 1, 28, 28)))),
     Case("imp config.json rounds 1e15", "imp", IMP, "'rounds'",
          lambda root: (root / "imp/config.json").write_text(
              (root / "imp/config.json").read_text().replace('"rounds": 1', '"rounds": 1e15'))),
