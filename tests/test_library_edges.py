@@ -36,3 +36,61 @@ def test_check_writable(tmp_path, make, what):
     else:
         with pytest.raises(UsageError, match=what):
             storage.check_writable(folder)
+
+
+# convert() at its edges: (id, call, error type, fragment of the message)
+def _converted(k=0.5):
+    import torch.nn as nn
+
+    from supermask import convert
+    return convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), k=k)
+
+
+def _convert(model_fn, **kw):
+    from supermask import convert
+    return lambda: convert(model_fn(), **kw)
+
+
+def _nn(ctor, *a, **kw):
+    import torch.nn as nn
+    return lambda: getattr(nn, ctor)(*a, **kw)
+
+
+CONVERT_EDGES = [
+    ("converted model with another k", _convert(_converted, k=0.2), ValueError,
+     "already a supermask model with k=0.5 (layer '0'), not k=0.2"),
+    ("converted model with another global k", _convert(_converted, k=0.3, topk="global"), ValueError,
+     "already a supermask model"),
+    ("zero-sized Linear (no inputs)", _convert(_nn("Linear", 0, 3)), ValueError, "has no weights (weight of shape (3, 0))"),
+    ("zero-sized Linear (no outputs)", _convert(_nn("Linear", 3, 0)), ValueError, "leave it out with skip="),
+    ("zero-sized Conv2d", _convert(_nn("Conv2d", 0, 4, 3)), ValueError, "has no weights"),
+    ("k a bool", _convert(_nn("Linear", 3, 2), k=True), TypeError, "got bool True"),
+    ("k a string", _convert(_nn("Linear", 3, 2), k="0.5"), TypeError, "got str '0.5'"),
+]
+
+
+@pytest.mark.parametrize("name, call, error, fragment", CONVERT_EDGES, ids=[c[0] for c in CONVERT_EDGES])
+def test_convert_refuses_at_its_edges(name, call, error, fragment):
+    with pytest.raises(error) as e:
+        call()
+    assert fragment in str(e.value)
+
+
+def test_convert_edges_that_have_a_right_answer():
+    """A converted model converted again with its own k is unchanged; a skipped zero-sized layer is
+    left as it is; an empty batch gives an empty output (as nn.Linear does)."""
+    import torch
+    import torch.nn as nn
+
+    from supermask import convert
+    from supermask.layers import supermask_layers
+
+    m = _converted(0.5)
+    again = convert(m, k=0.5)
+    assert [(n, l.k) for n, l in supermask_layers(again)] == [("0", 0.5), ("2", 0.5)]
+    x = torch.randn(5, 4)
+    assert torch.equal(again(x), m(x))
+    skipped = convert(nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)), skip=("0",))
+    assert [n for n, _ in supermask_layers(skipped)] == ["1"]
+    assert skipped(torch.zeros(2, 0)).shape == (2, 2)
+    assert m(torch.zeros(0, 4)).shape == (0, 2)
