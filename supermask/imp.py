@@ -326,6 +326,11 @@ def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
     return results
 
 
+def _pct(value) -> str:
+    """A percentage in 6 columns; "-" where there is none (null: --val-size 0)."""
+    return f"{value:6.2f}" if isinstance(value, int | float) else f"{'-':>6}"
+
+
 def format_rounds(rows: list[dict]) -> str:
     """The rounds of an IMP run (results.json's rows) as a text table: weights remaining (%), test, best and
     validation accuracy (%), early-stop iteration, seconds per epoch."""
@@ -333,7 +338,7 @@ def format_rounds(rows: list[dict]) -> str:
     for row in rows:
         it = row["early_stop_iteration"]
         lines.append(f"{row['round']:5d}  {row['weights_remaining']:8.2f}  {row['test_acc']:6.2f}  "
-                     f"{row['best_test_acc']:6.2f}  {row['val_acc']:6.2f}  {it if it is not None else '-':>13}  "
+                     f"{row['best_test_acc']:6.2f}  {_pct(row['val_acc'])}  {it if it is not None else '-':>13}  "
                      f"{row['seconds_per_epoch']:7.2f}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -116,9 +117,21 @@ def load_yaml_bounded(path: Path, what: str = "--config", limit: int = MAX_TEXT_
     return yaml.load(read_bounded_text(path, what, limit), Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
 
 
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf: not JSON) as None (JSON null), in dicts, lists and tuples."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    """obj as indented, key-sorted JSON in path, written atomically (atomic_write)."""
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """obj as indented, key-sorted JSON in path, written atomically (atomic_write); a NaN or inf (a
+    validation accuracy with --val-size 0) is written as null, so the file is standard JSON."""
+    atomic_write(path, (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:

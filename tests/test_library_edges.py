@@ -94,3 +94,19 @@ def test_convert_edges_that_have_a_right_answer():
     assert [n for n, _ in supermask_layers(skipped)] == ["1"]
     assert skipped(torch.zeros(2, 0)).shape == (2, 2)
     assert m(torch.zeros(0, 4)).shape == (0, 2)
+
+
+def test_results_json_of_val_size_0_is_standard_json(tmp_path):
+    """--val-size 0: no validation accuracy; results.json says null, not NaN (not JSON)."""
+    import json
+
+    from supermask import train as train_mod
+    out = tmp_path / "run"
+    assert train_mod.main(["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "0",
+                           "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert results["val_acc"] is None and isinstance(results["test_acc"], float)
+    assert train_mod.main(["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "0",
+                           "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0  # read back: finished
