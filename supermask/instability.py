@@ -247,6 +247,12 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
     return out
 
 
+def copy_digests(folders: list[Path]) -> list[str]:
+    """SHA-256 of each copy's checkpoint.pt: what a stored error path (path_k*.json) was computed
+    from, so that it is reused only for these very copies (not for copies trained again since)."""
+    return [hashlib.sha256((Path(f) / "checkpoint.pt").read_bytes()).hexdigest() for f in folders]
+
+
 def interpolate(state_a: dict, state_b: dict, alpha: float) -> dict:
     """(1 - alpha) * A + alpha * B for every floating tensor (exactly A at 0 and B at 1); integer
     buffers (BatchNorm's num_batches_tracked) are A's."""
@@ -401,9 +407,12 @@ def main(argv=None) -> int:
             dense_copy = (train_copy(config, k, args.data_seed_list[0], states[k], None, dataset, device, runs_dir,
                                      backend, progress, tensorboard=board) if masks is not None else None)
             seconds["copies"] += time.perf_counter() - t
-            if path_file.is_file():
-                rows.append(read_json_object(path_file))
-                continue
+            made_from = copy_digests([*copies, *([dense_copy] if dense_copy is not None else [])])
+            if path_file.is_file():  # reused only when computed from these very copies
+                stored = read_json_object(path_file)
+                if stored.get("copies_sha256") == made_from:
+                    rows.append(stored)
+                    continue
             t = time.perf_counter()
             finals = [load_checkpoint(c / "checkpoint.pt")["model"] for c in copies]
             path = error_path(config, finals[0], finals[1], dataset, device, args.points, backend)
@@ -411,7 +420,7 @@ def main(argv=None) -> int:
             barrier = error_barrier(errors)
             row = {"rewind_iteration": k, "alpha": [p["alpha"] for p in path], "test_error": errors,
                    "barrier": barrier, "stable": barrier < STABLE_BELOW,
-                   "copies": [str(c) for c in copies],
+                   "copies": [str(c) for c in copies], "copies_sha256": made_from,
                    "copies_test_acc": [read_json_object(c / "results.json")["test_acc"] for c in copies],
                    "stability_to_pruning": None}
             if dense_copy is not None:
