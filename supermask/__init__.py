@@ -1,4 +1,16 @@
 """supermask: edge-popup supermasks and lottery tickets in PyTorch."""
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"] and _sys.excepthook is _sys.__excepthook__:  # `python -m supermask.<command>`
+    def _interrupted(kind, value, tb, _default=_sys.__excepthook__):
+        """Ctrl-C before a command's own handler runs (while torch is imported): one line, not a
+        traceback; Python then exits by SIGINT (exit status 130 in a shell)."""
+        if issubclass(kind, KeyboardInterrupt):
+            print("supermask: interrupted", file=_sys.stderr)
+        else:
+            _default(kind, value, tb)
+
+    _sys.excepthook = _interrupted
 from .convert import ConvertError, ConvertReport, convert, set_backend, use_global_topk
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
 from .parametrize import SupermaskParametrization, mask_parameter
