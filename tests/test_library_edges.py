@@ -110,3 +110,26 @@ def test_results_json_of_val_size_0_is_standard_json(tmp_path):
     assert results["val_acc"] is None and isinstance(results["test_acc"], float)
     assert train_mod.main(["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "0",
                            "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0  # read back: finished
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line():
+    """Issue #24: Ctrl-C during `import torch` of `python -m supermask.train`: one line, killed by SIGINT
+    (exit status 130 in a shell), no 20-line KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "supermask.train", "--help"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # -X importtime: a line as each module's import ends
+        lines.append(line)
+        if line.split("|")[-1].strip() == "torch.overrides":  # well inside `import torch`, after supermask's own start
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    said = [x for x in rest.splitlines() if not x.startswith("import time:")]
+    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, said)
+    assert said == ["supermask: interrupted"], said
