@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import math
 import io
 import os
@@ -192,6 +193,25 @@ def _find_idx(folder: Path):
     return found
 
 
+# What the training labels of each IDX dataset are, byte for byte: the SHA-256 of Fashion-MNIST's
+# decompressed train-labels-idx1-ubyte (Zalando's file, as Debian's dataset-fashion-mnist ships it)
+# and the MD5 of MNIST's train-labels-idx1-ubyte.gz (LeCun's file, as torchvision's MNIST.resources
+# lists it). A file of one dataset used as the other is refused.
+KNOWN_TRAIN_LABELS = {"fashion-mnist": ("sha256", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+                      "mnist": ("md5-gz", "d53e105ee54ea40749a09fcbcd1e9432")}
+
+
+def _check_which_dataset(name: str, labels_file: Path) -> None:
+    """DataError when labels_file is known to be another IDX dataset's training labels than name's."""
+    raw = labels_file.read_bytes()
+    plain = gzip.decompress(raw) if str(labels_file).endswith(".gz") else raw
+    digests = {"sha256": hashlib.sha256(plain).hexdigest(), "md5-gz": hashlib.md5(raw).hexdigest()}  # noqa: S324
+    for other, (kind, digest) in KNOWN_TRAIN_LABELS.items():
+        if other != name and digests[kind] == digest:
+            raise DataError(f"{labels_file} holds {other}'s training labels, not {name}'s: point --data-dir at "
+                            f"{name}'s files, or pass --dataset {other}")
+
+
 def _read_idx_files(files):
     return _check_idx_dataset(files, [read_idx(f, ndim) for f, ndim in zip(files, (3, 1, 3, 1))])
 
@@ -204,7 +224,9 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     for folder in candidates:
         files = _find_idx(folder)
         if files:
-            return _read_idx_files(files)
+            tensors = _read_idx_files(files)  # (read first: a damaged file is named as such)
+            _check_which_dataset(name, files[1])
+            return tensors
     if download:
         import torchvision  # noqa: PLC0415 (only needed to download)
         cls = getattr(torchvision.datasets, torchvision_name)

@@ -292,6 +292,18 @@ def full_disk_at(name: str):
     return patch
 
 
+def fashion_labels_as_mnist(root: Path):
+    """Fashion-MNIST's training labels (Debian's file) in the tiny MNIST folder."""
+    src = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
+    if not src.is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    images = root / TRAIN_IMG
+    shutil.copyfile(src, root / TRAIN_LAB)
+    write_tiny_mnist(root / "data" / "mnist", n_train=60000, ti=torch.zeros(60000, 28, 28, dtype=torch.uint8))
+    shutil.copyfile(src, root / TRAIN_LAB)
+    assert images.is_file()
+
+
 def read_only(name: str):
     """A read-only file system below every folder called name (os.open for writing, os.mkdir: EROFS)."""
     def patch(mp: pytest.MonkeyPatch):
@@ -584,6 +596,9 @@ CASES = [
     Case("compare --out holding files of its own", "compare", BASE_ARGV["compare"],
          "files not written by this comparison", lambda root: (root / "cmp").mkdir() or
          (root / "cmp" / "table.md").write_text("the committed table\n")),
+    # kind 8: the data a run uses is the data it names
+    Case("train --dataset mnist on Fashion-MNIST's files", "train", MNIST, "holds fashion-mnist's training labels",
+         fashion_labels_as_mnist),
     # kind 4: sizes bounded before they are read or allocated
     Case("train --config /dev/zero", "train", [*BASE_ARGV["train"], "--config", "/dev/zero"], "larger than"),
     Case("train --config YAML alias bomb", "train", [*BASE_ARGV["train"], "--config", "{root}/bomb.yaml"],
