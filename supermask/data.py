@@ -223,6 +223,9 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
         candidates.append(DEBIAN_FASHION_MNIST)
     for folder in candidates:
         files = _find_idx(folder)
+        if files and folder == DEBIAN_FASHION_MNIST and not data_dir.exists() and data_dir != Path("data"):
+            raise DataError(f"--data-dir {data_dir} does not exist (misspelled?); {name} is also installed at "
+                            f"{folder}: leave --data-dir out to use that copy, or name a folder that holds it")
         if files:
             tensors = _read_idx_files(files)  # (read first: a damaged file is named as such)
             _check_which_dataset(name, files[1])

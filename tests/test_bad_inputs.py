@@ -599,6 +599,9 @@ CASES = [
     # kind 8: the data a run uses is the data it names
     Case("train --dataset mnist on Fashion-MNIST's files", "train", MNIST, "holds fashion-mnist's training labels",
          fashion_labels_as_mnist),
+    Case("train misspelled --data-dir does not fall back silently", "train",
+         [MNIST[0], "fashion-mnist", "--data-dir", "{root}/dta", *MNIST[4:]], "does not exist (misspelled?)",
+         lambda root: None if Path("/usr/share/datasets/fashion-mnist").is_dir() else pytest.skip("no Debian data")),
     # kind 4: sizes bounded before they are read or allocated
     Case("train --config /dev/zero", "train", [*BASE_ARGV["train"], "--config", "/dev/zero"], "larger than"),
     Case("train --config YAML alias bomb", "train", [*BASE_ARGV["train"], "--config", "{root}/bomb.yaml"],
