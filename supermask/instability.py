@@ -315,6 +315,20 @@ def check_out(out: Path, oconfig: dict):
         raise UsageError(f"--out {out} is a non-empty folder that holds no instability analysis; choose another")
 
 
+def prepare_out(out: Path, runs_dir: Path, oconfig: dict) -> None:
+    """Before any training: check_out, --out and --runs-dir writable (a read-only place is one line,
+    not a traceback), then out created holding the analysis' config.json."""
+    check_out(out, oconfig)
+    check_writable(out, "--out")
+    check_writable(runs_dir, "--runs-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(write_error(out, e)) from None
+    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
+        write_json(out / "config.json", oconfig)
+
+
 def write_table(rows: list[dict], out: Path, title: str):
     """table.md in out: one row per rewind iteration (end-point errors, largest error on the path, error barrier in
     percentage points, stable or not, stability to pruning)."""
@@ -383,15 +397,7 @@ def main(argv=None) -> int:
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
     out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
-    check_out(out, oconfig)
-    check_writable(out, "--out")  # before any training: a read-only place is one line, not a traceback
-    check_writable(runs_dir, "--runs-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(write_error(out, e)) from None
-    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
-        write_json(out / "config.json", oconfig)
+    prepare_out(out, runs_dir, oconfig)
     seconds = {"rewind_states": 0.0, "copies": 0.0, "paths": 0.0}
     with exclusive(out):
         t = time.perf_counter()
