@@ -70,7 +70,10 @@ def _positive(name, default, help="", kind=float):
 # A fraction of weights kept (k), a seed and a count: the same range wherever a command takes one.
 K_FIELD = Field("k", 0.5, float, 0, 1, low_open=True, help="fraction of weights kept, in (0, 1] (default 0.5)")
 SEED_MAX = 2**32 - 1
-CPUS = os.cpu_count() or 1  # threads and data-loading workers are bounded by the machine
+CPUS = os.cpu_count() or 1
+# Threads and data-loading workers are bounded by the machine: 4 per CPU (at least 32, so that a
+# config written for a larger machine, e.g. workers: 20, still runs here).
+MAX_PARALLEL = max(32, 4 * CPUS)
 
 MODEL_FIELDS = (
     Field("model", "fc", help=f"architecture: {', '.join(MODELS)} (default fc)"),
@@ -123,11 +126,11 @@ TRAINING_FIELDS = (
 
 RUNTIME_FIELDS = (
     Field("device", "auto", help="auto, cpu or cuda (auto: cuda when available)"),
-    Field("threads", 0, int, 0, CPUS, help=f"CPU threads for torch (0: torch's default; at most the {CPUS} CPUs)"),
+    Field("threads", 0, int, 0, MAX_PARALLEL, help=f"CPU threads for torch (0: torch's default; at most {MAX_PARALLEL})"),
     Field("no_progress", False, bool, help="no progress bars, only one line per epoch"),
     Field("no_tensorboard", False, bool,
           help="no TensorBoard event files in the run folder (written when tensorboard is installed)"),
-    Field("workers", min(8, CPUS), int, 0, CPUS,
+    Field("workers", min(8, CPUS), int, 0, MAX_PARALLEL,
           help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8, or the "
                "number of CPUs if fewer)"),
 )
