@@ -29,7 +29,7 @@ from .compact import build_run_model, read_run, run_kind, shapes_of, supermask_m
 from .layers import supermask_layers
 from .runlog import pyplot, save_figure
 from .errors import UsageError
-from .storage import atomic_write, load_checkpoint, read_json_object, read_run_config, write_json
+from .storage import atomic_write, load_checkpoint, read_results, read_run_config, write_json
 
 PROG = "python -m supermask.analyze"
 FIGURES = ("sparsity.png", "overlap.png", "overlap_vs_rounds.png", "movement.png", "scores.png", "kept_weights.png")
@@ -115,7 +115,7 @@ def sign_agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def _results(path: Path) -> dict:
     """results.json of a run ({} while it is unfinished); a corrupted one is a one-line UsageError."""
     file = path / "results.json"
-    return read_json_object(file) if file.is_file() else {}
+    return read_results(path, read_run_config(path)) if file.is_file() else {}
 
 
 def _label(config: dict, round_: int | None = None) -> str:

@@ -86,7 +86,8 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False, lis
 
 def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> int:
     """Call main(argv); turn UsageError (and data errors) into one line on stderr and exit 2.
-    interrupted: what to print (after prog) on Ctrl-C, exit code 130."""
+    interrupted: what to print (after prog) on Ctrl-C, exit code 130. A closed stdout pipe
+    (`... --json | head`) ends the command quietly with exit code 141."""
     try:
         return main(argv) or 0
     except (UsageError, DataError) as e:
@@ -96,6 +97,19 @@ def run_main(prog: str, main, argv=None, interrupted: str = "interrupted") -> in
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left early (`| head`): what it read is what it wanted
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's flush at exit raises no BrokenPipeError again
+    (Python's documented recipe, signal module: "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured): nothing to flush
+        pass
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,7 +5,11 @@ bit per weight. The file is a safetensors file (an 8-byte little-endian header l
 header, raw little-endian tensor bytes), written and read with the safetensors package: no pickle
 anywhere. It holds one bit-packed uint8 tensor per supermask layer ("mask.<layer>") and every other
 state-dict entry as it is ("state.<key>"); the header's metadata holds the config, the input shape,
-the mask shapes and a SHA-256 of the data, so a corrupted or truncated file is refused.
+the number of classes, the mask shapes and a SHA-256 (format version 2) of everything the file's
+meaning depends on: every metadata field but the checksum itself, and each tensor's name, dtype,
+shape and bytes. A file changed anywhere (a seed in its config, a shape, a renamed or retyped
+tensor, one data byte) is refused in one line. Version 1 files (checksum of the tensor bytes only)
+are refused too: nothing can verify their config, so export the run again.
 load_compact(path) regenerates the weights from the seed and sets each layer's scores to its mask.
 
 The run reader (read_run, run_kind, build_run_model, shapes_of) opens a finished train run or IMP
@@ -31,7 +35,7 @@ from .storage import load_checkpoint, read_run_config
 
 
 FORMAT = "supermask-compact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Inputs of the datasets supermask.data knows (so exporting needs no dataset on disk).
 DATASET_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10), "synthetic": ((1, 28, 28), 10),
@@ -59,14 +63,21 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
 
-def _tensor_bytes_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' raw little-endian bytes, concatenated in the order of their names.
-    (Files written before the safetensors package was used stored the data in this order, so this
-    is also the SHA-256 of their data section.)"""
+def compact_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """The version-2 checksum of a compact file: SHA-256 of its metadata (every field but "sha256",
+    as key-sorted JSON) and of each tensor in name order (its name, dtype, shape, then its raw
+    little-endian bytes), each part length-prefixed so no two files share one input."""
     h = hashlib.sha256()
+
+    def part(b: bytes):
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    part(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        part(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        part(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -87,8 +98,13 @@ def run_kind(config) -> str | None:
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """(config, checkpoint) of a training run folder or IMP round folder; UsageError otherwise."""
+    from .desc import config_problem  # noqa: PLC0415
+
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    problem = config_problem(config)
+    if problem:
+        raise UsageError(f"{run_dir / 'config.json'} is damaged: {problem}")
     command = run_kind(config)
     if command == "imp":
         rounds = sorted(p.name for p in run_dir.glob("round_[0-9][0-9]") if (p / "results.json").is_file())
@@ -189,8 +205,35 @@ def compact_bytes(model: nn.Module, config: dict, input_shape, num_classes: int)
     metadata = {"format": FORMAT, "version": str(FORMAT_VERSION),
                 "config": json.dumps(config, sort_keys=True, separators=(",", ":")),
                 "input_shape": json.dumps(list(input_shape)), "num_classes": str(num_classes),
-                "masks": json.dumps(mask_shapes, separators=(",", ":")), "sha256": _tensor_bytes_sha256(tensors)}
+                "masks": json.dumps(mask_shapes, separators=(",", ":"))}
+    metadata["sha256"] = compact_sha256(metadata, tensors)
     return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+
+
+def _positive_ints(values) -> tuple[int, ...]:
+    """values (a JSON list) as a tuple of positive ints; ValueError for anything else."""
+    if not isinstance(values, list) or not all(type(v) is int and v > 0 for v in values):
+        raise ValueError(values)
+    return tuple(values)
+
+
+def _parse_metadata(meta: dict, tensors: dict) -> tuple[dict, tuple, int, dict]:
+    """(config, input_shape, num_classes, {layer: bool mask}) of a compact file's verified metadata;
+    ValueError/KeyError/TypeError where a field has the wrong type or does not fit the tensors."""
+    config = json.loads(meta["config"])
+    if not isinstance(config, dict):
+        raise ValueError("config")
+    input_shape = _positive_ints(json.loads(meta["input_shape"]))
+    (num_classes,) = _positive_ints([json.loads(meta["num_classes"])])
+    mask_shapes = json.loads(meta["masks"])
+    masks = {}
+    for name, shape in mask_shapes.items():
+        shape = _positive_ints(shape)
+        packed = tensors[f"mask.{name}"]
+        if packed.dtype != torch.uint8 or packed.numel() != math.ceil(math.prod(shape) / 8):
+            raise ValueError(name)
+        masks[name] = unpack_bits(packed, shape)
+    return config, input_shape, num_classes, masks
 
 
 def read_compact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple, int]:
@@ -209,24 +252,20 @@ def read_compact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     if meta.get("format") != FORMAT:
         raise bad("no supermask-compact metadata")
+    if meta.get("version") == "1":
+        raise bad("format version 1, whose checksum covers the tensor bytes but not the config: nothing can "
+                  f"verify it; export the run again (this supermask writes and reads version {FORMAT_VERSION})")
     if meta.get("version") != str(FORMAT_VERSION):
-        raise bad(f"format version {meta.get('version')}, this supermask reads {FORMAT_VERSION}")
-    if _tensor_bytes_sha256(tensors) != meta.get("sha256"):
-        raise bad("checksum mismatch: the data is corrupted")
+        raise bad(f"format version {str(meta.get('version'))[:20]}, this supermask reads {FORMAT_VERSION}")
+    if compact_sha256(meta, tensors) != meta.get("sha256"):
+        raise bad("checksum mismatch: its header or data was changed or corrupted")
     try:
-        config = json.loads(meta["config"])
-        input_shape = tuple(int(s) for s in json.loads(meta["input_shape"]))
-        num_classes = int(meta["num_classes"])
-        mask_shapes = json.loads(meta["masks"])
-        masks = {}
-        for name, shape in mask_shapes.items():
-            packed = tensors[f"mask.{name}"]
-            if packed.dtype != torch.uint8 or packed.numel() != math.ceil(math.prod(shape) / 8):
-                raise ValueError(name)
-            masks[name] = unpack_bits(packed, shape)
-    except (KeyError, ValueError, TypeError):
+        config, input_shape, num_classes, masks = _parse_metadata(meta, tensors)
+    except (KeyError, ValueError, TypeError, AttributeError):
         raise bad("inconsistent metadata") from None
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    if set(tensors) != {f"mask.{n}" for n in masks} | {f"state.{k}" for k in state}:
+        raise bad("inconsistent metadata (tensors that are neither a mask nor a state entry)")
     return config, masks, state, input_shape, num_classes
 
 
@@ -241,7 +280,11 @@ def load_compact_run(path: str | os.PathLike, device: str | torch.device = "cpu"
     """(model, config, input_shape, num_classes) of a compact file; see load_compact."""
     from .desc import build_model  # noqa: PLC0415
 
+    from .desc import config_problem  # noqa: PLC0415
+
     config, masks, state, input_shape, num_classes = read_compact(path)
+    if config_problem(config):
+        raise CompactFileError(f"{path}: its config holds a value its flag refuses ({config_problem(config)})")
     try:
         model = build_model(config, input_shape, num_classes)
     except (KeyError, ValueError, TypeError) as e:

@@ -33,8 +33,8 @@ from .init import INITS
 from .models import MODELS
 from .pruning import SCOPES
 from .runlog import pyplot, save_figure
-from .errors import UsageError
-from .storage import atomic_write, read_json_object
+from .errors import UsageError, write_error
+from .storage import atomic_write, check_writable, read_json_object, read_results, write_json
 
 PROG = "python -m supermask.compare"
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
@@ -100,7 +100,9 @@ def parser() -> Parser:
     add_training_args(p)
     p.set_defaults(epochs=10)
     p.add_argument("--runs-dir", default="runs", help="where the runs are stored and reused (default runs/)")
-    p.add_argument("--out", default="comparison", help="folder for table.md, table.csv, plot.png")
+    p.add_argument("--out", default="comparison", help="folder for table.md, table.csv, plot.png (and comparison.json, "
+                                                       "the runs they were made from)")
+    p.add_argument("--force", action="store_true", help="overwrite an --out that holds another comparison")
     p.add_argument("--no-train", action="store_true", help="only read stored runs; skip the missing ones")
     return p
 
@@ -149,6 +151,25 @@ def validate(args):
     runs = Path(args.runs_dir)
     if runs.exists() and not runs.is_dir():
         raise UsageError(f"--runs-dir {runs} exists and is not a folder")
+    check_writable(out, "--out")  # before any training, not after
+    if not args.no_train:
+        check_writable(runs, "--runs-dir")
+
+
+RECORD = "comparison.json"  # in --out: which runs its table and plot were made from
+
+
+def check_out(out: Path, runs: list[str], force: bool) -> None:
+    """UsageError unless --out may take this comparison's table and plot: empty or missing, or
+    holding this same comparison (its RECORD names the same runs), or --force. A folder holding
+    another comparison, or files of its own, is never overwritten silently."""
+    if not out.is_dir() or not any(p.name != ".lock" for p in out.iterdir()) or force:
+        return
+    record = out / RECORD
+    stored = read_json_object(record, "; pass --force to overwrite --out") if record.is_file() else None
+    if stored is None or stored.get("runs") != runs:
+        what = "another comparison" if stored is not None else "files not written by this comparison"
+        raise UsageError(f"--out {out} holds {what}; pass --force to overwrite it or choose another --out")
 
 
 def _common(args, seed: int, width: float) -> list[str]:
@@ -199,11 +220,11 @@ class Job:
         if self.kind == "train":
             if not (self.out / "results.json").is_file():
                 return []
-            res = read_json_object(self.out / "results.json")
+            res = read_results(self.out, read_json_object(self.out / "config.json"))
             return [self._row(self.setting, res)]
         if not (self.out / "results.json").is_file():
             return []
-        res = read_json_object(self.out / "results.json")
+        res = read_results(self.out, read_json_object(self.out / "config.json"))
         return [self._row(f"round {r['round']}", r) for r in res["rounds"] if r["round"] <= self.rounds]
 
     def _row(self, setting, res) -> dict:
@@ -361,6 +382,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     validate(args)
     jobs = plan(args)  # validates every sub-run's flags before anything runs
+    out = Path(args.out)
+    check_out(out, [j.out.name for j in jobs], args.force)
     todo = [j for j in jobs if not j.done()]
     if todo and not args.no_train:
         print(f"{len(jobs)} runs, {len(todo)} to compute or finish, under {args.runs_dir}/")
@@ -372,12 +395,15 @@ def main(argv=None) -> int:
     rows = [row for job in jobs for row in job.rows()]
     if not rows:
         raise UsageError(f"no finished runs to compare under {args.runs_dir}/ (drop --no-train to compute them)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(write_error(out, e)) from None
     agg = aggregate(rows)
     title = (f"{args.model} on {args.dataset}, {args.epochs} epochs, seeds {','.join(map(str, args.seed_list))}")
     write_table(agg, out, title)
     write_plot(agg, out, title)
+    write_json(out / RECORD, {"command": "compare", "runs": [j.out.name for j in jobs]})  # last: the record
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'plot.png'}")
     return 0

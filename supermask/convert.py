@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import numbers
 import logging
 import re
 import warnings
@@ -156,6 +157,28 @@ def _is_ours(m: nn.Module) -> bool:
         isinstance(p, SupermaskParametrization) for p in m)
 
 
+def _check_edges(model: nn.Module, k, skip) -> None:
+    """convert's answers at its edges (issue #24), before anything changes: k a number in (0, 1]
+    (TypeError for a bool, string, tensor...; ValueError out of range); a model that is already a
+    supermask model with another k is refused (ValueError: convert does not change the k of its
+    layers; convert the original model); a layer with no weights (a zero-sized Linear or conv)
+    is refused naming it (ValueError: nothing to mask; skip it)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be a number in (0, 1] (the fraction of weights kept), got {type(k).__name__} {k!r}")
+    num_kept(1, k)
+    other = [(n, m.k) for n, m in supermask_layers(model) if getattr(m, "mask_kind", "topk") == "topk" and m.k != k]
+    if other:
+        raise ValueError(f"model is already a supermask model with k={other[0][1]:g} (layer {other[0][0]!r}), not "
+                         f"k={k:g}: convert() does not change a converted layer's k; convert the original model")
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        lazy = isinstance(w, nn.parameter.UninitializedTensorMixin)  # ConvertError below: run one forward first
+        if isinstance(m, _MASKED_MODULES) and name not in skip and isinstance(w, torch.Tensor) and not lazy \
+                and w.numel() == 0:
+            raise ValueError(f"layer {name!r} has no weights (weight of shape {tuple(w.shape)}): nothing to mask; "
+                             f"leave it out with skip=({name!r},)")
+
+
 def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
             skip: tuple[str, ...] = (), mask: str = "topk", strict: bool = False,
@@ -177,13 +200,15 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
 
     The report (a ConvertReport: what was masked, made non-affine, removed, zeroed, frozen) is
     logged at INFO level on logger ``supermask.convert`` and, with return_report, returned as
-    ``(model, report)``. Raises ValueError for a bad topk, mask or k.
+    ``(model, report)``. Raises ValueError for a bad topk, mask or k, for a model already converted
+    with another k (refused: convert the original model) and for a layer with no weights (name it
+    in skip); TypeError for a k that is not a number.
     """
     if topk not in TOPK_SCOPES:
         raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
     if mask not in MASK_KINDS:
         raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
-    num_kept(1, k)  # validates k before anything changes
+    _check_edges(model, k, skip)  # before anything changes
     if not inplace:
         model = copy.deepcopy(model)
     skip = set(skip)

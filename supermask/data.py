@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import math
 import io
 import os
 import struct
@@ -107,40 +109,59 @@ def load_image_folder(name: str, data_dir: str | os.PathLike, val_size: int = 50
                            (3, image_size, image_size), workers)
 
 
+MAX_IDX_BYTES = 1 << 30  # the most values one IDX file may declare (MNIST's training images: 47 MB)
+
+
 def read_idx(path: Path, ndim: int | None = None) -> torch.Tensor:
     """Read an IDX file (MNIST's format), gzip-compressed or not, as a uint8 tensor. DataError, one
     line naming the file, when it cannot be read: bad gzip (truncated, corrupted, not gzip at all),
-    wrong IDX magic, not ndim dimensions (when given), or fewer or more bytes than its shape."""
+    wrong IDX magic, not ndim dimensions (when given), a declared size over MAX_IDX_BYTES, or fewer
+    or more bytes than its shape. Read (and decompressed) incrementally: never more than the size its
+    header declares plus one byte, so a gzip that inflates far past it costs no memory."""
     path = Path(path)
     try:
-        if str(path).endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            shape = _idx_header(path, f, ndim)
+            n = math.prod(shape)
+            data = bytearray(n)
+            got = f.readinto(memoryview(data)) if n else 0
+            while 0 < got < n:  # gzip returns what one block held
+                more = f.readinto(memoryview(data)[got:])
+                if not more:
+                    break
+                got += more
+            extra = len(f.read(1))
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         why = "truncated" if isinstance(e, EOFError) else " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: bad gzip file ({why}); download it again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: not an IDX file ({len(raw)} bytes{', empty' if not raw else ''})")
-    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
+    if got != n or extra:
+        raise DataError(f"{path} is truncated or too long: its header says {n} values, "
+                        f"it holds {got if got != n else 'more'}")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape) if n else torch.empty(shape, dtype=torch.uint8)
+
+
+def _idx_header(path: Path, f, ndim: int | None) -> tuple[int, ...]:
+    """The shape an open IDX file's header declares (read from f); DataError when it is not one."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: not an IDX file ({len(magic)} bytes{', empty' if not magic else ''})")
+    zero, dtype, dims = struct.unpack(">HBB", magic)
     if zero != 0 or dtype != 0x08 or dims == 0:
-        raise DataError(f"{path}: wrong IDX magic {raw[:4].hex()} (not an unsigned-byte IDX file)")
+        raise DataError(f"{path}: wrong IDX magic {magic.hex()} (not an unsigned-byte IDX file)")
     if ndim is not None and dims != ndim:
         what = {1: "labels", 3: "images"}.get(ndim, f"{ndim}-dimensional data")
         raise DataError(f"{path}: wrong dimensions: {dims}-dimensional data where {what} "
                         f"({ndim} dimensions) belong")
-    if len(raw) < 4 + 4 * dims:
+    raw = f.read(4 * dims)
+    if len(raw) < 4 * dims:
         raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
-    data = torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8) if len(raw) > 4 + 4 * dims \
-        else torch.empty(0, dtype=torch.uint8)
-    if data.numel() != torch.Size(shape).numel():
-        raise DataError(f"{path} is truncated or too long: its header says {torch.Size(shape).numel()} values, "
-                        f"it holds {data.numel()}")
-    return data.reshape(shape)
+    shape = struct.unpack(f">{dims}I", raw)
+    if math.prod(shape) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: its header declares {math.prod(shape)} values (shape {shape}), more than the "
+                        f"{MAX_IDX_BYTES} an IDX dataset of this tool may hold")
+    return shape
 
 
 def _check_idx_dataset(files, tensors, num_classes: int = 10):
@@ -173,6 +194,25 @@ def _find_idx(folder: Path):
     return found
 
 
+# What the training labels of each IDX dataset are, byte for byte: the SHA-256 of Fashion-MNIST's
+# decompressed train-labels-idx1-ubyte (Zalando's file, as Debian's dataset-fashion-mnist ships it)
+# and the MD5 of MNIST's train-labels-idx1-ubyte.gz (LeCun's file, as torchvision's MNIST.resources
+# lists it). A file of one dataset used as the other is refused.
+KNOWN_TRAIN_LABELS = {"fashion-mnist": ("sha256", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+                      "mnist": ("md5-gz", "d53e105ee54ea40749a09fcbcd1e9432")}
+
+
+def _check_which_dataset(name: str, labels_file: Path) -> None:
+    """DataError when labels_file is known to be another IDX dataset's training labels than name's."""
+    raw = labels_file.read_bytes()
+    plain = gzip.decompress(raw) if str(labels_file).endswith(".gz") else raw
+    digests = {"sha256": hashlib.sha256(plain).hexdigest(), "md5-gz": hashlib.md5(raw).hexdigest()}  # noqa: S324
+    for other, (kind, digest) in KNOWN_TRAIN_LABELS.items():
+        if other != name and digests[kind] == digest:
+            raise DataError(f"{labels_file} holds {other}'s training labels, not {name}'s: point --data-dir at "
+                            f"{name}'s files, or pass --dataset {other}")
+
+
 def _read_idx_files(files):
     return _check_idx_dataset(files, [read_idx(f, ndim) for f, ndim in zip(files, (3, 1, 3, 1))])
 
@@ -184,8 +224,13 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
         candidates.append(DEBIAN_FASHION_MNIST)
     for folder in candidates:
         files = _find_idx(folder)
+        if files and folder == DEBIAN_FASHION_MNIST and not data_dir.exists() and data_dir != Path("data"):
+            raise DataError(f"--data-dir {data_dir} does not exist (misspelled?); {name} is also installed at "
+                            f"{folder}: leave --data-dir out to use that copy, or name a folder that holds it")
         if files:
-            return _read_idx_files(files)
+            tensors = _read_idx_files(files)  # (read first: a damaged file is named as such)
+            _check_which_dataset(name, files[1])
+            return tensors
     if download:
         import torchvision  # noqa: PLC0415 (only needed to download)
         cls = getattr(torchvision.datasets, torchvision_name)

@@ -71,6 +71,10 @@ def _positive(name, default, help="", kind=float):
 # A fraction of weights kept (k), a seed and a count: the same range wherever a command takes one.
 K_FIELD = Field("k", 0.5, float, 0, 1, low_open=True, help="fraction of weights kept, in (0, 1] (default 0.5)")
 SEED_MAX = 2**32 - 1
+CPUS = os.cpu_count() or 1
+# Threads and data-loading workers are bounded by the machine: 4 per CPU (at least 32, so that a
+# config written for a larger machine, e.g. workers: 20, still runs here).
+MAX_PARALLEL = max(32, 4 * CPUS)
 
 MODEL_FIELDS = (
     Field("model", "fc", help=f"architecture: {', '.join(MODELS)} (default fc)"),
@@ -129,11 +133,11 @@ TRAINING_FIELDS = (
 
 RUNTIME_FIELDS = (
     Field("device", "auto", help="auto, cpu or cuda (auto: cuda when available)"),
-    Field("threads", 0, int, 0, help=THREADS_HELP),
+    Field("threads", 0, int, 0, MAX_PARALLEL, help=f"{THREADS_HELP} (at most {MAX_PARALLEL})"),
     Field("no_progress", False, bool, help="no progress bars, only one line per epoch"),
     Field("no_tensorboard", False, bool,
           help="no TensorBoard event files in the run folder (written when tensorboard is installed)"),
-    Field("workers", min(8, os.cpu_count() or 1), int, 0,
+    Field("workers", min(8, CPUS), int, 0, MAX_PARALLEL,
           help="data-loading processes per GPU/process for datasets read from disk (imagenet; default 8, or the "
                "number of CPUs if fewer)"),
 )
@@ -202,6 +206,84 @@ def _check_hn_compat(v) -> None:
         v.weight_decay = 0.0
     if v.scale_fan and not v.dense and v.k >= 1:
         raise UsageError("--hn-compat --scale-fan needs --k < 1 (hidden-networks' fan_in * (1 - k) is 0 at k = 1)")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory a run on device can still allocate (CUDA: free on the GPU; CPU: the kernel's
+    MemAvailable, /proc/meminfo), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_memory(v, input_shape, num_classes: int, device: torch.device, copies: int = 4) -> None:
+    """UsageError (one line) when the network v describes (its model and width) cannot be held in
+    memory for training: its parameter bytes, counted on the meta device (nothing allocated), times
+    copies (weights, scores or gradients, momentum, another), over the memory available. For
+    checking before anything is written."""
+    with torch.device("meta"):
+        model = build(v.model, input_shape, num_classes, v.width)
+    need = copies * sum(p.numel() * p.element_size() for p in model.parameters())
+    have = available_memory(device)
+    if have is not None and need > have:
+        n = sum(p.numel() for p in model.parameters())
+        raise UsageError(f"--width {v.width:g}: {v.model} has {n:,} parameters, about {need / 2**30:.1f} GiB to train "
+                         f"on {device.type} (weights, scores, gradients, momentum), more than the "
+                         f"{have / 2**30:.1f} GiB available")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored values: a config.json read back goes through the ranges of the flags it stands for.
+
+# Keys of stored identities that are not fields of the tables above (imp.ROUNDS is [0, 99]).
+STORED_FIELDS = (Field("rounds", 5, int, 0, 99), Field("round", 0, int, 0, 99), Field("rewind_iter", 0, int, 0),
+                 Field("rewind_iteration", 0, int, 0), Field("start_iteration", 0, int, 0),
+                 Field("data_seed", 0, int, 0, SEED_MAX), Field("points", 2, int, 2))
+_STORED = {f.name: f for f in (*MODEL_FIELDS, *TRAIN_FIELDS, *TRAINING_FIELDS, *STORED_FIELDS)}
+_NAMES = {"model": MODELS, "dataset": data_mod.DATASETS}
+
+
+def value_problem(f: Field, value) -> str | None:
+    """Why value (read from a file) is not what f's flag accepts, or None: the JSON type of f's
+    kind (an int for an int, never a string or a bool for a number), finite and in f's range, one
+    of f's choices."""
+    if value is None and (f.default is None or f.kind is tuple or f.name == "seed"):  # seed None: unseeded
+        return None
+    if f.kind is bool:
+        return None if type(value) is bool else "not true or false"
+    if f.kind is str:
+        choices = f.choices or _NAMES.get(f.name)
+        if not isinstance(value, str):
+            return "not a name"
+        return None if choices is None or value in choices else f"not one of {', '.join(map(str, choices))}"
+    values = value if f.kind is tuple and isinstance(value, list) else [value]
+    whole = f.kind in (int, tuple)
+    for v in values:
+        if type(v) not in ((int,) if whole else (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            return f"not {'an integer' if whole else 'a finite number'}"
+        if (f.low is not None and (v <= f.low if f.low_open else v < f.low)) or \
+                (f.high is not None and (v >= f.high if f.high_open else v > f.high)):
+            return f"out of range ({f.flag}'s)"
+    return None
+
+
+def config_problem(config: dict) -> str | None:
+    """Why a stored identity (a config.json, a compact file's config) holds a value its flag would
+    refuse, or None: the first such key and value, e.g. "'rounds' = '5': not an integer"."""
+    analysis = str(config.get("command", "")).startswith("instability")
+    for key, value in config.items():
+        f = _STORED.get(key) if not (analysis and key == "mask") else None  # there: the ticket mask's hash
+        why = value_problem(f, value) if f is not None else None
+        if why:
+            return f"{key!r} = {str(value)[:40]!r}: {why}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UsageError
+from .storage import load_yaml_bounded
 
 ARCHS = {"FC": "fc", "Conv2": "conv2", "Conv4": "conv4", "Conv6": "conv6", "Conv8": "conv8",
          "Conv4Wide": "conv4wide", "Conv6Wide": "conv6wide", "ResNet18": "resnet18", "cResNet18": "cresnet18",
@@ -72,7 +73,7 @@ def read_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml_bounded(path)  # bounded size, no aliases (issue #24)
     except OSError as e:
         raise UsageError(f"--config {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -120,6 +120,9 @@ def check_imp_dir(out: Path, config: dict) -> int:
     stored_rounds = 0
     if cfg_path.is_file():
         stored = read_json_object(cfg_path, "; choose another --out")
+        problem = desc.config_problem(stored)
+        if problem:
+            raise UsageError(f"{cfg_path} is damaged: {problem}; choose another --out")
         stored_rounds = stored.pop("rounds", 0)
         check_same_config(out, stored, config)
     elif out.is_dir() and any(out.iterdir()):
@@ -323,6 +326,11 @@ def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
     return results
 
 
+def _pct(value) -> str:
+    """A percentage in 6 columns; "-" where there is none (null: --val-size 0)."""
+    return f"{value:6.2f}" if isinstance(value, int | float) else f"{'-':>6}"
+
+
 def format_rounds(rows: list[dict]) -> str:
     """The rounds of an IMP run (results.json's rows) as a text table: weights remaining (%), test, best and
     validation accuracy (%), early-stop iteration, seconds per epoch."""
@@ -330,7 +338,7 @@ def format_rounds(rows: list[dict]) -> str:
     for row in rows:
         it = row["early_stop_iteration"]
         lines.append(f"{row['round']:5d}  {row['weights_remaining']:8.2f}  {row['test_acc']:6.2f}  "
-                     f"{row['best_test_acc']:6.2f}  {row['val_acc']:6.2f}  {it if it is not None else '-':>13}  "
+                     f"{row['best_test_acc']:6.2f}  {_pct(row['val_acc'])}  {it if it is not None else '-':>13}  "
                      f"{row['seconds_per_epoch']:7.2f}")
     return "\n".join(lines)
 
@@ -351,6 +359,7 @@ def _imp_main(args, device: torch.device) -> int:
     config = desc.imp_identity(args)
     out = Path(args.out) if args.out else default_out(config)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     progress = not args.no_progress
     ticket = None
     if args.control:

@@ -49,9 +49,9 @@ from .convert import TOPK_SCOPES, set_backend
 from .init import INITS
 from .pruning import MaskKeeper, prunable_layers
 from .runlog import pyplot, save_figure
-from .errors import UsageError
-from .storage import (atomic_write, check_same_config, exclusive, load_checkpoint, open_run, prepare_run_dir,
-                      read_json_object, read_run_config, save_checkpoint, write_json)
+from .errors import UsageError, write_error
+from .storage import (atomic_write, check_same_config, check_writable, exclusive, load_checkpoint, open_run,
+                      prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
 
 PROG = "python -m supermask.instability"
 STABLE_BELOW = 2.0  # percentage points of error barrier (the paper's threshold)
@@ -246,10 +246,16 @@ def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | 
         training.train(model, dataset, train_config(config, data_seed), device, out, resume, after_step=keeper,
                        progress=progress, desc=f"k={k} d={data_seed} ", log=log,
                        checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k,
-                       tensorboard=tensorboard)
+                       tensorboard=tensorboard, config=cconfig)
         if keeper is not None:
             keeper.remove()
     return out
+
+
+def copy_digests(folders: list[Path]) -> list[str]:
+    """SHA-256 of each copy's checkpoint.pt: what a stored error path (path_k*.json) was computed
+    from, so that it is reused only for these very copies (not for copies trained again since)."""
+    return [hashlib.sha256((Path(f) / "checkpoint.pt").read_bytes()).hexdigest() for f in folders]
 
 
 def interpolate(state_a: dict, state_b: dict, alpha: float) -> dict:
@@ -314,6 +320,20 @@ def check_out(out: Path, oconfig: dict):
         raise UsageError(f"--out {out} is a non-empty folder that holds no instability analysis; choose another")
 
 
+def prepare_out(out: Path, runs_dir: Path, oconfig: dict) -> None:
+    """Before any training: check_out, --out and --runs-dir writable (a read-only place is one line,
+    not a traceback), then out created holding the analysis' config.json."""
+    check_out(out, oconfig)
+    check_writable(out, "--out")
+    check_writable(runs_dir, "--runs-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(write_error(out, e)) from None
+    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
+        write_json(out / "config.json", oconfig)
+
+
 def write_table(rows: list[dict], out: Path, title: str):
     """table.md in out: one row per rewind iteration (end-point errors, largest error on the path, error barrier in
     percentage points, stable or not, stability to pruning)."""
@@ -369,6 +389,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     config = base_config(args)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     total = args.epochs * math.ceil(len(dataset.train_y) / args.batch_size)
     if args.rewind_list[-1] >= total:
         raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "
@@ -381,10 +402,7 @@ def main(argv=None) -> int:
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
     out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
-    check_out(out, oconfig)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
-        write_json(out / "config.json", oconfig)
+    prepare_out(out, runs_dir, oconfig)
     seconds = {"rewind_states": 0.0, "copies": 0.0, "paths": 0.0}
     with exclusive(out):
         t = time.perf_counter()
@@ -400,9 +418,12 @@ def main(argv=None) -> int:
             dense_copy = (train_copy(config, k, args.data_seed_list[0], states[k], None, dataset, device, runs_dir,
                                      backend, progress, tensorboard=board) if masks is not None else None)
             seconds["copies"] += time.perf_counter() - t
-            if path_file.is_file():
-                rows.append(read_json_object(path_file))
-                continue
+            made_from = copy_digests([*copies, *([dense_copy] if dense_copy is not None else [])])
+            if path_file.is_file():  # reused only when computed from these very copies
+                stored = read_json_object(path_file)
+                if stored.get("copies_sha256") == made_from:
+                    rows.append(stored)
+                    continue
             t = time.perf_counter()
             finals = [load_checkpoint(c / "checkpoint.pt")["model"] for c in copies]
             path = error_path(config, finals[0], finals[1], dataset, device, args.points, backend)
@@ -410,7 +431,7 @@ def main(argv=None) -> int:
             barrier = error_barrier(errors)
             row = {"rewind_iteration": k, "alpha": [p["alpha"] for p in path], "test_error": errors,
                    "barrier": barrier, "stable": barrier < STABLE_BELOW,
-                   "copies": [str(c) for c in copies],
+                   "copies": [str(c) for c in copies], "copies_sha256": made_from,
                    "copies_test_acc": [read_json_object(c / "results.json")["test_acc"] for c in copies],
                    "stability_to_pruning": None}
             if dense_copy is not None:

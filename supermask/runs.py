@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from . import desc, storage
 from .cli import Parser, run_main
 from .errors import UsageError
 
@@ -47,10 +48,13 @@ def describe_run(run_dir: Path, root: Path) -> dict:
     """One row of the run list: the COLUMNS, plus "config" (config.json, {} when unreadable) and
     "problem" (why a broken run is broken, else None).
 
-    state: "finished" (results.json; for an IMP run every planned round finished), "unfinished"
-    (config.json but not finished yet: resume it with --resume, or rerun the IMP command), or
-    "broken" (config.json missing or corrupted, results.json corrupted, or a checkpoint.pt that is
-    not a complete torch.save file (a zip archive), e.g. truncated by a full disk)."""
+    state: "finished" (results.json carrying this run's config and every required key with values
+    of the right type, storage.results_problem; for an IMP run every planned round finished; for
+    an instability analysis its instability.json), "unfinished" (config.json but not finished
+    yet: resume it with --resume, or rerun the command), or "broken" (config.json missing,
+    corrupted or holding a value its flag refuses (desc.config_problem), results.json corrupted
+    or another run's, or a checkpoint.pt that is not a complete torch.save file (a zip archive),
+    e.g. truncated by a full disk). A damaged folder is one broken row, never an error."""
     run_dir = Path(run_dir)
     row = dict.fromkeys(COLUMNS)
     row.update(name=run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name, config={},
@@ -61,39 +65,73 @@ def describe_run(run_dir: Path, root: Path) -> dict:
     except ValueError as e:
         return {**row, "state": "broken", "problem": f"{e} is corrupted"}
     if not isinstance(config, dict):
-        return {**row, "state": "broken", "problem": "no config.json"}
+        problem = "no config.json" if config is None else "config.json is not an object"
+        return {**row, "state": "broken", "problem": problem}
     row["config"] = config
     command = config.get("command")
     if command == "imp" and "round" in config:  # a round folder (its config is the IMP run's plus "round")
         command = "imp-round"
     row.update(command=command, model=config.get("model"), width=config.get("width"),
                dataset=config.get("dataset"), seed=config.get("seed"))
+    problem = desc.config_problem(config)
+    problem = f"config.json: {problem}" if problem else None
+    if problem is None and results is not None:
+        why = storage.results_problem(results, config)
+        problem = f"results.json: {why}" if why else None
     ckpt = run_dir / "checkpoint.pt"
-    if ckpt.is_file() and not zipfile.is_zipfile(ckpt):
-        row.update(state="broken", problem="checkpoint.pt is truncated or corrupted")
+    if problem is None and ckpt.is_file() and not zipfile.is_zipfile(ckpt):
+        problem = "checkpoint.pt is truncated or corrupted"
+    if problem:
+        return {**row, "state": "broken", "problem": problem}
     if command == "imp":
-        planned = config.get("rounds", 0)
-        first = 1 if config.get("control") else 0
-        done = results.get("rounds", []) if isinstance(results, dict) else []
-        finished = {r.get("round") for r in done} >= set(range(first, planned + 1))
-        row.update(k_or_round=f"rounds {len(done)}/{planned + 1 - first}",
-                   epochs=f"{sum(r.get('epochs') or 0 for r in done)}/"
-                          f"{(planned + 1 - first) * config.get('epochs', 0)}",
-                   test_acc=done[-1].get("test_acc") if done else None)
-        row["state"] = row["state"] or ("finished" if finished else "unfinished")
-        return row
+        return _imp_row(row, config, results)
+    if command == "instability":
+        return _analysis_row(row, run_dir, config)
+    return _training_row(row, run_dir, config, results, command)
+
+
+def _imp_row(row: dict, config: dict, results: dict | None) -> dict:
+    """A whole IMP run: rounds finished of planned, the last round's test accuracy."""
+    planned = config.get("rounds", 0)
+    first = 1 if config.get("control") else 0
+    done = results["rounds"] if results is not None else []
+    finished = {r["round"] for r in done} >= set(range(first, planned + 1))
+    row.update(k_or_round=f"rounds {len(done)}/{planned + 1 - first}",
+               epochs=f"{sum(r['epochs'] for r in done)}/{(planned + 1 - first) * config.get('epochs', 0)}",
+               test_acc=done[-1]["test_acc"] if done else None, state="finished" if finished else "unfinished")
+    return row
+
+
+def _analysis_row(row: dict, run_dir: Path, config: dict) -> dict:
+    """An instability analysis (its mode: dense, edge-popup or ticket): finished once instability.json
+    holds this analysis' config and a row per rewind iteration."""
+    try:
+        record = _read_json(run_dir / "instability.json")
+    except ValueError:
+        return {**row, "state": "broken", "problem": "instability.json is corrupted"}
+    row["k_or_round"] = config.get("mode")
+    if record is None:
+        return {**row, "state": "unfinished"}
+    if not isinstance(record, dict) or record.get("config") != config or not isinstance(record.get("rows"), list):
+        return {**row, "state": "broken", "problem": "instability.json is not this analysis' record"}
+    return {**row, "state": "finished"}
+
+
+def _training_row(row: dict, run_dir: Path, config: dict, results: dict | None, command) -> dict:
+    """A train run, an IMP round or an instability copy: epochs done, test accuracy."""
     metrics = _metrics_rows(run_dir / "metrics.jsonl")
     if command == "imp-round":
         row["k_or_round"] = f"round {config.get('round')}"
+    elif command == "instability-copy":
+        row["k_or_round"] = f"copy k{config.get('rewind_iteration')} d{config.get('data_seed')}"
     else:
         row["k_or_round"] = "dense" if config.get("dense") else config.get("k")
-    epochs_done = results.get("epochs", len(metrics)) if isinstance(results, dict) else len(metrics)
-    row["epochs"] = f"{epochs_done}/{config.get('epochs', '?')}"
-    if isinstance(results, dict):
-        row.update(test_acc=results.get("test_acc"), state=row["state"] or "finished")
-    else:
-        row.update(test_acc=metrics[-1].get("test_acc") if metrics else None, state=row["state"] or "unfinished")
-    return row
+    last = metrics[-1].get("test_acc") if metrics else None
+    if results is not None:
+        return {**row, "epochs": f"{results['epochs']}/{config.get('epochs', '?')}", "test_acc": results["test_acc"],
+                "state": "finished"}
+    return {**row, "epochs": f"{len(metrics)}/{config.get('epochs', '?')}",
+            "test_acc": last if type(last) in (int, float) else None, "state": "unfinished"}
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -51,15 +52,86 @@ def atomic_write(path: Path, data) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only file system: the cleanup must not bury the real error
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UsageError(write_error(path, e)) from None
         raise
 
 
+def check_writable(folder: Path, what: str = "--out") -> None:
+    """UsageError (one line) unless files can be written in folder: the folder, or where it does not
+    exist yet its nearest existing parent (where it will be created), must be a folder in which a
+    probe file can be created (then removed). For checking an output place before any work; leaves
+    nothing behind."""
+    folder = Path(folder)
+    place = folder
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"{what} {folder}: {place} exists and is not a folder")
+    probe = place / f".write-probe.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise UsageError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+MAX_TEXT_BYTES = 1 << 20  # a config file (YAML, JSON) of this tool is a few KB
+
+
+def read_bounded_text(path: Path, what: str = "", limit: int = MAX_TEXT_BYTES) -> str:
+    """The text of path, read up to limit bytes (never more: /dev/zero, a huge file); UsageError
+    (one line, naming what, e.g. "--config") when it is larger, unreadable or not UTF-8."""
+    path = Path(path)
+    name = f"{what} {path}".strip()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"{name}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"{name} is larger than {limit} bytes: not a config file of this tool")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} is not UTF-8 text") from None
+
+
+def load_yaml_bounded(path: Path, what: str = "--config", limit: int = MAX_TEXT_BYTES):
+    """yaml.safe_load of read_bounded_text(path), refusing aliases (*name: a few lines that expand
+    into billions of entries, the "billion laughs" bomb) with a one-line UsageError; other YAML
+    errors are yaml.YAMLError as from yaml.safe_load."""
+    import yaml  # noqa: PLC0415
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise UsageError(f"{what} {path} uses a YAML alias (*{self.peek_event().anchor}); write the values "
+                                 "out instead")
+            return super().compose_node(parent, index)
+
+    return yaml.load(read_bounded_text(path, what, limit), Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf: not JSON) as None (JSON null), in dicts, lists and tuples."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    """obj as indented, key-sorted JSON in path, written atomically (atomic_write)."""
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """obj as indented, key-sorted JSON in path, written atomically (atomic_write); a NaN or inf (a
+    validation accuracy with --val-size 0) is written as null, so the file is standard JSON."""
+    atomic_write(path, (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:
@@ -149,6 +221,71 @@ def read_json_object(path: Path, what: str = "") -> dict:
     return obj
 
 
+def _percent(v) -> bool:
+    return type(v) in (int, float) and 0 <= v <= 100
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _seconds(v) -> bool:
+    return v is None or (type(v) in (int, float) and 0 <= v < float("inf"))
+
+
+# What a finished training run's results.json holds (training.train, evaluate_untrained): key -> check.
+RESULT_CHECKS = {
+    "test_acc": _percent, "best_test_acc": _percent,
+    "val_acc": lambda v: v is None or _percent(v), "best_val_acc": lambda v: v is None or _percent(v),
+    "epochs": _count, "iterations": _count, "params_total": _count, "params_kept": _count,
+    "weights_remaining": _percent, "seconds_per_epoch": _seconds,
+    "early_stop_iteration": lambda v: v is None or _count(v),
+}
+# One row of a whole IMP run's results.json ("rounds": a list of them, imp._round_row).
+ROUND_CHECKS = {"round": _count, "test_acc": _percent, "best_test_acc": _percent, "weights_remaining": _percent,
+                "epochs": _count, "seconds_per_epoch": _seconds, "val_acc": lambda v: v is None or _percent(v),
+                "early_stop_iteration": lambda v: v is None or _count(v)}
+
+
+def _bad_keys(obj: dict, checks: dict) -> list[str]:
+    return [k for k, ok in checks.items() if k not in obj or not ok(obj[k])]
+
+
+def results_problem(results, config: dict | None) -> str | None:
+    """Why results (a results.json's content) is not the results of the run whose config.json is
+    config, or None when it is: it must be an object carrying the same "config" and every required
+    key with a value of the right type and range (RESULT_CHECKS; for a whole IMP run "rounds", a
+    list of ROUND_CHECKS rows). config None: only the keys and types are checked."""
+    if not isinstance(results, dict):
+        return f"it holds a JSON {type(results).__name__}, not an object"
+    if "config" not in results:
+        return "it names no config (another tool's, or written by an older supermask)"
+    if config is not None and results["config"] != config:
+        stored = results["config"] if isinstance(results["config"], dict) else {}
+        differ = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        return f"it is another run's (its config differs: {', '.join(differ[:4]) or 'not an object'})"
+    kind = results["config"].get("command") if isinstance(results["config"], dict) else None
+    if kind == "imp" and "round" not in results["config"]:
+        rows = results.get("rounds")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return "its 'rounds' is missing or not a list of rounds"
+        bad = sorted({k for r in rows for k in _bad_keys(r, ROUND_CHECKS)})
+    else:
+        bad = _bad_keys(results, RESULT_CHECKS)
+    return f"missing or wrong-typed {', '.join(repr(k) for k in bad[:4])}" if bad else None
+
+
+def read_results(run_dir: Path, config: dict | None, hint: str = "") -> dict:
+    """results.json of the finished run in run_dir whose config.json is config: a UsageError (one
+    line, then hint) when it is unreadable or results_problem finds it is not this run's."""
+    path = Path(run_dir) / "results.json"
+    results = read_json_object(path, hint)
+    problem = results_problem(results, config)
+    if problem:
+        raise UsageError(f"{path} does not hold this run's results: {problem}{hint or '; delete it'}")
+    return results
+
+
 def read_run_config(run_dir: Path) -> dict:
     """config.json of a run folder; UsageError (one line) when there is none or it is unreadable."""
     run_dir = Path(run_dir)
@@ -169,6 +306,13 @@ def check_same_config(out: Path, stored: dict, config: dict, what: str = "a run"
                          "choose another --out")
 
 
+def _redo_hint(out: Path) -> str:
+    """What to do about the results.json of out that is not its run's."""
+    if (out / "checkpoint.pt").is_file():
+        return f"; delete it and run the same command with --resume to write it again from {out / 'checkpoint.pt'}"
+    return "; delete the run folder to run it again"
+
+
 def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
     a new run. Raises UsageError instead of overwriting anything."""
@@ -179,6 +323,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     if cfg_path.is_file():
         check_same_config(out, read_json_object(cfg_path, "; choose another --out"), config)
         if (out / "results.json").is_file():
+            read_results(out, config, _redo_hint(out))
             return "done"
         if not (out / "checkpoint.pt").is_file():
             return "new"  # stopped before its first checkpoint: nothing to continue, start it again

@@ -22,7 +22,7 @@ from . import desc
 from .cli import Parser, resolve_backend, resolve_device, run_main
 from .convert import set_backend
 from .errors import UsageError
-from .storage import load_checkpoint, open_run, read_json_object, read_run_config
+from .storage import load_checkpoint, open_run, read_json_object, read_results, read_run_config
 from .flags import add_backend, add_fields, add_model_args, add_training_args, config_value
 from .training import RESUME_KEYS, evaluate, evaluate_streamed, evaluate_untrained, train
 
@@ -59,10 +59,12 @@ def evaluate_saved_run(run_dir: Path, data_dir: str, device: torch.device, worke
     """--evaluate: rebuild a finished or checkpointed run and report its test accuracy."""
     ckpt_path = run_dir / "checkpoint.pt"
     config = read_run_config(run_dir)
+    if desc.config_problem(config):
+        raise UsageError(f"{run_dir / 'config.json'} is damaged: {desc.config_problem(config)}")
     if config.get("command") != "train":
         raise UsageError(f"--evaluate {run_dir}: not a supermask.train run")
     stored = run_dir / "results.json"
-    results = read_json_object(stored) if stored.is_file() else {}
+    results = read_results(run_dir, config) if stored.is_file() else {}
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, require=("model",))["model"]
     elif not config.get("random_subnet"):
@@ -127,6 +129,7 @@ def _train_main(args, device: torch.device) -> int:
     out = Path(args.out) if args.out else Path("runs") / desc.train_name(config)
     # fail on missing data first
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size, **_load_options(args))
+    desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
     if distributed.world_size() > 1 and args.batch_size < distributed.world_size():
         raise UsageError(f"--batch-size is the global batch: it must be at least the number of processes "
                          f"({distributed.world_size()}), got {args.batch_size}")

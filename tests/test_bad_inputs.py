@@ -67,8 +67,8 @@ NUMERIC_FLAGS = [
     ("--gamma", TRAINING, ["0", "nan", "-1"]),
     ("--warmup-epochs", TRAINING, ["-1", "nan", "inf"]),
     ("--label-smoothing", TRAINING, ["-0.1", "1", "nan"]),
-    ("--threads", TRAINING, ["-1", "1.5"]),
-    ("--workers", TRAINING, ["-1", "nan"]),
+    ("--threads", TRAINING, ["-1", "1.5", "10000"]),
+    ("--workers", TRAINING, ["-1", "nan", "10000"]),
     ("--k", ("train", "instability"), ["0", "1.5", "nan", "-0.5", "inf"]),
     ("--score-init-constant", ("train",), ["nan", "inf", "-inf"]),
     ("--rounds", ("imp", "compare"), ["-1", "100", "nan"]),
@@ -293,6 +293,40 @@ def full_disk_at(name: str):
     return patch
 
 
+def fashion_labels_as_mnist(root: Path):
+    """Fashion-MNIST's training labels (Debian's file) in the tiny MNIST folder."""
+    src = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
+    if not src.is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    images = root / TRAIN_IMG
+    shutil.copyfile(src, root / TRAIN_LAB)
+    write_tiny_mnist(root / "data" / "mnist", n_train=60000, ti=torch.zeros(60000, 28, 28, dtype=torch.uint8))
+    shutil.copyfile(src, root / TRAIN_LAB)
+    assert images.is_file()
+
+
+def read_only(name: str):
+    """A read-only file system below every folder called name (os.open for writing, os.mkdir: EROFS)."""
+    def patch(mp: pytest.MonkeyPatch):
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def inside(path) -> bool:
+            return f"/{name}/" in os.fspath(path)
+
+        def fake_open(path, flags, *a, **k):
+            if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real_open(path, flags, *a, **k)
+
+        def fake_mkdir(path, *a, **k):
+            if inside(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real_mkdir(path, *a, **k)
+        mp.setattr(os, "open", fake_open)
+        mp.setattr(os, "mkdir", fake_mkdir)
+    return patch
+
+
 def trained_copies(root: Path):
     """The copies of BASE_ARGV["instability"], trained by an analysis into another folder (inst0)."""
     argv = [a.format(root=root).replace("/inst", "/inst0") for a in BASE_ARGV["instability"]]
@@ -317,6 +351,9 @@ TRAIN_IMG = "data/mnist/train-images-idx3-ubyte.gz"
 TRAIN_LAB = "data/mnist/train-labels-idx1-ubyte.gz"
 TEST_IMG = "data/mnist/t10k-images-idx3-ubyte.gz"
 LIST_JSON = b"[1, 2, 3]\n"
+# "billion laughs": 9 levels of 10 aliases each, 10**9 entries once expanded
+BOMB_YAML = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "epochs: *a8\n"
 NO_RESULTS = unlink("ep/results.json")  # an unfinished run, resumable from its checkpoint
 OTHER_CKPT = copy_file("wide/checkpoint.pt", "ep/checkpoint.pt")  # another run's (width 0.5) checkpoint
 
@@ -515,7 +552,97 @@ CASES = [
     Case("analyze missing run", "analyze", ["{root}/ep", "{root}/nothing", "--out", "{root}/an"], "not a folder"),
     Case("analyze out is a file", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/ep.smask"],
          "not a folder"),
+    # issue #24, kind 1: integrity that covers the whole file
+    Case("export smask whose config says seed 4", "export", ["{root}/ep.smask", "--out", "{root}/x.pt2"],
+         "checksum mismatch", lambda root: edit_smask_config(root / "ep.smask", seed=4)),
+    Case("export smask whose input shape changed", "export", ["{root}/ep.smask", "--out", "{root}/x.pt2"],
+         "checksum mismatch", lambda root: edit_smask_meta(root / "ep.smask", input_shape="[1, 28, 27]")),
+    # kind 2: a run's files belong together; a finished run's results.json carries its config and keys
+    Case("train another run's results.json", "train", EP, "another run's (its config differs: seed)",
+         copy_file("ep2/results.json", "ep/results.json")),
+    Case("train results.json empty object", "train", EP, "names no config", write("ep/results.json", b"{}")),
+    Case("train results.json test_acc high", "train", EP, "'test_acc'",
+         lambda root: edit_json(root / "ep/results.json", test_acc="high")),
+    Case("evaluate another run's results.json", "train", ["--evaluate", "{root}/ep"], "another run's",
+         copy_file("ep2/results.json", "ep/results.json")),
+    Case("analyze results.json empty object", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"],
+         "names no config", write("ep2/results.json", b"{}")),
+    Case("imp round holding another round's results.json", "imp", IMP, "another run's (its config differs: round",
+         copy_file("imp/round_00/results.json", "imp/round_01/results.json")),
+    Case("compare stored results.json empty object", "compare", BASE_ARGV["compare"], "names no config",
+         lambda root: write(str(next((root / "cruns").glob("fc_w0.25_synthetic_k0.5_*")) / "results.json"),
+                            b"{}")(root), compare_runs=True),
+    Case("compare stored IMP results.json rounds missing", "compare", [*BASE_ARGV["compare"], "--no-train"],
+         "'rounds'", lambda root: edit_json(next((root / "cruns").glob("imp_*")) / "results.json", rounds=None),
+         compare_runs=True),
+    # kind 3: values read from files go through the checks of the flag they stand for
+    Case("export config.json width a string", "export", ["{root}/ep", "--out", "{root}/x.pt2"], "'width'",
+         lambda root: edit_json(root / "ep/config.json", width="0.25")),
+    Case("evaluate config.json k a list", "train", ["--evaluate", "{root}/ep"], "'k'",
+         lambda root: edit_json(root / "ep/config.json", k=[0.5])),
+    Case("analyze config.json model a list", "analyze", ["{root}/ep", "{root}/ep2", "--out", "{root}/an"], "'model'",
+         lambda root: edit_json(root / "ep2/config.json", model=["fc"])),
+    Case("imp config.json rounds a string", "imp", IMP, "'rounds'", lambda root: edit_json(root / "imp/config.json",
+                                                                                           rounds="5")),
+    # kind 5: output places checked before any work
+    Case("compare read-only --out trains nothing", "compare", BASE_ARGV["compare"], "cannot write to --out",
+         lambda root: (root / "cmp").mkdir(), read_only("cmp")),
+    Case("compare read-only --runs-dir trains nothing", "compare", BASE_ARGV["compare"], "cannot write to --runs-dir",
+         lambda root: (root / "cruns").mkdir(), read_only("cruns")),
+    Case("instability read-only --out", "instability", BASE_ARGV["instability"], "cannot write to --out",
+         lambda root: (root / "inst").mkdir(), read_only("inst")),
+    Case("instability read-only --runs-dir", "instability", BASE_ARGV["instability"], "cannot write to --runs-dir",
+         lambda root: (root / "iruns").mkdir(), read_only("iruns")),
+    Case("compare --out holding another comparison", "compare", [*BASE_ARGV["compare"], "--ks", "0.3", "--no-train"],
+         "holds another comparison; pass --force", compare_runs=True),
+    Case("compare --out holding files of its own", "compare", BASE_ARGV["compare"],
+         "files not written by this comparison", lambda root: (root / "cmp").mkdir() or
+         (root / "cmp" / "table.md").write_text("the committed table\n")),
+    # kind 8: the data a run uses is the data it names
+    Case("train --dataset mnist on Fashion-MNIST's files", "train", MNIST, "holds fashion-mnist's training labels",
+         fashion_labels_as_mnist),
+    Case("train misspelled --data-dir does not fall back silently", "train",
+         [MNIST[0], "fashion-mnist", "--data-dir", "{root}/dta", *MNIST[4:]], "does not exist (misspelled?)",
+         lambda root: None if Path("/usr/share/datasets/fashion-mnist").is_dir() else pytest.skip("no Debian data")),
+    # kind 4: sizes bounded before they are read or allocated
+    Case("train --config /dev/zero", "train", [*BASE_ARGV["train"], "--config", "/dev/zero"], "larger than"),
+    Case("train --config YAML alias bomb", "train", [*BASE_ARGV["train"], "--config", "{root}/bomb.yaml"],
+         "uses a YAML alias", lambda root: (root / "bomb.yaml").write_text(BOMB_YAML)),
+    Case("train --width 1000", "train", [*BASE_ARGV["train"], "--width", "1000"], "GiB available"),
+    Case("imp --width 1000", "imp", [*BASE_ARGV["imp"], "--width", "1000"], "GiB available"),
+    Case("instability --width 1000", "instability", [*BASE_ARGV["instability"], "--width", "1000"], "GiB available"),
+    Case("data IDX header declaring 2**32 images", "train", MNIST, "more than the",
+         write(TRAIN_IMG, gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 2**32 - 1, 28, 28)))),
+    Case("imp config.json rounds 1e15", "imp", IMP, "'rounds'",
+         lambda root: (root / "imp/config.json").write_text(
+             (root / "imp/config.json").read_text().replace('"rounds": 1', '"rounds": 1e15'))),
 ]
+
+
+def edit_json(path: Path, **values):
+    """path's JSON object with values set (None: the key removed)."""
+    obj = json.loads(path.read_text())
+    for k, v in values.items():
+        obj.pop(k) if v is None else obj.__setitem__(k, v)
+    path.write_text(json.dumps(obj))
+
+
+def edit_smask_meta(path: Path, **values):
+    """A compact file with metadata fields replaced, its tensors and checksum untouched."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(values)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def edit_smask_config(path: Path, **values):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    config = json.loads(json.loads(data[8:8 + n])["__metadata__"]["config"])
+    edit_smask_meta(path, config=json.dumps({**config, **values}, sort_keys=True, separators=(",", ":")))
 
 
 def flip_tensor_byte(path: Path):

@@ -2,6 +2,8 @@
 import csv
 
 import pytest
+
+from supermask.errors import UsageError
 import torch
 
 from supermask import compare, training
@@ -52,8 +54,12 @@ def test_compare_runs_once_then_reuses(tmp_path, train_calls):
     assert compare.main(argv) == 0
     assert train_calls == [], "a stored run was recomputed"
     assert (out / "plot.png").is_file()
-    # A grown sweep computes only what is new.
-    assert compare.main([*argv, "--ks", "0.5,0.3"]) == 0
+    # A grown sweep computes only what is new; its tables replace the old ones only with --force
+    # (issue #24: --out holds another comparison).
+    with pytest.raises(UsageError, match="holds another comparison; pass --force"):
+        compare.main([*argv, "--ks", "0.5,0.3"])
+    assert train_calls == []
+    assert compare.main([*argv, "--ks", "0.5,0.3", "--force"]) == 0
     assert len(train_calls) == 1
     assert "k=0.3" in (out / "table.md").read_text()
 

@@ -112,8 +112,9 @@ def test_compact_file_is_readable_by_safetensors(compact_file):
 
 
 # A compact file written by the project's own safetensors writer before the safetensors package was
-# used (commit 078e849): its masks (SHA-256 of the bool bytes, count kept) and the loaded model's
-# logits on a fixed input, as that version's load_compact gave them.
+# used (commit 078e849), its header moved to format version 2 (checksum over metadata and tensors,
+# issue #24) with its tensors unchanged: its masks (SHA-256 of the bool bytes, count kept) and the
+# loaded model's logits on a fixed input, as that version's load_compact gave them.
 OLD_FILE = Path(__file__).resolve().parents[1] / "docs" / "export" / "fm_ep_w2.5_k0.5.smask"
 OLD_MASKS = {"1": ((750, 784), 294000, "8fdec7d3318138f4"), "3": ((250, 750), 93750, "71e651e6057ead81"),
              "5": ((10, 250), 1250, "dc0da94c1a0955b8")}

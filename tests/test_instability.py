@@ -230,3 +230,22 @@ def test_batchnorm_statistics_are_re_estimated_at_every_point(tmp_path):
     # the interpolated running statistics themselves are not what is evaluated
     assert any(not torch.allclose(m.running_mean, mid[f"{n}.running_mean"]) for n, m in model.named_modules()
                if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_a_stored_path_is_reused_only_when_computed_from_these_copies(tmp_path, capsys):
+    """Issue #24: path_k*.json computed from other copies (retrained since, or a file from elsewhere) is
+    computed again, not printed as if reproduced; one computed from these copies is reused."""
+    argv = [*SYN, "--epochs", "1", "--rewind-iters", "0", "--points", "3", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "a")]
+    assert run(argv) == 0
+    path_file = tmp_path / "a" / "path_k000000.json"
+    row = json.loads(path_file.read_text())
+    assert len(row["copies_sha256"]) == 2
+    for stale in ({**row, "barrier": 99.0, "copies_sha256": ["0" * 64] * 2},
+                  {k: v for k, v in {**row, "barrier": 99.0}.items() if k != "copies_sha256"}):
+        path_file.write_text(json.dumps(stale))
+        assert run(argv) == 0
+        assert json.loads(path_file.read_text()) == row  # computed again from the copies
+    capsys.readouterr()
+    assert run(argv) == 0
+    assert json.loads(path_file.read_text()) == row and "0 s for paths" in capsys.readouterr().out  # reused

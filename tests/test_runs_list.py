@@ -129,3 +129,66 @@ def test_module_runs_from_the_command_line(runs_dir, tmp_path):
     missing = subprocess.run([*cmd[:5], str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
                              cwd=Path(__file__).resolve().parents[1])
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "is not a folder" in missing.stderr
+
+
+def _edit(path: Path, **values):
+    obj = json.loads(path.read_text())
+    obj.update(values)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: _edit(d / "results.json", test_acc="high"), "results.json: missing or wrong-typed 'test_acc'"),
+    (lambda d: (d / "results.json").write_text("{}"), "results.json: it names no config"),
+    (lambda d: _edit(d / "results.json", config={**json.loads((d / "config.json").read_text()), "seed": 9}),
+     "results.json: it is another run's (its config differs: seed)"),
+    (lambda d: _edit(d / "config.json", epochs="1"), "config.json: 'epochs' = '1': not an integer"),
+    (lambda d: _edit(d / "config.json", k=[0.3]), "config.json: 'k'"),
+    (lambda d: (d / "config.json").write_text("[1]"), "config.json is not an object"),
+])
+def test_a_damaged_run_is_listed_broken_with_its_reason_and_hides_no_other(runs_dir, tmp_path, capsys, damage,
+                                                                          problem):
+    """Issue #24: values of the wrong type in a run's files make that run `broken` (with the reason), never
+    a traceback that hides every run."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "done", root / "a_damaged")
+    shutil.copytree(runs_dir / "done", root / "b_good")
+    damage(root / "a_damaged")
+    rows = {r["name"]: r for r in json.loads(listing(capsys, str(root), "--json"))}
+    assert rows["a_damaged"]["state"] == "broken" and problem in rows["a_damaged"]["problem"], rows["a_damaged"]
+    assert rows["b_good"]["state"] == "finished"
+    table = listing(capsys, str(root))
+    assert problem in table and "b_good" in table
+
+
+def test_an_imp_run_with_rounds_1e15_is_broken_not_a_hang(runs_dir, tmp_path, capsys):
+    shutil.copytree(runs_dir / "imp", tmp_path / "imp")
+    cfg = tmp_path / "imp" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"rounds": 1', '"rounds": 1e15'))
+    rows = {r["name"]: r for r in json.loads(listing(capsys, str(tmp_path), "--json"))}
+    assert rows["imp"]["state"] == "broken" and "'rounds'" in rows["imp"]["problem"]
+
+
+def test_json_into_a_closed_pipe_is_no_traceback(runs_dir):
+    """`runs --json | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{sys.executable} -m supermask.runs {runs_dir} --json | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout == "[\n" and proc.stderr == "", proc.stderr
+
+
+def test_instability_analyses_are_listed_finished_with_their_mode(runs_dir, tmp_path, capsys):
+    """Issue #24: a finished analysis is `finished` (not `unfinished`), a ticket analysis is not `dense`."""
+    from supermask import instability
+
+    root = tmp_path / "runs"
+    syn = [*FAST, "--epochs", "1", "--val-size", "200", "--rewind-iters", "0", "--points", "3",
+           "--runs-dir", str(root)]
+    assert run_main(instability.PROG, instability.main, [*syn, "--out", str(root / "a_dense")]) == 0
+    assert run_main(instability.PROG, instability.main, [*syn, "--ticket", str(runs_dir / "imp"), "--round", "1",
+                                                         "--out", str(root / "b_ticket")]) == 0
+    rows = {r["name"]: r for r in json.loads(listing(capsys, str(root), "--json"))}
+    dense = rows["a_dense"]
+    assert (dense["state"], dense["k_or_round"]) == ("finished", "dense"), dense["problem"]
+    assert (rows["b_ticket"]["state"], rows["b_ticket"]["k_or_round"]) == ("finished", "ticket")
+    copies = [r for r in rows.values() if r["command"] == "instability-copy"]
+    assert copies and all(r["state"] == "finished" and r["k_or_round"].startswith("copy k0") for r in copies)
