@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -84,14 +83,6 @@ def measure(args, save) -> dict[str, dict[str, list[float]]]:
     return times
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _median(ts: list, timeout: float) -> float:
@@ -131,7 +122,9 @@ def main(argv=None) -> int:
                    help="markdown path; the JSON beside it (default benchmarks/results/threads.md)")
     args = p.parse_args(argv)
     command = "python3 benchmarks/bench_threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cpu, out = cpu_name(), Path(args.out)
+    from supermask.threads import cpu_model  # noqa: PLC0415 (torch loads only after the children's settings are known)
+
+    cpu, out = cpu_model(), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(times, rounds):

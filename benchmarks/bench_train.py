@@ -65,6 +65,7 @@ from supermask.mask import TopKWarmStart, num_kept, warm_topk_threshold  # noqa:
 from supermask import cpu_kernels, ops  # noqa: E402
 from supermask.models import build as build_model  # noqa: E402
 from supermask.select import kth_largest  # noqa: E402
+from supermask.threads import cpu_model  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 INPUT_SHAPE = (1, 28, 28)
@@ -431,20 +432,11 @@ def bench_select(sizes, device):
 
 
 # ---------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    """The CPU's model name (results differ between machines; this says which one ran)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(args, data_name, rows, sel_rows) -> str:
     lines = [f"## Training speed: {args.model}, width {args.width}, k {args.k}, batch {args.batch_size}, "
-             f"{args.threads} CPU threads of {_cpu_model()} ({data_name})", "",
+             f"{args.threads} CPU threads of {cpu_model()} ({data_name})", "",
              "| method | best epoch (s) | ratio to dense (median of rounds) | ratios of the rounds |",
              "|---|---:|---:|---|"]
     label = {"dense": "dense", "sort": "GetSubnet, sort (official)", "kthvalue": "GetSubnet, kthvalue (README)",
@@ -527,7 +519,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
     rows, data_name = {}, "n/a"

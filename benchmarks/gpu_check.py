@@ -47,9 +47,10 @@ def stage_env(res: C.Results, args) -> None:
     import triton  # noqa: PLC0415
 
     import supermask.kernels as k  # noqa: PLC0415
+    from supermask.threads import cpu_model  # noqa: PLC0415
     res.row("versions", python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
             cuda=torch.version.cuda, kernels_from=str(Path(k.__file__).resolve().parent),
-            autotune=os.environ.get("SUPERMASK_AUTOTUNE", "1"), cpu=_cpu_model(), cpu_count=os.cpu_count())
+            autotune=os.environ.get("SUPERMASK_AUTOTUNE", "1"), cpu=cpu_model(), cpu_count=os.cpu_count())
     if not C.CUDA:
         res.skipped("GPU name, SMs, clocks", C.NO_CUDA)
         return
@@ -70,14 +71,6 @@ def stage_env(res: C.Results, args) -> None:
     (res.dir / "env.txt").write_text(full.stdout[-200_000:])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ This module imports nothing but ``os`` at its top, so that importing it does not
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import MutableMapping
+from pathlib import Path
 
 WAIT_POLICY = "PASSIVE"
 # Variables by which a user has chosen how OpenMP threads wait: the policy then leaves the wait alone.
@@ -57,3 +59,15 @@ def apply_threads(threads: int) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name", else ``platform.processor()`` or the
+    architecture): every speed figure the benchmarks write says which CPU made it. Never raises."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
