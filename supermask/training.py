@@ -24,7 +24,7 @@ from . import distributed as dist_mod
 from .layers import supermask_layers
 from .runlog import TensorBoardLog, write_curves
 from .errors import UsageError, write_error
-from .storage import save_checkpoint, write_json
+from .storage import json_safe, save_checkpoint, write_json
 
 OPTIMIZERS = ("sgd", "adam")
 # What train(resume=...) reads from a checkpoint (load_checkpoint(path, require=RESUME_KEYS)).
@@ -237,7 +237,7 @@ def not_learning(train_loss: float, train_acc: float, num_classes: int) -> bool:
 def _append_row(f, row: dict, path: Path):
     """Append one metrics row; on a failed write (a full disk) cut the file back to whole rows."""
     pos = f.tell()
-    data = memoryview((json.dumps(row) + "\n").encode())
+    data = memoryview((json.dumps(json_safe(row), allow_nan=False) + "\n").encode())  # NaN (--val-size 0): null
     try:
         while data:  # a raw file may write part of it
             data = data[f.write(data):]

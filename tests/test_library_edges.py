@@ -98,7 +98,7 @@ def test_convert_edges_that_have_a_right_answer():
 
 
 def test_results_json_of_val_size_0_is_standard_json(tmp_path):
-    """--val-size 0: no validation accuracy; results.json says null, not NaN (not JSON)."""
+    """--val-size 0: no validation accuracy; results.json and metrics.jsonl say null, not NaN (not JSON)."""
     import json
 
     from supermask import train as train_mod
@@ -109,6 +109,9 @@ def test_results_json_of_val_size_0_is_standard_json(tmp_path):
     assert "NaN" not in text
     results = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
     assert results["val_acc"] is None and isinstance(results["test_acc"], float)
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["val_acc"] is None and isinstance(row["train_loss"], float) for row in rows)
     assert train_mod.main(["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "0",
                            "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0  # read back: finished
 
