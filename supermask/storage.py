@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -315,7 +316,9 @@ def _redo_hint(out: Path) -> str:
 
 def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
     """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
-    a new run. Raises UsageError instead of overwriting anything."""
+    a new run. With resume, a missing or empty out (a run stopped before it wrote its config, e.g.
+    Ctrl-C while torch loads) starts the run, saying so on stderr. Raises UsageError instead of
+    overwriting anything."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -330,8 +333,6 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
         if not resume:
             raise UsageError(f"{out} holds an unfinished run of this configuration; pass --resume to continue it")
         return "resume"
-    if resume:
-        raise UsageError(f"--resume given but {out} holds no run (no config.json)")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a non-empty folder that holds no run of this tool; choose another")
     try:
@@ -339,6 +340,8 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
         write_json(cfg_path, config)
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    if resume:  # e.g. Ctrl-C before the run wrote its config: what --resume was advised for
+        print(f"note: {out} held no run yet (stopped before it started): starting it", file=sys.stderr)
     return "new"
 
 

@@ -226,8 +226,15 @@ def test_out_holding_another_run_or_other_files_is_never_overwritten(tmp_path, c
 
 
 def test_resume_without_or_with_corrupted_checkpoint(tmp_path, capsys):
-    assert run(FAST + ["--out", str(tmp_path / "none"), "--resume"]) == 2
-    assert "holds no run" in capsys.readouterr().err
+    # stopped before it wrote anything (Ctrl-C while torch loads): --resume, as advised, starts it
+    assert run(FAST + ["--out", str(tmp_path / "none"), "--resume"]) == 0
+    assert capsys.readouterr().err.count("held no run yet") == 1
+    assert (tmp_path / "none" / "results.json").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert run(FAST + ["--out", str(other), "--resume"]) == 2  # a folder of something else: never touched
+    assert "holds no run of this tool" in capsys.readouterr().err and sorted(other.iterdir()) == [other / "notes.txt"]
     out = tmp_path / "run"
     assert run(FAST + ["--out", str(out)]) == 0
     (out / "results.json").unlink()
