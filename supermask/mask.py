@@ -362,7 +362,12 @@ def warm_topk_threshold(scores: torch.Tensor, n_keep: int, state: TopKWarmStart)
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
     """The reference mask: keep num_kept(n, k) entries of largest |score| (exactly that many).
-    Raises ValueError for k outside (0, 1] or NaN scores (NAN_MESSAGE)."""
+    Empty scores give an empty mask; scores on the meta device a meta bool tensor of their shape
+    (shape propagation, as nn layers allow). Raises ValueError for k outside (0, 1] or NaN scores
+    (NAN_MESSAGE)."""
+    num_kept(1, k)  # validates k whatever the size
+    if scores.numel() == 0 or scores.is_meta:
+        return torch.empty_like(scores, dtype=torch.bool)
     refuse_nan(scores)
     magnitudes = scores.detach().abs()
     return mask_from_threshold(magnitudes, topk_threshold(magnitudes, num_kept(scores.numel(), k)))

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from supermask import storage
 from supermask.errors import UsageError
@@ -137,3 +138,27 @@ def test_ctrl_c_while_torch_is_imported_is_one_line():
     said = [x for x in rest.splitlines() if not x.startswith("import time:")]
     assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, said)
     assert said == ["supermask: interrupted"], said
+
+
+# topk_mask at its edges: the right answer where one exists, else a ValueError naming the argument.
+MASK_EDGES = [
+    ("empty 1-d", lambda: torch.empty(0), 0.5, (0,)),
+    ("empty rows", lambda: torch.empty(0, 4), 0.3, (0, 4)),
+    ("meta", lambda: torch.empty(3, 5, device="meta"), 0.5, (3, 5)),
+]
+
+
+@pytest.mark.parametrize("name, make, k, shape", MASK_EDGES, ids=[r[0] for r in MASK_EDGES])
+def test_topk_mask_of_empty_and_meta_scores(name, make, k, shape):
+    from supermask.mask import topk_mask
+    scores = make()
+    mask = topk_mask(scores, k)
+    assert mask.dtype == torch.bool and mask.shape == shape and mask.device == scores.device
+    assert mask.is_meta or int(mask.sum()) == 0
+
+
+@pytest.mark.parametrize("k", [0.0, 1.5, -0.1])
+def test_topk_mask_checks_k_even_when_empty(k):
+    from supermask.mask import topk_mask
+    with pytest.raises(ValueError, match="k"):
+        topk_mask(torch.empty(0), k)
