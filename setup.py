@@ -26,5 +26,6 @@ setup(
                       "pyyaml"],
     # TensorBoard event files in every run folder (without it, runs say so once and train on);
     # the tests read them back, so CI installs it with [test]
-    extras_require={"tensorboard": ["tensorboard"], "test": ["pytest", "tensorboard"]},
+    extras_require={"tensorboard": ["tensorboard"], "test": ["pytest", "tensorboard"],
+                    "hf": ["transformers"]},  # Hugging Face models in convert (tests skip without it)
 )

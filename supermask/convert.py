@@ -10,6 +10,12 @@
   ``child.weight`` itself, as nn.MultiheadAttention's out_proj and torchvision Swin's qkv / proj,
   Conv1d/3d, transposed convs, tied weights, modules with hooks or their own forward) is masked
   through ``torch.nn.utils.parametrize`` (``supermask.parametrize``), so no reader sees it unmasked;
+- **Hugging Face**: ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP layers) is
+  masked like the nn.Linear it stands for, through the parametrization (its weight is stored
+  transposed, (in, out): drawn as the Linear's and transposed, so fan_in is weight.shape[0]); its
+  bias stays as a frozen zero tensor (its forward passes it to addmm). transformers is never
+  imported: Conv1D is recognised by class name and module. nn.Embedding weights are masked
+  (``embeddings="mask"``) or frozen at their value (``embeddings="freeze"``); see convert;
 - **non-affine**: every normalisation (BatchNorm of any kind including SyncBatchNorm,
   InstanceNorm, LayerNorm, GroupNorm, RMSNorm) loses its scale and shift;
 - **removed**: biases of masked layers; a bias that a reader needs as a tensor (nn.MultiheadAttention's
@@ -42,6 +48,7 @@ from .mask import global_thresholds, num_kept
 from .parametrize import SupermaskParametrization, mask_parameter
 
 TOPK_SCOPES = ("layer", "global")
+EMBEDDINGS = ("mask", "freeze")
 log = logging.getLogger(__name__)
 
 _MASKED_MODULES = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1/2/3d and ConvTranspose1/2/3d
@@ -86,6 +93,11 @@ class ConvertReport:
         if self.unhandled:
             parts.append(f"{len(self.unhandled)} layer weights NOT masked, frozen dense ({_few(self.unhandled)})")
         return "convert: " + "; ".join(parts)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Whether m is (a subclass of) transformers.pytorch_utils.Conv1D, without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(m).__mro__)
 
 
 def _few(names: list[str], n: int = 4) -> str:
@@ -182,7 +194,7 @@ def _check_edges(model: nn.Module, k, skip) -> None:
 def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
             skip: tuple[str, ...] = (), mask: str = "topk", strict: bool = False,
-            return_report: bool = False):
+            return_report: bool = False, embeddings: str | None = None):
     """Make model a supermask model (a copy unless inplace); see the module docstring for what
     happens to each parameter.
 
@@ -195,7 +207,17 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
     A parameter named like a layer weight or bias (``weight``, ``bias_k``, ``weight_ih_l0``) of a
     module convert does not know (nn.Embedding, nn.LSTM, nn.PReLU, a custom layer) cannot be
     masked: it is frozen dense with a warning, or with ``strict=True`` ConvertError is raised
-    before anything is changed. A lazy layer not yet initialised always
+    before anything is changed.
+
+    embeddings: what becomes of nn.Embedding weights (token, position, token-type embeddings of
+    Hugging Face models). "mask": masked through the parametrization, redrawn with ``init`` like
+    every masked weight (fan_in = embedding_dim) and given scores; "freeze": frozen at their
+    value (a fixed random or pretrained lookup table; fewer scores). The default, None, chooses
+    neither: they are reported as layer weights convert cannot mask (warning; ConvertError with
+    strict), as before this option existed, because whether a table of learned vectors is
+    masked or kept is the user's call and a silent choice would change what trains. An
+    embedding tied to a masked weight (GPT-2's wte and lm_head) is masked whatever the option:
+    a tied tensor has one set of scores. A lazy layer not yet initialised always
     raises ConvertError (run one forward first).
 
     The report (a ConvertReport: what was masked, made non-affine, removed, zeroed, frozen) is
@@ -208,6 +230,8 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
         raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
     if mask not in MASK_KINDS:
         raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+    if embeddings is not None and embeddings not in EMBEDDINGS:
+        raise ValueError(f"embeddings must be one of {EMBEDDINGS} or None, got {embeddings!r}")
     _check_edges(model, k, skip)  # before anything changes
     if not inplace:
         model = copy.deepcopy(model)
@@ -257,8 +281,10 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
             continue
         weights: tuple[str, ...] = ()
         bias_names: tuple[str, ...] = ()
-        if isinstance(m, _MASKED_MODULES):
+        if isinstance(m, _MASKED_MODULES) or _is_hf_conv1d(m):
             weights, bias_names = ("weight",), ("bias",)
+        elif isinstance(m, nn.Embedding) and embeddings == "mask":
+            weights = ("weight",)
         elif isinstance(m, nn.MultiheadAttention):
             weights, bias_names = _MHA_WEIGHTS, ("in_proj_bias",)
         for n in weights:
@@ -273,7 +299,8 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
             if params.get(n) is not None:
                 # A reader outside the module's forward (the parent's code, MHA's fused kernel)
                 # may need a tensor: keep a frozen zero there; elsewhere remove it.
-                keep = isinstance(m, nn.MultiheadAttention) or _read_by_parent(parents[id(m)])
+                keep = (isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
+                        or _read_by_parent(parents[id(m)]))
                 biases.append((m, n, keep))
     # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
     for pid in to_mask:
@@ -292,7 +319,8 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
             if not p.is_floating_point():
                 continue
             to_freeze.append(p)
-            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention))
+            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention)) or (
+                embeddings == "freeze" and isinstance(m, nn.Embedding))
             if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
                 report.unhandled.append(f"{pname_of(m, pname)} (parametrized by {type(m[0]).__name__})")
             elif _WEIGHT_LIKE.search(pname) and not known:
@@ -319,7 +347,7 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
             fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
             report.fused += 1
         else:
-            mask_parameter(holders, k, init, scale_fan, seed, name)
+            mask_parameter(holders, k, init, scale_fan, seed, name, transposed=_is_hf_conv1d(m))
     for m, n, keep in biases:
         if id(m) in fused:
             report.removed.append(pname_of(m, n))
