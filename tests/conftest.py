@@ -1,3 +1,6 @@
+import ctypes
+import ctypes.util
+import gc
 import os
 
 # Triton kernels run in Triton's interpreter on machines without a GPU. The variable must be set
@@ -33,3 +36,19 @@ def pytest_collection_modifyitems(config, items):
 def _fixed_threads():
     torch.set_num_threads(2)
     yield
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_slow_tests(request):
+    """After a slow test (the torchvision sweep, full-size ImageNet networks): collect its garbage and
+    give glibc's freed heap back to the system (malloc_trim), so the suite's peak memory is one
+    model's, not the sum of the freed ones (CI's machine has 24 GB)."""
+    yield
+    if "slow" in request.keywords:
+        gc.collect()
+        trim = getattr(_LIBC, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
