@@ -102,7 +102,12 @@ def test_finished_old_run_is_found_not_recomputed(tmp_path, capsys, monkeypatch)
     run = tmp_path / "runs" / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (run / "results.json").write_text(json.dumps({"test_acc": 12.5}))
+    # results.json as 268b484's training wrote it (training.train: these keys, the run's config included)
+    old_results = {"test_acc": 12.5, "test_acc5": 60.0, "best_test_acc": 12.5, "val_acc": 11.0, "best_val_acc": 11.0,
+                   "early_stop_iteration": 10, "early_stop_val_loss": 2.3, "epochs": 1, "start_iteration": 0,
+                   "iterations": 10, "params_total": 100, "params_kept": 50, "weights_remaining": 50.0,
+                   "seconds_per_epoch": 0.5, "train_config": {}, "config": config}
+    (run / "results.json").write_text(json.dumps(old_results))
     before = sorted(p.name for p in run.iterdir())
     monkeypatch.chdir(tmp_path)
     assert run_main("python -m supermask.train", train_mod.main, argv) == 0
