@@ -38,7 +38,7 @@ from .pruning import (SCOPES, MaskKeeper, full_masks, magnitude_masks, random_ma
                       sparsity)
 from .errors import UsageError
 from .storage import (check_same_config, exclusive, load_checkpoint, open_run, prepare_run_dir, read_json_object,
-                      remove_temp_files, save_checkpoint, write_json)
+                      remove_temp_files, results_problem, save_checkpoint, write_json)
 
 PROG = "python -m supermask.imp"
 CONTROLS = ("reinit", "random-mask")
@@ -194,6 +194,9 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
     # run_on_main calls synchronise): --out must be on a file system every node sees.
     if not distributed.is_main():
         log = lambda *_a, **_k: None  # noqa: E731
+    # A run finished through these rounds is only read (every round's files checked, no lock taken,
+    # nothing written), so that it can be read from read-only storage.
+    finished = _finished_run(out, config, rounds)
     with contextlib.ExitStack() as held:
         def open_and_hold():  # rank 0 holds the folder's lock while it writes the rounds (runs.exclusive)
             prepare_imp_dir(out, config, rounds)
@@ -201,9 +204,10 @@ def run_imp(config: dict, out: Path, rounds: int, dataset, device: torch.device,
             for folder in (out, *out.glob("round_[0-9][0-9]")):  # a killed process's temporary files
                 remove_temp_files(folder)
 
-        distributed.run_on_main(open_and_hold)
+        if not finished:
+            distributed.run_on_main(open_and_hold)
         return _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
-                           tensorboard)
+                           tensorboard, write=not finished)
 
 
 def _round_masks(config: dict, out: Path, r: int, ticket, prev, dataset) -> tuple[dict, tuple | None]:
@@ -247,7 +251,7 @@ def _round_start(config: dict, out: Path, r: int, init_state: dict) -> dict:
 
 
 def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg, steps_per_epoch,
-                tensorboard=True) -> dict:
+                tensorboard=True, write=True) -> dict:
     control = config.get("control")
 
     # The weights every round starts from (the state at initialisation, init.pt).
@@ -313,15 +317,34 @@ def _run_rounds(config, out, rounds, dataset, device, ticket, progress, log, cfg
             raise UsageError(f"round 0 ended without reaching --rewind-iter {config['rewind_iter']}")
         prev = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, masks)
         _write_results(out, config, rounds, ticket)
-    return _write_results(out, config, rounds, ticket)
+    return _write_results(out, config, rounds, ticket, write)
 
 
-def _write_results(out: Path, config: dict, rounds: int, ticket) -> dict:
+def _finished_run(out: Path, config: dict, rounds: int) -> dict | None:
+    """results.json of out when it holds this IMP run (check_imp_dir) finished through round rounds
+    (every round from the first, the control's 1 or 0, has its row), else None. Reads only; the
+    rounds' own files are checked by _run_rounds, which reads them all."""
+    if not (out / "results.json").is_file():
+        return None
+    stored_rounds = check_imp_dir(out, config)
+    try:
+        stored = read_json_object(out / "config.json")
+        results = read_json_object(out / "results.json")
+    except UsageError:  # damaged: the writing path below says so or writes it again
+        return None
+    if rounds > stored_rounds or results_problem(results, stored) is not None:
+        return None
+    first = 1 if config.get("control") else 0
+    done = {row["round"] for row in results["rounds"]}
+    return results if done >= set(range(first, rounds + 1)) else None
+
+
+def _write_results(out: Path, config: dict, rounds: int, ticket, write: bool = True) -> dict:
     stored = read_json_object(out / "config.json")
     results = {"config": stored, "rounds": _finished_rows(out)}
     if ticket is not None:
         results["ticket"] = str(ticket)
-    if distributed.is_main():
+    if write and distributed.is_main():
         write_json(out / "results.json", results)
     return results
 

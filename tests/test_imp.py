@@ -202,6 +202,33 @@ def test_an_imp_run_being_written_by_another_process_is_left_alone(tmp_path, cal
     assert [c[0] for c in calls] == ["round_00", "round_01", "round_02"]  # nothing recomputed
 
 
+def test_a_finished_imp_run_on_read_only_storage_is_read(tmp_path, calls, capsys, monkeypatch):
+    """Issue #24: the same command on a finished IMP run whose folder cannot be written (a read-only
+    file system: no lock file, no write) reads it and reports it; extending it still needs to write."""
+    import errno
+
+    from supermask.errors import UsageError
+    out = tmp_path / "ticket"
+    argv = [*BASE, "--epochs", "1", "--out", str(out)]
+    assert imp.main([*argv, "--rounds", "1"]) == 0
+    capsys.readouterr()
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def no_lock(run_dir):
+        raise UsageError(f"cannot write to {run_dir}: Read-only file system")
+
+    monkeypatch.setattr(imp, "exclusive", no_lock)
+    monkeypatch.setattr(imp, "write_json", read_only)
+    for rounds in ("1", "0"):  # the whole run, and fewer rounds than it holds
+        assert run_main("imp", imp.main, [*argv, "--rounds", rounds]) == 0
+        assert "round" in capsys.readouterr().out
+    assert run_main("imp", imp.main, [*argv, "--rounds", "2"]) == 2  # more rounds: must write
+    assert "Read-only file system" in capsys.readouterr().err
+    assert [c[0] for c in calls] == ["round_00", "round_01"]  # nothing recomputed
+
+
 def test_controls_share_the_ticket_sparsity(tmp_path, calls):
     argv = [*BASE, "--epochs", "1"]
     ticket = tmp_path / "ticket"
