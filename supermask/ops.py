@@ -615,7 +615,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(*tensors: Tensor) -> bool:
     return (EAGER_SHORTCUT and not torch.compiler.is_compiling()
-            and all(type(t) in _PLAIN for t in tensors)
+            and all(type(t) in _PLAIN and not t.is_meta for t in tensors)  # meta: the ops' fake kernels
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active())

@@ -162,3 +162,20 @@ def test_topk_mask_checks_k_even_when_empty(k):
     from supermask.mask import topk_mask
     with pytest.raises(ValueError, match="k"):
         topk_mask(torch.empty(0), k)
+
+
+def test_converted_model_on_the_meta_device_propagates_shapes():
+    """Like nn.Linear / nn.Conv2d, a converted model runs on meta tensors (shape propagation, forward and
+    backward): the ops' fake kernels, not the eager implementations (was: an autocast RuntimeError)."""
+    import torch.nn as nn
+
+    from supermask import convert
+    with torch.device("meta"):
+        fc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = convert(fc, k=0.5)
+    out = model(torch.empty(2, 4, device="meta"))
+    assert out.shape == (2, 3) and out.is_meta
+    out.sum().backward()
+    assert model[0].scores.grad.shape == (8, 4) and model[0].scores.grad.is_meta
+    assert convert(conv, k=0.5)(torch.empty(2, 3, 8, 8, device="meta")).shape == (2, 4, 6, 6)
