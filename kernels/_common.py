@@ -31,6 +31,9 @@ def interpreting() -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
+    """Refuse tensors a kernel launch cannot take: raises ValueError when they are not all on one
+    device, RuntimeError when that device is not CUDA and Triton's interpreter is off (CPU tensors
+    need TRITON_INTERPRET=1 set before ``import triton``). Any shapes and dtypes; returns None."""
     dev = tensors[0].device
     for t in tensors:
         if t.device != dev:
@@ -41,6 +44,9 @@ def check_device(*tensors: torch.Tensor) -> None:
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized output buffer, torch.empty(shape, dtype, device); inside
+    ``poisoned_outputs()`` a floating-point one is filled with NaN first, so that an element a kernel
+    forgets to write shows up in the tests."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if _POISON and out.is_floating_point():
         out.fill_(float("nan"))
@@ -75,22 +81,31 @@ def get_fp32_precision() -> str:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of tl.dot for operands of this dtype: ``get_fp32_precision()`` ("tf32",
+    "tf32x3" or "ieee") for float32; "ieee" for fp16/bf16, which tensor cores take as they are
+    (accumulated in fp32)."""
     return get_fp32_precision() if dtype == torch.float32 else "ieee"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
-    # Triton 3.8's interpreter computes tl.dot on bf16 operands wrongly (garbage of order 1e10);
-    # in the interpreter only, bf16 tiles are converted to fp32 before the dot (exact products).
+    """Whether the kernels convert tiles of this dtype to fp32 before tl.dot (the UPCAST constexpr):
+    True only for bfloat16 in Triton's interpreter, whose tl.dot on bf16 operands is wrong in Triton
+    3.8 (garbage of order 1e10); the fp32 products of bf16 values are exact. Never on a GPU."""
     return interpreting() and dtype == torch.bfloat16
 
 
 def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (sizes persistent grids, e.g. the radix
+    histogram's); 2 for any other device (the interpreter: few, larger programs)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
 
 
 def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one block may use on a CUDA device, in bytes (the opt-in limit,
+    ``shared_memory_per_block_optin``: about 163 KiB on A100, 227 KiB on H100; 99 KiB if torch does
+    not report it); 1 GiB (no limit) for any other device. Autotune prunes configs above it."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return getattr(props, "shared_memory_per_block_optin", 99 * 1024)

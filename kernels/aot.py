@@ -172,6 +172,11 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
 def run(quick: bool, workers: int) -> list[dict]:
+    """Build every job (``quick``: one config per kernel and arch) for sm_80 and sm_90 in ``workers``
+    processes (which must run without TRITON_INTERPRET); one record per build, in job order: kernel,
+    variant, dtype, arch, config, ``ok``, and for a build that succeeded compile_s (seconds),
+    cubin_bytes, registers (per thread), spill_stores/spill_loads/stack_frame (bytes, from ptxas -v),
+    shared_bytes and counts of tensor-core instructions in the PTX; a failed build has ``error``."""
     jobs = _jobs(quick)
     with ProcessPoolExecutor(max_workers=workers) as ex:
         return list(ex.map(_build, jobs))
@@ -196,6 +201,9 @@ def _markdown(recs) -> str:
 
 
 def main(argv=None):
+    """The command (see the module docstring): argv as sys.argv[1:]. Returns the exit status: 0 when
+    every build succeeded, 1 when one failed (the JSON and .md still written), 2 without --out (one
+    line on stderr, nothing written). Under TRITON_INTERPRET it re-runs itself without it."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one config per kernel and arch")
     p.add_argument("--out", default=None, help="JSON path (required; the .md table goes beside it)")

@@ -399,6 +399,12 @@ class MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, threshold: Threshold):
+        """y (..., N) = x (..., K) @ (weight ⊙ mask)^T, in x's dtype (fp32/fp16/bf16, weight's too),
+        mask = |scores| >= threshold.value (scores (N, K); with threshold.split, ties broken in flat
+        order through the reference ``mask_from_threshold``: one masked-weight buffer for the call).
+        Saves x, weight, scores and the masked weight (split) or the threshold value for backward.
+        Raises ValueError when x's last dimension is not K or scores' shape is not weight's; the
+        kernels raise TypeError for mismatched dtypes and check_device's errors for devices."""
         value, _, split = threshold
         N, K = weight.shape
         if x.shape[-1] != K:
@@ -422,6 +428,11 @@ class MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        """Gradients for (x, weight, scores, threshold) from gy (..., N): dx = gy @ (weight ⊙ mask)
+        in x's shape and dtype, d scores = (gy^T @ x) ⊙ weight ⊙ sign(scores) in scores' dtype (the
+        straight-through estimator of Ramanujan et al. 2020, as hidden-networks' GetSubnet, whose
+        backward passes the gradient through the mask unchanged), each only when asked for; None for
+        the frozen weight and the threshold."""
         x, weight, scores, w_eff, v = ctx.saved_tensors
         N, K = weight.shape
         gy2 = gy.reshape(-1, N)

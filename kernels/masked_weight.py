@@ -158,11 +158,19 @@ class MaskedWeightFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scores, threshold: Threshold):
+        """weight ⊙ [|scores| >= threshold.value], contiguous, in weight's dtype, for weight and
+        scores of one shape (up to 4-D, any strides). Every entry equal to the value is kept, so it
+        serves only thresholds with split False (``masked_weight_fused`` sends the others to the
+        reference). Saves weight and scores, no copies. Raises ValueError for a shape mismatch or
+        more than 4 dimensions, and check_device's errors."""
         ctx.save_for_backward(weight, scores)
         return masked_weight_kernel(weight.detach(), scores.detach(), threshold.value)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """(None, grad_out ⊙ weight ⊙ sign(scores) in scores' dtype (when asked for), None): edge-popup's
+        straight-through estimator (Ramanujan et al. 2020), the frozen weight and the threshold get
+        no gradient."""
         weight, scores = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:

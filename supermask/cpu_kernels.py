@@ -48,7 +48,12 @@ _error: str | None = None
 
 
 class CPUKernelsUnavailable(RuntimeError):
-    pass
+    """The C kernels could not be built or loaded on this machine (no C compiler, the compiler
+    refused cpu_kernels.c with every flag set tried, the cache folder not writable, the shared
+    library not loadable); the message says which. Raised by the first use that needs them, and
+    again (the same message, no rebuild) by every later one in the process; ``supermask.convert``
+    raises it when ``set_backend(model, "cpu")`` is asked for without them. The "auto" path never does: it
+    falls back to the reference."""
 
 
 def _cache_dir() -> Path:
@@ -130,6 +135,9 @@ def _load() -> ctypes.CDLL:
 
 
 def available() -> bool:
+    """Whether the C kernels are usable in this process: the first call compiles cpu_kernels.c (or
+    finds it in the cache) and loads it, under a lock; the answer is then kept for the process (a
+    failure is not retried). Never raises: CPUKernelsUnavailable becomes False."""
     if _lib is not None:  # (asked on every op call: no lock once loaded)
         return True
     try:
@@ -140,6 +148,8 @@ def available() -> bool:
 
 
 def why_unavailable() -> str | None:
+    """None when ``available()``; else the one-line reason the C kernels could not be built or loaded
+    (the compiler's commands and the start of their stderr), as CPUKernelsUnavailable carries it."""
     return None if available() else _error
 
 

@@ -96,11 +96,26 @@ class SupermaskMixin:
         return self._masked_weight()
 
     def extra_repr(self) -> str:
+        """nn's own description of the layer followed by its mask: ``k=0.5`` (top-k, k the fraction
+        kept) or ``mask=sampled, eval=expected`` (sampled masks and their evaluation mode)."""
         mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
         return super().extra_repr() + ", " + mask
 
 
 class SupermaskLinear(SupermaskMixin, nn.Linear):
+    """nn.Linear without bias whose weight is frozen and masked: y = x @ (weight * mask)^T.
+
+    Edge-popup (Ramanujan et al. 2020, "What's Hidden in a Randomly Weighted Neural Network?";
+    allenai/hidden-networks' SubnetConv and simple_mnist_example's SupermaskLinear): ``weight``
+    (out_features, in_features) is drawn once with ``init`` (one of supermask.init.INITS; with
+    ``scale_fan`` its fan is k * fan_in) and never trained (requires_grad False); ``scores`` (same
+    shape and dtype) are the only trained tensor, drawn with Kaiming uniform (a=sqrt(5)); the mask
+    keeps the ``num_kept(n, k)`` entries of largest |score| (k: the fraction kept, in (0, 1]; ties
+    to the lower flat index, see supermask.mask). With a ``seed`` both draws are deterministic per
+    (seed, ``name``) (supermask.init.layer_generator), else they use torch's global RNG.
+    device/dtype as nn.Linear's. Raises ValueError for k outside (0, 1] or an unknown init.
+    """
+
     def __init__(self, in_features: int, out_features: int, k: float = 0.5,
                  init: str = "signed_constant", scale_fan: bool = False, seed: int | None = None,
                  name: str = "", device=None, dtype=None):
@@ -108,12 +123,31 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (..., out_features) = x (..., in_features) @ (weight * mask)^T, in x's dtype (the
+        autocast dtype under torch.autocast, the mask still chosen from the scores in their own).
+        Per-layer top-k in training, with autograd on or under torch.compile: the fused
+        ``supermask::masked_linear`` op (straight-through gradient to the scores, none to the
+        weight); global top-k, sampled masks and eval without autograd: F.linear on
+        ``effective_weight()``. Raises ValueError when the scores hold
+        NaN (supermask.mask.NAN_MESSAGE) or x's last dimension is not in_features."""
         if self.mask_kind == "topk" and self.shared_threshold is None and not self._inference():
             return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id(), self._path())
         return F.linear(x, self.effective_weight())
 
 
 class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
+    """nn.Conv2d without bias whose weight is frozen and masked: conv2d(x, weight * mask).
+
+    Edge-popup (Ramanujan et al. 2020, "What's Hidden in a Randomly Weighted Neural Network?";
+    allenai/hidden-networks' utils/conv_type.py SubnetConv): ``weight`` (out_channels,
+    in_channels / groups, kh, kw) is drawn once with ``init`` (supermask.init.INITS; fan_in =
+    in_channels / groups * kh * kw, times k with ``scale_fan``) and frozen; ``scores`` of its
+    shape and dtype are trained; the mask keeps the ``num_kept(n, k)`` entries of largest |score|
+    over the whole weight (k: the fraction kept, in (0, 1]). stride, padding, dilation, groups,
+    padding_mode, device and dtype as nn.Conv2d's; seed and name as SupermaskLinear's. Raises
+    ValueError for k outside (0, 1] or an unknown init, and nn.Conv2d's errors for its arguments.
+    """
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, padding_mode: str = "zeros", k: float = 0.5,
                  init: str = "signed_constant", scale_fan: bool = False, seed: int | None = None,
@@ -123,6 +157,10 @@ class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv2d(x, weight * mask) for x (N, in_channels, H, W) or (in_channels, H, W), in x's
+        dtype: the masked weight from ``effective_weight()`` (straight-through gradient to the
+        scores), then nn.Conv2d's own convolution. Raises ValueError when the scores hold NaN
+        (supermask.mask.NAN_MESSAGE) and RuntimeError (torch's) for input of the wrong channels."""
         weight = self.effective_weight()
         if torch.compiler.is_compiling() and self._strided_pointwise():
             # torch 2.14's inductor (CPU) gets the weight gradient of a 1x1 convolution with stride > 1

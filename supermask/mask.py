@@ -36,6 +36,11 @@ def num_kept_hn(n: int, k: float) -> int:
 
 
 class Threshold(NamedTuple):
+    """A mask's description (see the module docstring): keep every entry with |s| > ``value``,
+    plus, when ``split``, the first ``ties`` entries in flat order with |s| == ``value`` (every one
+    of them when not split). Made by ``topk_threshold``, ``warm_topk_threshold`` and
+    ``global_thresholds``; read by ``mask_from_threshold``, ``masked_weight`` and the kernels."""
+
     value: torch.Tensor  # 0-dim, in the magnitudes' dtype and device
     # How many entries equal to value are kept, lowest flat index first. Only read when split is
     # True; when it is False every entry equal to value is kept, and a warm-started threshold
@@ -132,6 +137,8 @@ class TopKWarmStart:
         self.guessed = self.warm = self.widened = self.cold = self.fused = 0
 
     def reset(self):
+        """Forget the last threshold and the candidates: the next ``warm_topk_threshold`` starts
+        cold (value, density and the step counts stay, but are not used without a key)."""
         self.key = self.cand = None
 
     def __getstate__(self):
@@ -423,11 +430,16 @@ class MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scores, threshold: Threshold):
+        """weight * mask_from_threshold(|scores|, threshold), in weight's dtype, for weight and
+        scores of one shape (any; any dtypes torch multiplies). Saves weight and scores."""
         ctx.save_for_backward(weight, scores)
         return _masked(weight, scores, threshold)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """(None, grad_out * weight * sign(scores) in scores' dtype (when asked for), None); sign(0)
+        = 0. As hidden-networks' GetSubnet backward (the gradient straight through the mask) applied
+        through their |scores|."""
         weight, scores = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
@@ -444,6 +456,10 @@ class MaskedWeight(torch.autograd.Function):
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """weight * mask for a given Threshold (per-layer or global top-k), differentiable in the
+    scores only (``MaskedWeight``: edge-popup's straight-through estimator, Ramanujan et al. 2020;
+    the frozen weight gets no gradient). weight and scores: one shape, any; the result is in
+    weight's dtype. The reference every fused path is tested against."""
     return MaskedWeight.apply(weight, scores, threshold)
 
 
@@ -457,12 +473,16 @@ class SampledMaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scores):
+        """weight * m, m ~ Bernoulli(sigmoid(scores)) drawn from torch's global RNG, one fresh draw
+        per call; weight and scores of one shape. Saves weight and sigmoid(scores)."""
         p = torch.sigmoid(scores)
         ctx.save_for_backward(weight, p)
         return weight * torch.bernoulli(p)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """(None, grad_out * weight * p * (1 - p)), p = sigmoid(scores): straight through the
+        Bernoulli draw (Zhou et al. 2019); the frozen weight gets no gradient."""
         weight, p = ctx.saved_tensors
         return None, grad_out * weight * p * (1 - p)
 

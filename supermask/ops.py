@@ -120,6 +120,8 @@ def get_state(i: int) -> LayerState:
 
 
 def drop_state(i: int) -> None:
+    """Forget the state of id i (its warm-start threshold and cached buffers); an unknown id is
+    ignored. Called when the layer's StateHandle goes away."""
     _states.pop(i, None)
 
 
@@ -133,6 +135,7 @@ class StateHandle:
         self.id = new_state()
 
     def state(self) -> LayerState:
+        """This layer's LayerState in the registry (``get_state(self.id)``)."""
         return get_state(self.id)
 
     def __deepcopy__(self, memo):

@@ -75,10 +75,15 @@ class SupermaskParametrization(SupermaskMixin, nn.Module):
         return None
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        """What reading the parametrized tensor returns: original * mask, of original's shape and
+        dtype (``effective_weight()``; gradient straight through to the scores, none to original).
+        Raises ValueError when the scores hold NaN (supermask.mask.NAN_MESSAGE)."""
         # `original` is self.weight; the mixin reads it itself (its fast paths key on the layer).
         return self.effective_weight()
 
     def extra_repr(self) -> str:
+        """The masked tensor's shape and the mask: ``(768, 768), k=0.5`` (top-k, k the fraction kept)
+        or ``(768, 768), mask=sampled, eval=expected``."""
         mask = f"k={self.k}" if self.mask_kind == "topk" else f"mask=sampled, eval={self.sampled_eval}"
         return f"{tuple(self.weight.shape)}, {mask}"
 

@@ -55,6 +55,10 @@ def _generator(device: torch.device) -> torch.Generator:
 
 
 class Selection(NamedTuple):
+    """The answer of ``select_counts(x, k)``: the k-th largest value of x and how many entries lie
+    strictly above it and equal to it (above < k <= above + equal), which a Threshold needs to
+    break ties without another pass."""
+
     value: torch.Tensor  # 0-dim, x's dtype: the k-th largest
     above: int  # entries strictly greater than value
     equal: int  # entries equal to value
