@@ -21,9 +21,10 @@ from .convert import ConvertError, ConvertReport, convert, set_backend, use_glob
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers  # noqa: E402 (after the wait policy)
 from .parametrize import SupermaskParametrization, mask_parameter  # noqa: E402 (after the wait policy)
 from .mask import Threshold, global_thresholds, mask_from_threshold, masked_weight, num_kept, topk_mask, topk_threshold  # noqa: E402 (after the wait policy)
+from .bank import MaskBank  # noqa: E402 (after the wait policy)
 
 __all__ = ["convert", "ConvertError", "ConvertReport", "set_backend", "use_global_topk",
            "SupermaskParametrization", "mask_parameter", "NonAffineBatchNorm", "SupermaskConv2d",
            "SupermaskLinear", "supermask_layers", "Threshold", "global_thresholds",
-           "mask_from_threshold", "masked_weight", "num_kept", "topk_mask", "topk_threshold"]
+           "mask_from_threshold", "masked_weight", "num_kept", "topk_mask", "topk_threshold", "MaskBank"]
 __version__ = "0.1.0"
