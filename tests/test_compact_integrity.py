@@ -13,11 +13,10 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import scored_model
 
-from supermask import desc, export
+from supermask import export
 from supermask.cli import run_main
-from supermask.layers import supermask_layers
 
 # A network with BN running statistics (state entries beside the masks) and global top-k.
 CONFIG = {"command": "train", "model": "resnet18", "width": 0.0625, "dense": False, "k": 0.3,
@@ -39,15 +38,7 @@ def join(header: dict, body: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
-    shape, classes = export.shapes_of(CONFIG)
-    model = desc.build_model(CONFIG, shape, classes)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in supermask_layers(model):
-            layer.scores.copy_(torch.randn(layer.scores.shape, generator=g))
-        model.train()
-        model(torch.randn(4, *shape, generator=g) * 3 + 1)  # BN statistics away from their init
-    model.eval()
+    model, shape, classes, _ = scored_model(CONFIG)  # random scores, BN statistics away from their init
     path = tmp_path_factory.mktemp("good") / "m.smask"
     path.write_bytes(export.compact_bytes(model, CONFIG, shape, classes))
     export.load_compact(path)  # the unchanged file loads

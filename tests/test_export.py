@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import scored_model
 
 import supermask
-from supermask import desc
 from supermask import data as data_mod
 from supermask import export
 from supermask import imp as imp_mod
@@ -146,16 +146,7 @@ def _config(**kw):
     _config(init="kaiming_normal", scale_fan=True, k=0.7),
 ])
 def test_compact_round_trip_with_batchnorm_stats_and_global_topk(config, tmp_path):
-    shape, classes = export.shapes_of(config)
-    model = desc.build_model(config, shape, classes)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in supermask_layers(model):
-            layer.scores.copy_(torch.randn(layer.scores.shape, generator=g))
-        model.train()
-        for _ in range(2):  # move the BN running statistics away from their init
-            model(torch.randn(4, *shape, generator=g) * 3 + 1)
-    model.eval()
+    model, shape, classes, g = scored_model(config, bn_passes=2)  # random scores, BN statistics moved
     path = tmp_path / "m.smask"
     data = export.compact_bytes(model, config, shape, classes)
     path.write_bytes(data)
