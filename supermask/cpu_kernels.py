@@ -51,9 +51,9 @@ class CPUKernelsUnavailable(RuntimeError):
     """The C kernels could not be built or loaded on this machine (no C compiler, the compiler
     refused cpu_kernels.c with every flag set tried, the cache folder not writable, the shared
     library not loadable); the message says which. Raised by the first use that needs them, and
-    again (the same message, no rebuild) by every later one in the process; ``supermask.convert``
-    raises it when ``set_backend(model, "cpu")`` is asked for without them. The "auto" path never does: it
-    falls back to the reference."""
+    again (the same message, no rebuild) by every later one in the process;
+    ``supermask.set_backend(model, "cpu")`` raises it too. The "auto" path never does: it falls
+    back to the reference."""
 
 
 def _cache_dir() -> Path:

@@ -123,13 +123,14 @@ class SupermaskLinear(SupermaskMixin, nn.Linear):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y (..., out_features) = x (..., in_features) @ (weight * mask)^T, in x's dtype (the
-        autocast dtype under torch.autocast, the mask still chosen from the scores in their own).
-        Per-layer top-k in training, with autograd on or under torch.compile: the fused
-        ``supermask::masked_linear`` op (straight-through gradient to the scores, none to the
-        weight); global top-k, sampled masks and eval without autograd: F.linear on
-        ``effective_weight()``. Raises ValueError when the scores hold
-        NaN (supermask.mask.NAN_MESSAGE) or x's last dimension is not in_features."""
+        """y (..., out_features) = x (..., in_features) @ (weight * mask)^T, in the weight's dtype
+        (x's must match, as for nn.Linear), or the autocast dtype under torch.autocast (the mask still
+        chosen from the scores in their own dtype). Per-layer top-k in training, with autograd on or
+        under torch.compile: the fused ``supermask::masked_linear`` op (straight-through gradient to
+        the scores, none to the weight); global top-k, sampled masks and eval without autograd:
+        F.linear on ``effective_weight()``. Raises ValueError when the scores hold NaN
+        (supermask.mask.NAN_MESSAGE); x's last dimension not in_features: ValueError from the op,
+        RuntimeError from F.linear."""
         if self.mask_kind == "topk" and self.shared_threshold is None and not self._inference():
             return ops.masked_linear(x, self.weight, self.scores, self._n_keep(), self._state_id(), self._path())
         return F.linear(x, self.effective_weight())
@@ -157,9 +158,10 @@ class SupermaskConv2d(SupermaskMixin, nn.Conv2d):
         self._setup_supermask(k, init, scale_fan, seed, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """conv2d(x, weight * mask) for x (N, in_channels, H, W) or (in_channels, H, W), in x's
-        dtype: the masked weight from ``effective_weight()`` (straight-through gradient to the
-        scores), then nn.Conv2d's own convolution. Raises ValueError when the scores hold NaN
+        """conv2d(x, weight * mask) for x (N, in_channels, H, W) or (in_channels, H, W), in the
+        weight's dtype (x's must match; the autocast dtype under torch.autocast): the masked weight
+        from ``effective_weight()`` (straight-through gradient to the scores), then nn.Conv2d's own
+        convolution. Raises ValueError when the scores hold NaN
         (supermask.mask.NAN_MESSAGE) and RuntimeError (torch's) for input of the wrong channels."""
         weight = self.effective_weight()
         if torch.compiler.is_compiling() and self._strided_pointwise():
