@@ -5,7 +5,23 @@ from __future__ import annotations
 import torch
 
 from supermask import desc, export
+from supermask.cli import run_main
 from supermask.layers import supermask_layers
+
+
+# The smallest real run: one epoch of a quarter-width fc on synthetic data (seconds).
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "200", "--no-progress"]
+
+
+def command(module):
+    """A caller of ``module``'s command as the shell would run it: argv items made strings, the exit
+    code returned (argparse's one-line refusals exit 2 through SystemExit: returned as their code)."""
+    def call(*argv) -> int:
+        try:
+            return run_main(module.PROG, module.main, [str(a) for a in argv])
+        except SystemExit as e:
+            return e.code
+    return call
 
 
 def scored_model(config: dict, bn_passes: int = 1, seed: int = 0):

@@ -3,20 +3,13 @@ import json
 
 import pytest
 import torch
+from helpers import TINY, command
 
 from supermask import analyze
 from supermask import imp as imp_mod
 from supermask import train as train_mod
-from supermask.cli import run_main
 
-TINY = ["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "200", "--no-progress"]
-
-
-def cli(*argv):
-    try:
-        return run_main(analyze.PROG, analyze.main, [str(a) for a in argv])
-    except SystemExit as e:  # argparse errors (one line, exit 2: cli.Parser)
-        return e.code
+cli = command(analyze)
 
 
 @pytest.fixture(scope="module")

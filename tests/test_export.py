@@ -10,24 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import scored_model
+from helpers import TINY, command, scored_model
 
 import supermask
 from supermask import data as data_mod
 from supermask import export
 from supermask import imp as imp_mod
 from supermask import train as train_mod
-from supermask.cli import run_main
 from supermask.layers import supermask_layers
 
-TINY = ["--dataset", "synthetic", "--epochs", "1", "--width", "0.25", "--val-size", "200", "--no-progress"]
-
-
-def cli(*argv):
-    try:
-        return run_main(export.PROG, export.main, [str(a) for a in argv])
-    except SystemExit as e:  # argparse errors (one line, exit 2: cli.Parser)
-        return e.code
+cli = command(export)
 
 
 @pytest.fixture(scope="module")
