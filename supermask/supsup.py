@@ -154,7 +154,7 @@ def infer_task(bank, x, method: str = "one-shot", **kwargs) -> TaskGuess:
         alpha[candidates] = 1.0 / len(candidates)
         grad = entropy_gradient(sup, alpha, x, **kwargs)
         if not bool(torch.isfinite(grad[candidates]).all()):
-            raise ValueError("the entropy gradient is not finite (the network's output overflows)")
+            raise ValueError("the entropy gradient is not finite (a non-finite input, or an output that overflows)")
         if scores is None:
             scores = -grad
         if method == "one-shot":
