@@ -324,7 +324,7 @@ def summarise(config: dict, bank: MaskBank, records: list[dict], baselines: dict
     packed = bank.pack_task(0)
     given = [final_acc[t] for t in sorted(baselines)]
     return {
-        "config": config, "train_config": asdict(train_config(config)), "matrix": matrix, "final_acc": final_acc,
+        "config": config, "train_config": {**asdict(train_config(config)), "milestones": list(train_config(config).milestones)}, "matrix": matrix, "final_acc": final_acc,
         "mean_acc": statistics.fmean(final_acc), "min_acc": min(final_acc), "max_acc": max(final_acc),
         "acc_right_after": diagonal,
         "max_forgetting": max(d - f for d, f in zip(diagonal, final_acc)),
