@@ -323,8 +323,10 @@ def summarise(config: dict, bank: MaskBank, records: list[dict], baselines: dict
     diagonal = [row[-1] for row in matrix]
     packed = bank.pack_task(0)
     given = [final_acc[t] for t in sorted(baselines)]
+    cfg = train_config(config)
     return {
-        "config": config, "train_config": {**asdict(train_config(config)), "milestones": list(train_config(config).milestones)}, "matrix": matrix, "final_acc": final_acc,
+        "config": config, "train_config": {**asdict(cfg), "milestones": list(cfg.milestones)}, "matrix": matrix,
+        "final_acc": final_acc,
         "mean_acc": statistics.fmean(final_acc), "min_acc": min(final_acc), "max_acc": max(final_acc),
         "acc_right_after": diagonal,
         "max_forgetting": max(d - f for d, f in zip(diagonal, final_acc)),

@@ -170,7 +170,8 @@ def test_inference_over_a_subset_of_tasks_names_bank_tasks():
     (lambda: infer_task(Superposition(obvious_bank(), [2]), torch.zeros(4, 8)), ValueError, "at least 2 tasks"),
     (lambda: Superposition(obvious_bank(), []), ValueError, "at least one task"),
     (lambda: Superposition(obvious_bank(), [4]), IndexError, r"task must be an int in \[0, 4\)"),
-    (lambda: Superposition(obvious_bank())(torch.ones(3), torch.zeros(2, 8)), ValueError, r"alpha must have shape \(4,\)"),
+    (lambda: Superposition(obvious_bank())(torch.ones(3), torch.zeros(2, 8)), ValueError,
+     r"alpha must have shape \(4,\)"),
     (lambda: infer_task(obvious_bank(), torch.full((4, 8), float("inf"))), ValueError, "not finite"),
 ])
 def test_bad_inputs(call, error, match):
