@@ -4,6 +4,7 @@ every file that existed before unchanged (SHA-256), no run stored as finished, n
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def test_the_command_line_runs(base, tmp_path):
     runs = [subprocess.run([sys.executable, "-m", "supermask.tasks", *argv], capture_output=True, text=True,
                            timeout=300) for argv in (["--help"], [a.format(root=tmp_path) for a in DONE])]
     assert runs[0].returncode == 0 and "--benchmark" in runs[0].stdout and "--baselines" in runs[0].stdout
+    entries = re.split(r"\n(?=  -)", runs[0].stdout.split("options:", 1)[1].strip("\n"))
+    assert all("default" in e for e in entries if not e.lstrip().startswith("-h, --help")), runs[0].stdout
     assert runs[1].returncode == 0, runs[1].stderr
     assert "nothing recomputed" in runs[1].stdout
     assert snapshot(tmp_path) == before
