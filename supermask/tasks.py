@@ -24,6 +24,8 @@ from .sequences import BENCHMARKS, SEQUENCE_DATASETS, VAL_SIZE, run_sequence, se
 from .storage import check_writable
 
 PROG = "python -m supermask.tasks"
+# What Ctrl-C prints: the finished tasks are stored, the one being learned starts again.
+INTERRUPTED = "interrupted; run the same command again to continue after the last finished task"
 FIELDS = {f.name: f for f in (*desc.MODEL_FIELDS, *desc.TRAIN_FIELDS, *desc.RUNTIME_FIELDS)}
 
 
@@ -66,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, main))
+    sys.exit(run_main(PROG, main, interrupted=INTERRUPTED))
