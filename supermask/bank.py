@@ -10,7 +10,9 @@ only task t's scores are in the graph) never gives another task's scores a gradi
 task's outputs change, bit for bit. A task's masks are stored at 1 bit per weight
 (``pack_task`` / ``load_task``, the packing of ``supermask.compact``).
 
-Task inference (SupSup's one-shot entropy gradient over superposition coefficients) is not here yet.
+Task inference (SupSup's one-shot and binary entropy gradient over superposition coefficients,
+given an unlabeled batch) is ``supermask.supsup.infer_task``; task sequences (permuted and split
+Fashion-MNIST, resumable run folders) are ``supermask.sequences`` / ``python -m supermask.tasks``.
 """
 from __future__ import annotations
 

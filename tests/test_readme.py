@@ -10,7 +10,7 @@ folder, as a reader following the manual would (a later block may use the files 
 checkout's supermask on PYTHONPATH; configs/ and benchmarks/ are copied there, so nothing in the
 checkout is written.
 
-Scaled down, as a reader in a hurry would: training commands (supermask.train, imp, compare) get
+Scaled down, as a reader in a hurry would: training commands (supermask.train, imp, compare, tasks) get
 `--epochs 1 --dataset synthetic`, compare's sweeps keep their first value, the training benchmark
 trains on 512 images. Commands that cannot run here are skipped, each with its reason (SKIP: the
 network, root, GPUs, ImageNet, a server, the test suite itself); a skipped command still counts
@@ -56,7 +56,7 @@ SKIP = [
     (r"^tensorboard\b", "starts a web server that runs until stopped"),
     (r"\.\.\.", "elided arguments in prose, not a complete command"),
 ]
-TRAINING = ("supermask.train", "supermask.imp", "supermask.compare", "supermask.instability")
+TRAINING = ("supermask.train", "supermask.imp", "supermask.compare", "supermask.instability", "supermask.tasks")
 SWEEPS = ("--seeds", "--ks", "--widths", "--imp-widths", "--controls", "--rewind-iters")  # first value only
 BENCH_TRAIN_QUICK = ["--limit", "512", "--repeats", "1", "--skip-slow", "--warmup-steps", "2",
                      "--select-sizes", "1e3,1e4"]
