@@ -1,13 +1,14 @@
 """The run description: what a run computes, its flags' ranges, its checks, its name, its network.
 
 One table of fields (Field) per part of a run, as open_lth's foundations/hparams.py: the network
-and data (MODEL_FIELDS), supermask.train's mask and pruning-at-init fields (TRAIN_FIELDS), the
-training hyperparameters shared by every kind of run (TRAINING_FIELDS) and where and how fast a run
-happens (RUNTIME_FIELDS, never part of a run's identity). The command layer (supermask.flags) makes
+and data (MODEL_FIELDS), supermask.train's mask and pruning-at-init fields (TRAIN_FIELDS), IMP's
+rounds, pruning and controls (IMP_FIELDS), the training hyperparameters shared by every kind of run
+(TRAINING_FIELDS) and where and how fast a run happens (RUNTIME_FIELDS, never part of a run's
+identity). The command layer (supermask.cli) makes
 the argparse flags from these tables, with their ranges, so a range exists once, here. A run's
 values are an attribute namespace with one attribute per field (argparse's, or defaults(...)).
 
-check_training and check_train validate a description once (what one flag's type cannot see);
+check_training, check_train and check_imp validate a description once (what one flag's type cannot see);
 train_identity / imp_identity / instability_identity give the run's identity (config.json) and
 train_name / imp_name / instability names the folder name derived from it (as open_lth's
 desc.py). IDENTITY_SCHEMA names the rules that keep the names of runs made before a field
@@ -30,6 +31,7 @@ from .init import INITS, hn_scale_fan_factor, init_dense_
 from .layers import MASK_KINDS, supermask_layers
 from .mask import SAMPLED_EVAL
 from .models import MODELS, build
+from .pruning import SCOPES
 from .storage import config_hash
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig
 from .threads import THREADS_HELP
@@ -142,6 +144,38 @@ RUNTIME_FIELDS = (
                "number of CPUs if fewer)"),
 )
 
+# IMP controls (Frankle & Carbin's ticket trained against): fresh weights on its masks (Liu et al.),
+# or random masks of its per-layer sparsity on its weights.
+CONTROLS = ("reinit", "random-mask")
+
+IMP_FIELDS = (
+    Field("init", "kaiming_normal", choices=INITS, help="weight init (default kaiming_normal)"),
+    # round folders are round_00 ... round_99
+    Field("rounds", 5, int, 0, 99, help="pruning rounds after the dense round 0 (default 5)"),
+    Field("prune_rate", 0.2, float, 0, 1, low_open=True, high_open=True,
+          help="fraction of the surviving weights pruned per round (default 0.2)"),
+    Field("output_prune_rate", None, float, 0, 1, high_open=True,
+          help="the same for the output layer (default: half of --prune-rate)"),
+    Field("scope", "layer", choices=SCOPES,
+          help="prune each layer by the rate, or all but the output layer under one threshold"),
+    Field("rewind_iter", 0, int, 0,
+          help="reset survivors to their values after this many iterations of round 0 and train from "
+               "there to the end (default 0: init)"),
+    Field("control", None, choices=CONTROLS,
+          help="train the ticket's masks with fresh weights (reinit) or random masks of the same "
+               "per-layer sparsity (random-mask)"),
+    Field("val_every", 100, int, 0,
+          help="evaluate the validation loss every this many iterations, for the early-stop "
+               "iteration (default 100; 0: once per epoch)"),
+)
+
+
+def pick(table, *names) -> list[Field]:
+    """The fields of table with these names, in the order given (KeyError for an unknown name)."""
+    by_name = {f.name: f for f in table}
+    return [by_name[n] for n in names]
+
+
 TRAINING_KEYS = tuple(f.name for f in TRAINING_FIELDS)
 # Flags of supermask.train that say where and how fast a run happens, or what to do with it, not
 # what it computes: not part of its identity.
@@ -181,6 +215,17 @@ def check_in_memory(v, message: str) -> None:
     from disk while training)."""
     if v.dataset in data_mod.STREAMED:
         raise UsageError(message.format(dataset=v.dataset))
+
+
+def check_imp(v) -> None:
+    """check_training, then IMP's own checks; fills in --output-prune-rate's default (half of
+    --prune-rate). Raises UsageError."""
+    check_training(v)
+    if v.output_prune_rate is None:
+        v.output_prune_rate = v.prune_rate / 2
+    check_in_memory(v, "IMP needs an in-memory dataset; {dataset} is read from disk (use supermask.train)")
+    if getattr(v, "ticket", None) is not None and v.control is None:
+        raise UsageError("--ticket only makes sense with --control")
 
 
 def check_train(v) -> None:
@@ -242,8 +287,8 @@ def check_fits_memory(v, input_shape, num_classes: int, device: torch.device, co
 # ---------------------------------------------------------------------------------------------
 # Stored values: a config.json read back goes through the ranges of the flags it stands for.
 
-# Keys of stored identities that are not fields of the tables above (imp.ROUNDS is [0, 99]).
-STORED_FIELDS = (Field("rounds", 5, int, 0, 99), Field("round", 0, int, 0, 99), Field("rewind_iter", 0, int, 0),
+# Keys of stored identities checked on reading (rounds and rewind_iter with IMP_FIELDS' ranges).
+STORED_FIELDS = (*pick(IMP_FIELDS, "rounds", "rewind_iter"), Field("round", 0, int, 0, 99),
                  Field("rewind_iteration", 0, int, 0), Field("start_iteration", 0, int, 0),
                  Field("data_seed", 0, int, 0, SEED_MAX), Field("points", 2, int, 2))
 _STORED = {f.name: f for f in (*MODEL_FIELDS, *TRAIN_FIELDS, *TRAINING_FIELDS, *STORED_FIELDS)}

@@ -31,31 +31,19 @@ instability.json, table.md and plot.png for the rewind iterations asked for.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 from . import data as data_mod
-from . import threads, training
-from . import desc
-from .cli import Parser, number, resolve_backend, resolve_device, run_main
-from .flags import add_backend, add_fields, add_model_args, add_training_args
-from .convert import TOPK_SCOPES, set_backend
+from . import desc, stability, threads
+from .cli import (Parser, add_backend, add_fields, add_model_args, add_training_args, number, resolve_backend,
+                  resolve_device, run_main)
+from .convert import TOPK_SCOPES
+from .errors import UsageError
 from .init import INITS
-from .pruning import MaskKeeper, prunable_layers
-from .runlog import pyplot, save_figure
-from .errors import UsageError, write_error
-from .storage import (atomic_write, check_same_config, check_writable, exclusive, load_checkpoint, open_run,
-                      prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
+from .storage import exclusive
 
 PROG = "python -m supermask.instability"
-STABLE_BELOW = 2.0  # percentage points of error barrier (the paper's threshold)
-ARCH_KEYS = ("model", "width", "dataset")
 
 
 def parser() -> Parser:
@@ -106,278 +94,6 @@ def validate(args):
         args.init = "signed_constant" if args.edge_popup else "kaiming_normal"
 
 
-def base_config(args) -> dict:
-    """The network and its training: what every stored piece of the analysis shares (JSON types)."""
-    return desc.instability_identity(args)
-
-
-def train_config(config: dict, data_seed: int) -> training.TrainConfig:
-    """The TrainConfig of a copy: the analysis' training with the data order of data_seed."""
-    return desc.training_config(config, seed=data_seed)
-
-
-def copy_config(config: dict, k: int, data_seed: int, masks: dict | None) -> dict:
-    """The identity (config.json) of a copy trained from iteration k with the data order data_seed."""
-    return {"command": "instability-copy", **config, "rewind_iteration": k, "data_seed": data_seed,
-            "mask": mask_id(masks)}
-
-
-def copy_name(config: dict, k: int, data_seed: int, masks: dict | None) -> str:
-    """The folder name (under --runs-dir) of that copy."""
-    return desc.copy_name(copy_config(config, k, data_seed, masks), config)
-
-
-def out_name(oconfig: dict, config: dict) -> str:
-    """The analysis' default folder name (under --runs-dir)."""
-    return desc.instability_name(oconfig, config)
-
-
-def mask_id(masks: dict | None) -> str | None:
-    """A short content hash of a mask set (layer names and bits): a copy's identity names the mask
-    it was trained with, not the folder it came from."""
-    if masks is None:
-        return None
-    h = hashlib.sha256()
-    for name in sorted(masks):
-        h.update(name.encode())
-        h.update(masks[name].to(torch.bool).contiguous().numpy().tobytes())
-    return h.hexdigest()[:10]
-
-
-def load_ticket(ticket: Path, rnd: int, config: dict, model: torch.nn.Module) -> dict:
-    """The masks of round rnd of the IMP run in ticket, checked against the analysed network.
-    Raises UsageError (one line) for a folder that is not an IMP run, a ticket of another
-    architecture or initialisation, or a round that is not finished."""
-    ticket = Path(ticket)
-    try:
-        tcfg = read_run_config(ticket)
-    except UsageError as e:
-        raise UsageError(f"--ticket: {e}") from None
-    if tcfg.get("command") != "imp":
-        raise UsageError(f"--ticket {ticket} is not a supermask.imp run")
-    differ = [k for k in ARCH_KEYS if tcfg.get(k) != config[k]]
-    if differ:
-        raise UsageError(f"--ticket {ticket} is a ticket of another architecture ({tcfg.get('model')} x"
-                         f"{tcfg.get('width')} on {tcfg.get('dataset')}); pass its --model, --width and --dataset")
-    differ = [k for k in ("init", "seed") if tcfg.get(k) != config[k]]
-    if differ:
-        raise UsageError(f"--ticket {ticket} was found from another initialisation ("
-                         f"{', '.join(f'{k} {tcfg.get(k)}, not {config[k]}' for k in differ)}); "
-                         "pass the same --init and --seed")
-    rdir = ticket / f"round_{rnd:02d}"
-    if not (rdir / "results.json").is_file():
-        raise UsageError(f"--ticket {ticket} has no finished round {rnd}")
-    masks = load_checkpoint(rdir / "checkpoint.pt").get("masks")
-    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(model)}
-    if masks is None or {n: tuple(m.shape) for n, m in masks.items()} != shapes:
-        raise UsageError(f"--ticket {ticket}: the masks of round {rnd} do not fit this architecture")
-    return {n: m.to(torch.bool) for n, m in masks.items()}
-
-
-class _Reached(Exception):
-    """Raised from after_step to stop the partial training pass at the last rewind iteration."""
-
-
-def rewind_states(config: dict, ks: list[int], dataset, device, runs_dir: Path, backend: str, progress: bool,
-                  log=print) -> tuple[Path, dict[int, dict]]:
-    """The network's state_dict at each iteration in ks, trained from the initialisation with the
-    data order of config's seed; stored in one folder (iter_NNNNNN.pt) and only computed when
-    missing, by one training pass stopped at the largest missing k."""
-    pconfig = {"command": "instability-rewind", **config}
-    folder = runs_dir / desc.rewind_states_name(pconfig, config)
-    path = {k: folder / f"iter_{k:06d}.pt" for k in ks}
-    missing = [k for k in ks if not path[k].is_file()]
-    if missing:
-        if (folder / "config.json").is_file() and read_run_config(folder) != pconfig:
-            raise UsageError(f"{folder} holds rewind states of another configuration; remove it")
-        folder.mkdir(parents=True, exist_ok=True)
-        with exclusive(folder):
-            if not (folder / "config.json").is_file():
-                write_json(folder / "config.json", pconfig)
-            model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
-            set_backend(model, backend)
-
-            def snapshot(k):
-                if not path[k].is_file():
-                    save_checkpoint(path[k], {n: v.detach().cpu().clone() for n, v in model.state_dict().items()})
-
-            if 0 in missing:
-                snapshot(0)
-            later = [k for k in missing if k > 0]
-            if later:
-                step = [0]
-
-                def after_step(m):
-                    step[0] += 1
-                    if step[0] in later:
-                        snapshot(step[0])
-                    if step[0] >= later[-1]:
-                        raise _Reached
-
-                log(f"training from the initialisation to iteration {later[-1]} for the rewind states -> {folder}")
-                with contextlib.suppress(_Reached):
-                    training.train(model, dataset, train_config(config, config["seed"]), device, None,
-                                   after_step=after_step, progress=progress, desc="rewind states ",
-                                   log=lambda *_a, **_k: None)
-    return folder, {k: load_checkpoint(path[k]) for k in ks}
-
-
-def train_copy(config: dict, k: int, data_seed: int, start: dict, masks: dict | None, dataset, device,
-               runs_dir: Path, backend: str, progress: bool, log=print, tensorboard: bool = True) -> Path:
-    """Train the network from its state at iteration k to the end with the data order of
-    data_seed (masks held fixed if given), in a training run folder named after all of that;
-    a finished copy is only read, an interrupted one resumes. Returns the folder."""
-    cconfig = copy_config(config, k, data_seed, masks)
-    out = runs_dir / copy_name(config, k, data_seed, masks)
-    if (out / "results.json").is_file():
-        prepare_run_dir(out, cconfig, True)  # checks that it holds this configuration ("done")
-        return out
-    with contextlib.ExitStack() as held:
-        state, resume = open_run(out, cconfig, None, held)
-        if state == "done":  # finished by another process a moment ago
-            return out
-        model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
-        model.load_state_dict(start)
-        set_backend(model, backend)
-        model.to(device)
-        keeper = MaskKeeper(model, masks) if masks is not None else None
-        label = "ticket" if masks is not None else ("edge-popup" if not config["dense"] else "dense")
-        log(f"{label} copy from iteration {k}, data order {data_seed} -> {out}")
-        training.train(model, dataset, train_config(config, data_seed), device, out, resume, after_step=keeper,
-                       progress=progress, desc=f"k={k} d={data_seed} ", log=log,
-                       checkpoint_extra={"masks": masks} if masks is not None else None, start_step=k,
-                       tensorboard=tensorboard, config=cconfig)
-        if keeper is not None:
-            keeper.remove()
-    return out
-
-
-def copy_digests(folders: list[Path]) -> list[str]:
-    """SHA-256 of each copy's checkpoint.pt: what a stored error path (path_k*.json) was computed
-    from, so that it is reused only for these very copies (not for copies trained again since)."""
-    return [hashlib.sha256((Path(f) / "checkpoint.pt").read_bytes()).hexdigest() for f in folders]
-
-
-def interpolate(state_a: dict, state_b: dict, alpha: float) -> dict:
-    """(1 - alpha) * A + alpha * B for every floating tensor (exactly A at 0 and B at 1); integer
-    buffers (BatchNorm's num_batches_tracked) are A's."""
-    return {n: ((1 - alpha) * a + alpha * state_b[n]) if a.is_floating_point() else a.clone()
-            for n, a in state_a.items()}
-
-
-def error_path(config: dict, state_a: dict, state_b: dict, dataset, device, points: int, backend: str) -> list[dict]:
-    """Test error (%) at `points` evenly spaced points of the linear path from A to B. With
-    BatchNorm, its running statistics are re-estimated on the training set at every point
-    (training.evaluate_untrained); without, the end points' errors are exactly the trained
-    networks'. Returns [{"alpha", "test_error", "test_acc"}]."""
-    cfg = train_config(config, config["seed"])
-    rows = []
-    for i in range(points):
-        alpha = i / (points - 1)
-        model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
-        model.load_state_dict(interpolate(state_a, state_b, alpha))
-        set_backend(model, backend)
-        res = training.evaluate_untrained(model, dataset, cfg, device)
-        rows.append({"alpha": alpha, "test_acc": res["test_acc"], "test_error": 100.0 - res["test_acc"]})
-    return rows
-
-
-def error_barrier(errors: list[float]) -> float:
-    """max over the path of the error minus the mean of the two end points' errors (the same
-    units as errors; 0 when the path is no worse than its ends)."""
-    return max(errors) - (errors[0] + errors[-1]) / 2
-
-
-def stability_to_pruning(ticket_state: dict, dense_state: dict, masks: dict) -> dict:
-    """Frankle et al. 2019: || m * (W_ticket - W_dense) ||_2 over the kept weights of every masked
-    layer, and that divided by || m * W_dense ||_2 (both networks trained from the same rewind
-    point with the same data order)."""
-    diff = dense = 0.0
-    for name, m in masks.items():
-        keep = m.to(torch.bool)
-        a, b = ticket_state[f"{name}.weight"].double(), dense_state[f"{name}.weight"].double()
-        diff += float(((a - b)[keep] ** 2).sum())
-        dense += float((b[keep] ** 2).sum())
-    return {"l2_distance": math.sqrt(diff), "normalised": math.sqrt(diff) / math.sqrt(dense) if dense else None}
-
-
-def out_config(args, config: dict, masks: dict | None) -> dict:
-    """The analysis' identity (its config.json): the network and training, what is analysed (mode, the mask's
-    content hash), the data orders and the number of points."""
-    mode = "ticket" if args.ticket else "edge-popup" if args.edge_popup else "dense"
-    return {"command": "instability", **config, "mode": mode, "mask": mask_id(masks),
-            "data_seeds": args.data_seed_list, "points": args.points}
-
-
-def check_out(out: Path, oconfig: dict):
-    """UsageError unless out may hold the analysis oconfig (the same one, or nothing at all); writes nothing."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if (out / "config.json").is_file():
-        stored = read_run_config(out)
-        check_same_config(out, stored, oconfig, "an analysis")
-    elif out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} is a non-empty folder that holds no instability analysis; choose another")
-
-
-def prepare_out(out: Path, runs_dir: Path, oconfig: dict) -> None:
-    """Before any training: check_out, --out and --runs-dir writable (a read-only place is one line,
-    not a traceback), then out created holding the analysis' config.json."""
-    check_out(out, oconfig)
-    check_writable(out, "--out")
-    check_writable(runs_dir, "--runs-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(write_error(out, e)) from None
-    if not (out / "config.json").is_file():  # the identity holds the ticket's mask hash, not its folder
-        write_json(out / "config.json", oconfig)
-
-
-def write_table(rows: list[dict], out: Path, title: str):
-    """table.md in out: one row per rewind iteration (end-point errors, largest error on the path, error barrier in
-    percentage points, stable or not, stability to pruning)."""
-    lines = [f"**{title}**", "",
-             "| rewind iteration | test error copy 1 (%) | test error copy 2 (%) | max error on path (%) "
-             "| error barrier (pp) | stable (< 2 pp) | stability to pruning (normalised L2) |",
-             "|---:|---:|---:|---:|---:|---|---:|"]
-    for r in rows:
-        e = r["test_error"]
-        stp = r.get("stability_to_pruning")
-        stp = f"{stp['normalised']:.3f}" if stp and stp.get("normalised") is not None else "-"
-        lines.append(f"| {r['rewind_iteration']} | {e[0]:.2f} | {e[-1]:.2f} | {max(e):.2f} | {r['barrier']:.2f} | "
-                     f"{'yes' if r['stable'] else 'no'} | {stp} |")
-    atomic_write(out / "table.md", ("\n".join(lines) + "\n").encode())
-
-
-def write_plot(rows: list[dict], out: Path, title: str):
-    """plot.png in out: the test error along the linear path for each rewind iteration, and the error barrier
-    against the rewind iteration."""
-    import matplotlib  # noqa: PLC0415 (the axes' locators)
-
-    fig, (ax_path, ax_bar) = pyplot().subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        ax_path.plot(r["alpha"], r["test_error"], "o-", ms=3, label=f"k = {r['rewind_iteration']}")
-    ax_path.set_xlabel("interpolation a: (1 - a) W1 + a W2")
-    ax_path.set_ylabel("test error (%)")
-    ax_path.set_title("error along the linear path")
-    ax_path.legend(fontsize=8)
-    ax_path.grid(True, alpha=0.3)
-    ks = [r["rewind_iteration"] for r in rows]
-    ax_bar.plot(ks, [r["barrier"] for r in rows], "s-")
-    ax_bar.axhline(STABLE_BELOW, color="grey", ls="--", lw=1, label=f"stable below {STABLE_BELOW:g} pp")
-    ax_bar.set_xscale("symlog", linthresh=max(1, min([k for k in ks if k > 0], default=1)))
-    ax_bar.set_xticks(ks, [str(k) for k in ks])
-    ax_bar.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax_bar.set_xlabel("rewind iteration k")
-    ax_bar.set_ylabel("error barrier (percentage points)")
-    ax_bar.set_title("instability vs rewind iteration")
-    ax_bar.legend(fontsize=8)
-    ax_bar.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
-    save_figure(fig, out / "plot.png", dpi=120)
-
-
 def main(argv=None) -> int:
     """python -m supermask.instability: the rewind states, the two copies per rewind iteration, the error paths,
     then the table, plot and instability.json; returns the exit code."""
@@ -386,76 +102,40 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     backend = resolve_backend(args.backend, device) if args.edge_popup else "torch"
     threads.apply_threads(args.threads)
-    progress = not args.no_progress
-    config = base_config(args)
+    config = desc.instability_identity(args)
     dataset = data_mod.load(args.dataset, args.data_dir, args.val_size)  # fail on missing data first
     desc.check_fits_memory(args, dataset.input_shape, dataset.num_classes, device)  # before anything is written
-    total = args.epochs * math.ceil(len(dataset.train_y) / args.batch_size)
-    if args.rewind_list[-1] >= total:
-        raise UsageError(f"--rewind-iters {args.rewind_list[-1]} is not before the end of training "
-                         f"({total} iterations: --epochs {args.epochs} of "
-                         f"{math.ceil(len(dataset.train_y) / args.batch_size)})")
+    stability.check_rewind_iters(args.rewind_list, args.epochs, args.batch_size, dataset)
     model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
-    masks = load_ticket(Path(args.ticket), args.round, config, model) if args.ticket else None
-    oconfig = out_config(args, config, masks)
+    masks = stability.load_ticket(Path(args.ticket), args.round, config, model) if args.ticket else None
+    mode = "ticket" if args.ticket else "edge-popup" if args.edge_popup else "dense"
+    oconfig = stability.out_config(config, mode, masks, args.data_seed_list, args.points)
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir} exists and is not a folder")
-    out = Path(args.out) if args.out else runs_dir / out_name(oconfig, config)
-    prepare_out(out, runs_dir, oconfig)
-    seconds = {"rewind_states": 0.0, "copies": 0.0, "paths": 0.0}
+    out = Path(args.out) if args.out else runs_dir / stability.out_name(oconfig, config)
+    stability.prepare_out(out, runs_dir, oconfig)
+    analysis = stability.Analysis(config, masks, args.data_seed_list, args.points, dataset, device, backend, runs_dir,
+                                  progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     with exclusive(out):
-        t = time.perf_counter()
-        _, states = rewind_states(config, args.rewind_list, dataset, device, runs_dir, backend, progress)
-        seconds["rewind_states"] = time.perf_counter() - t
-        rows = []
-        for k in args.rewind_list:
-            path_file = out / f"path_k{k:06d}.json"
-            t = time.perf_counter()
-            board = not args.no_tensorboard  # each copy's run folder gets TensorBoard event files
-            copies = [train_copy(config, k, d, states[k], masks, dataset, device, runs_dir, backend, progress,
-                                 tensorboard=board) for d in args.data_seed_list]
-            dense_copy = (train_copy(config, k, args.data_seed_list[0], states[k], None, dataset, device, runs_dir,
-                                     backend, progress, tensorboard=board) if masks is not None else None)
-            seconds["copies"] += time.perf_counter() - t
-            made_from = copy_digests([*copies, *([dense_copy] if dense_copy is not None else [])])
-            if path_file.is_file():  # reused only when computed from these very copies
-                stored = read_json_object(path_file)
-                if stored.get("copies_sha256") == made_from:
-                    rows.append(stored)
-                    continue
-            t = time.perf_counter()
-            finals = [load_checkpoint(c / "checkpoint.pt")["model"] for c in copies]
-            path = error_path(config, finals[0], finals[1], dataset, device, args.points, backend)
-            errors = [p["test_error"] for p in path]
-            barrier = error_barrier(errors)
-            row = {"rewind_iteration": k, "alpha": [p["alpha"] for p in path], "test_error": errors,
-                   "barrier": barrier, "stable": barrier < STABLE_BELOW,
-                   "copies": [str(c) for c in copies], "copies_sha256": made_from,
-                   "copies_test_acc": [read_json_object(c / "results.json")["test_acc"] for c in copies],
-                   "stability_to_pruning": None}
-            if dense_copy is not None:
-                row["dense_copy"] = str(dense_copy)
-                row["stability_to_pruning"] = stability_to_pruning(
-                    finals[0], load_checkpoint(dense_copy / "checkpoint.pt")["model"], masks)
-            write_json(path_file, row)
-            seconds["paths"] += time.perf_counter() - t
-            rows.append(row)
-        kept = "" if masks is None else f", ticket of round {args.round} " \
-            f"({100 * sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()):.1f}% weights)"
-        kind = f"edge-popup k={args.k:g}" if args.edge_popup else "dense" if masks is None else "IMP"
-        title = (f"{args.model} x{args.width:g} ({kind}{kept}) on {args.dataset}, {args.epochs} epochs, seed "
-                 f"{args.seed}, data orders {args.data_seed_list[0]} and {args.data_seed_list[1]}")
-        write_table(rows, out, title)
-        write_plot(rows, out, title)
-        # last: instability.json is the analysis' record, written once the table and plot are there
-        write_json(out / "instability.json", {"config": oconfig, "ticket": args.ticket, "round": args.round,
-                                              "rows": rows, "seconds_this_call": seconds})
+        rows, seconds = stability.analyse(analysis, args.rewind_list, out)
+        stability.write_record(out, _title(args, masks), {"config": oconfig, "ticket": args.ticket,
+                                                          "round": args.round, "rows": rows,
+                                                          "seconds_this_call": seconds})
     print((out / "table.md").read_text())
     print(f"took {seconds['rewind_states']:.0f} s for rewind states, {seconds['copies']:.0f} s for copies, "
           f"{seconds['paths']:.0f} s for paths; wrote {out / 'instability.json'}, {out / 'table.md'}, "
           f"{out / 'plot.png'}")
     return 0
+
+
+def _title(args, masks: dict | None) -> str:
+    """The table's and plot's title: network, what is analysed, training, seeds."""
+    kept = "" if masks is None else f", ticket of round {args.round} " \
+        f"({100 * sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()):.1f}% weights)"
+    kind = f"edge-popup k={args.k:g}" if args.edge_popup else "dense" if masks is None else "IMP"
+    return (f"{args.model} x{args.width:g} ({kind}{kept}) on {args.dataset}, {args.epochs} epochs, seed "
+            f"{args.seed}, data orders {args.data_seed_list[0]} and {args.data_seed_list[1]}")
 
 
 if __name__ == "__main__":

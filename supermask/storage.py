@@ -13,9 +13,9 @@ import io
 import json
 import math
 import os
-import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import filelock
 import torch
@@ -314,11 +314,21 @@ def _redo_hint(out: Path) -> str:
     return "; delete the run folder to run it again"
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
-    """Check that out may hold this run; returns 'new', 'resume' or 'done'. Writes config.json for
-    a new run. With resume, a missing or empty out (a run stopped before it wrote its config, e.g.
-    Ctrl-C while torch loads) starts the run, saying so on stderr. Raises UsageError instead of
-    overwriting anything."""
+class Opened(NamedTuple):
+    """What opening a training run folder found: state ("new", "resume" or "done"), the checkpoint
+    to continue from (open_run, for "resume"; else None) and a note for the user, or None: the
+    library never prints, the command says it (on stderr)."""
+
+    state: str
+    checkpoint: dict | None = None
+    note: str | None = None
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> Opened:
+    """Check that out may hold this run; returns its state, 'new', 'resume' or 'done' (no
+    checkpoint read). Writes config.json for a new run. With resume, a missing or empty out (a run
+    stopped before it wrote its config, e.g. Ctrl-C while torch loads) starts the run, with a note
+    that says so. Raises UsageError instead of overwriting anything."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -327,12 +337,12 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
         check_same_config(out, read_json_object(cfg_path, "; choose another --out"), config)
         if (out / "results.json").is_file():
             read_results(out, config, _redo_hint(out))
-            return "done"
+            return Opened("done")
         if not (out / "checkpoint.pt").is_file():
-            return "new"  # stopped before its first checkpoint: nothing to continue, start it again
+            return Opened("new")  # stopped before its first checkpoint: nothing to continue, start it again
         if not resume:
             raise UsageError(f"{out} holds an unfinished run of this configuration; pass --resume to continue it")
-        return "resume"
+        return Opened("resume")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a non-empty folder that holds no run of this tool; choose another")
     try:
@@ -340,18 +350,19 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> str:
         write_json(cfg_path, config)
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    if resume:  # e.g. Ctrl-C before the run wrote its config: what --resume was advised for
-        print(f"note: {out} held no run yet (stopped before it started): starting it", file=sys.stderr)
-    return "new"
+    # e.g. Ctrl-C before the run wrote its config: what --resume was advised for
+    note = f"note: {out} held no run yet (stopped before it started): starting it" if resume else None
+    return Opened("new", note=note)
 
 
 def open_run(out: Path, config: dict, resume: bool | None, held: contextlib.ExitStack | None = None,
-             require: tuple = ()) -> tuple[str, dict | None]:
+             require: tuple = ()) -> Opened:
     """The one way to open a training run folder: prepare_run_dir (the same configuration, or a new
     folder), then, unless the run is done and when held is given, the folder's lock (exclusive,
     entered into held; a run finished by another process meanwhile is then "done") and the removal
-    of a killed writer's temporary files. Returns (state, checkpoint): "new", "resume" or "done",
-    and the checkpoint to continue from (load_checkpoint(..., require)) for "resume", else None.
+    of a killed writer's temporary files. Returns Opened(state, checkpoint, note): "new", "resume"
+    or "done", the checkpoint to continue from (load_checkpoint(..., require)) for "resume", else
+    None, and prepare_run_dir's note.
 
     resume None: continue whatever the folder holds (IMP rounds, instability copies), as
     resume=True when it holds a config.json. A run stopped before its first checkpoint starts
@@ -359,14 +370,14 @@ def open_run(out: Path, config: dict, resume: bool | None, held: contextlib.Exit
     out = Path(out)
     if resume is None:
         resume = (out / "config.json").is_file()
-    state = prepare_run_dir(out, config, resume)
+    state, _, note = prepare_run_dir(out, config, resume)
     if state != "done" and held is not None:
         held.enter_context(exclusive(out))
         if (out / "results.json").is_file():  # finished by another process a moment ago
             state = "done"
         else:
             remove_temp_files(out)  # left by a process killed while writing (we hold the folder now)
-    return state, (load_checkpoint(out / "checkpoint.pt", require) if state == "resume" else None)
+    return Opened(state, load_checkpoint(out / "checkpoint.pt", require) if state == "resume" else None, note)
 
 
 @contextlib.contextmanager

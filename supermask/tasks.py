@@ -18,8 +18,7 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import desc, threads
-from .cli import Parser, number, run_main
-from .flags import add_fields
+from .cli import Parser, add_fields, number, run_main
 from .sequences import BENCHMARKS, SEQUENCE_DATASETS, VAL_SIZE, run_sequence, sequence_config, sequence_name
 from .storage import check_writable
 

@@ -6,7 +6,8 @@ import pytest
 from supermask.errors import UsageError
 import torch
 
-from supermask import compare, training
+from supermask import compare, comparison, desc, training
+from supermask import imp as imp_cli
 from supermask import train as train_cli
 from supermask.cli import run_main
 
@@ -28,8 +29,7 @@ def train_calls(monkeypatch):
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train", spy)  # what supermask.imp calls
-    monkeypatch.setattr(train_cli, "train", spy)  # supermask.train's own import of it
+    monkeypatch.setattr(training, "train", spy)  # what train_run and lottery call
     return seen
 
 
@@ -42,11 +42,11 @@ def test_compare_runs_once_then_reuses(tmp_path, train_calls):
     names = sorted(p.name for p in runs.iterdir())
     assert sum(n.startswith("imp_") for n in names) == 3 and sum(not n.startswith("imp_") for n in names) == 2
     table = (out / "table.md").read_text()
-    for method in compare.METHOD_ORDER:
+    for method in comparison.METHOD_ORDER:
         assert f"| {method} |" in table
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == set(compare.METHOD_ORDER)
+    assert {r["method"] for r in rows} == set(comparison.METHOD_ORDER)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (out / "plot.png").unlink()
 
@@ -88,3 +88,37 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, train_calls, extra, message
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
     assert train_calls == [] and not (tmp_path / "runs").exists()
+
+
+def test_compare_names_its_runs_as_the_commands_do(tmp_path):
+    """compare builds run descriptions, not argv: each planned run's folder is the one supermask.train or
+    supermask.imp names from the same flags (a k or width given with more digits than ":g" prints included, as
+    when compare passed them as flags), so the runs either made are found again."""
+    argv = ["--dataset", "fashion-mnist", "--widths", "2.5", "--imp-widths", "0.5", "--ks", "0.1234567,1",
+            "--seeds", "3", "--epochs", "7", "--lr", "0.05", "--momentum", "0.8", "--weight-decay", "5e-4",
+            "--schedule", "none", "--batch-size", "64", "--val-size", "100", "--init", "kaiming_uniform",
+            "--scale-fan", "--rounds", "3", "--prune-rate", "0.3", "--scope", "global", "--rewind-iter", "20",
+            "--val-every", "0", "--pai", "snip", "--pai-checks", "reinit", "--runs-dir", str(tmp_path)]
+    args = compare.parser().parse_args(argv)
+    compare.validate(args)
+    common = ["--dataset", "fashion-mnist", "--seed", "3", "--epochs", "7", "--lr", "0.05", "--momentum", "0.8",
+              "--weight-decay", "5e-4", "--schedule", "none", "--batch-size", "64", "--val-size", "100"]
+    train = [["--dense"], ["--k", "0.123457", "--init", "kaiming_uniform", "--scale-fan"],
+             ["--dense", "--prune-at-init", "snip", "--k", "0.123457"],
+             ["--dense", "--prune-at-init", "snip", "--k", "0.123457", "--pai-check", "reinit"],
+             ["--k", "1", "--init", "kaiming_uniform", "--scale-fan"],
+             ["--dense", "--prune-at-init", "snip", "--k", "1"],
+             ["--dense", "--prune-at-init", "snip", "--k", "1", "--pai-check", "reinit"]]
+    expected = []
+    for extra in train:
+        a = train_cli.parse_args([*common, "--width", "2.5", *extra])
+        train_cli.validate(a)
+        expected.append(desc.train_name(desc.train_identity(a)))
+    imp = [*common, "--width", "0.5", "--rounds", "3", "--prune-rate", "0.3", "--scope", "global", "--rewind-iter",
+           "20", "--val-every", "0"]
+    for extra in ([], ["--control", "reinit"], ["--control", "random-mask"]):
+        a = imp_cli.parser().parse_args([*imp, *extra])
+        imp_cli.validate(a)
+        expected.append(desc.imp_name(desc.imp_identity(a)))
+    assert sorted(job.out.name for job in comparison.plan(args)) == sorted(expected)
+    assert all(job.out.parent == tmp_path for job in comparison.plan(args))

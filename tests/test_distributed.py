@@ -84,7 +84,7 @@ def _worker(rank: int, port: int, tmp: str):
     # 2. A full run, 3. an interrupted one and 4. its resume, all through supermask.train's CLI main.
     active[0] = True
     train_cli.main([*RUN, "--out", str(tmp / "dist")])
-    orig = train_cli.train
+    orig = training.train  # what train_run.run calls
 
     def stopping(*a, **k):
         steps = [0]
@@ -96,13 +96,13 @@ def _worker(rank: int, port: int, tmp: str):
 
         return orig(*a, **{**k, "after_step": after})
 
-    train_cli.train = stopping
+    training.train = stopping
     try:
         train_cli.main([*RUN, "--out", str(tmp / "resumed")])
         report["stopped"] = False
     except _Stop:
         report["stopped"] = True
-    train_cli.train = orig
+    training.train = orig
     distributed.barrier()
     train_cli.main([*RUN, "--out", str(tmp / "resumed"), "--resume"])
     # 5. A streamed ImageFolder dataset: DataLoader shards, evaluation sharded and all-reduced.

@@ -9,7 +9,7 @@ import torch
 
 from supermask import desc
 from supermask import data as data_mod
-from supermask import imp, pruning, training
+from supermask import imp, lottery, pruning, training
 from supermask.cli import run_main
 
 BASE = ["--dataset", "synthetic", "--width", "0.05", "--epochs", "2", "--rounds", "2", "--val-every", "5",
@@ -66,7 +66,7 @@ def test_storage_contract_and_nothing_recomputed(tmp_path, calls):
             assert (rdir / name).is_file()
         c = ckpt(rdir / "checkpoint.pt")
         masks = c["masks"]
-        dense = imp._dense_model(config, data_mod.load("synthetic"))
+        dense = lottery._dense_model(config, data_mod.load("synthetic"))
         assert set(masks) == {n for n, _ in pruning.prunable_layers(dense)}
         for name, m in masks.items():
             assert m.dtype == torch.bool
@@ -80,7 +80,7 @@ def test_storage_contract_and_nothing_recomputed(tmp_path, calls):
             assert torch.equal(start[f"{name}.weight"], torch.where(m, w0, torch.zeros_like(w0)))
         prev = masks
     # The pruned weights of round 1 are the smallest-magnitude survivors of round 0's trained weights.
-    trained = imp._dense_model(config, data_mod.load("synthetic"))
+    trained = lottery._dense_model(config, data_mod.load("synthetic"))
     trained.load_state_dict(ckpt(out / "round_00" / "checkpoint.pt")["model"])
     expected = pruning.magnitude_masks(trained, None, 0.2, "layer")
     for name, m in ckpt(out / "round_01" / "checkpoint.pt")["masks"].items():
@@ -138,7 +138,7 @@ def test_rewind_iteration_is_exact(tmp_path, calls):
     # Replay round 0 alone and capture the weights after 7 iterations.
     config = json.loads((out / "config.json").read_text())
     ds = data_mod.load("synthetic")
-    model = imp._dense_model(config, ds)
+    model = lottery._dense_model(config, ds)
     captured, count = {}, [0]
 
     def after_step(m):
@@ -219,8 +219,8 @@ def test_a_finished_imp_run_on_read_only_storage_is_read(tmp_path, calls, capsys
     def no_lock(run_dir):
         raise UsageError(f"cannot write to {run_dir}: Read-only file system")
 
-    monkeypatch.setattr(imp, "exclusive", no_lock)
-    monkeypatch.setattr(imp, "write_json", read_only)
+    monkeypatch.setattr(lottery, "exclusive", no_lock)
+    monkeypatch.setattr(lottery, "write_json", read_only)
     for rounds in ("1", "0"):  # the whole run, and fewer rounds than it holds
         assert run_main("imp", imp.main, [*argv, "--rounds", rounds]) == 0
         assert "round" in capsys.readouterr().out
@@ -299,3 +299,29 @@ def test_cli_argparse_error_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "supermask.imp", "--scope", "neuron"], capture_output=True, text=True,
                        cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--scope" in r.stderr
+
+
+def test_an_imp_call_reads_its_config_json_once(tmp_path, calls, monkeypatch):
+    """run_imp reads the run's config.json once, whether the run is new, extended or finished (it used to read it
+    again to see whether the run was finished, again to extend it, and again for every results.json it wrote);
+    results.json's config is still what config.json holds."""
+    out = tmp_path / "ticket"
+    argv = [*BASE, "--epochs", "1", "--out", str(out)]
+    real = lottery.read_json_object
+    reads = []
+
+    def counted(path, *a, **k):
+        reads.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(lottery, "read_json_object", counted)
+    # (rounds asked for, rounds trained, reads of config.json): new (none to read), extended, finished
+    for rounds, trained, n in (("1", ["round_00", "round_01"], 0), ("2", ["round_02"], 1), ("2", [], 1)):
+        reads.clear()
+        calls.clear()
+        assert imp.main([*argv, "--rounds", rounds]) == 0
+        assert [c[0] for c in calls] == trained
+        assert reads.count(out / "config.json") == n
+        stored = json.loads((out / "config.json").read_text())
+        assert stored["rounds"] == int(rounds)
+        assert json.loads((out / "results.json").read_text())["config"] == stored

@@ -10,6 +10,7 @@ from supermask import desc
 from supermask import data as data_mod
 from supermask import imp as imp_mod
 from supermask import instability as inst
+from supermask import stability
 from supermask.cli import run_main
 
 needs_fashion = pytest.mark.skipif(not data_mod._find_idx(data_mod.DEBIAN_FASHION_MNIST),
@@ -31,21 +32,21 @@ def files(folder: Path) -> dict:
 
 
 def test_error_barrier_and_interpolation_by_hand():
-    assert inst.error_barrier([10.0, 15.0, 12.0]) == 15.0 - 11.0
-    assert inst.error_barrier([12.0, 11.0, 10.0]) == 1.0  # an end point is the maximum: max - mean
+    assert stability.error_barrier([10.0, 15.0, 12.0]) == 15.0 - 11.0
+    assert stability.error_barrier([12.0, 11.0, 10.0]) == 1.0  # an end point is the maximum: max - mean
     a = {"w": torch.tensor([1.0, -2.0, 0.1]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 2.0, 0.7]), "n": torch.tensor(5)}
-    assert torch.equal(inst.interpolate(a, b, 0.0)["w"], a["w"])
-    assert torch.equal(inst.interpolate(a, b, 1.0)["w"], b["w"])
-    assert torch.equal(inst.interpolate(a, b, 0.5)["w"], torch.tensor([2.0, 0.0, 0.4]))
-    assert inst.interpolate(a, b, 0.5)["n"] == 3  # integer buffers are not interpolated
+    assert torch.equal(stability.interpolate(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(stability.interpolate(a, b, 1.0)["w"], b["w"])
+    assert torch.equal(stability.interpolate(a, b, 0.5)["w"], torch.tensor([2.0, 0.0, 0.4]))
+    assert stability.interpolate(a, b, 0.5)["n"] == 3  # integer buffers are not interpolated
 
 
 def test_stability_to_pruning_by_hand():
     masks = {"l": torch.tensor([[True, False], [True, True]])}
     ticket = {"l.weight": torch.tensor([[1.0, 0.0], [2.0, 2.0]])}
     dense = {"l.weight": torch.tensor([[4.0, 9.0], [2.0, -2.0]])}
-    got = inst.stability_to_pruning(ticket, dense, masks)
+    got = stability.stability_to_pruning(ticket, dense, masks)
     # kept entries: (1-4, 2-2, 2+2) -> sqrt(9 + 0 + 16) = 5; dense kept norm sqrt(16 + 4 + 4) = sqrt(24)
     assert got["l2_distance"] == pytest.approx(5.0)
     assert got["normalised"] == pytest.approx(5.0 / 24 ** 0.5)
@@ -55,18 +56,18 @@ def test_stability_to_pruning_by_hand():
 def test_same_data_order_gives_barrier_zero_and_copies_are_bit_identical(tmp_path):
     args = inst.parser().parse_args(FM)
     inst.validate(args)
-    config = inst.base_config(args)
+    config = desc.instability_identity(args)
     dataset = data_mod.load("fashion-mnist", "data", 5000)
     device = torch.device("cpu")
-    _, states = inst.rewind_states(config, [0], dataset, device, tmp_path / "r0", "torch", False)
+    _, states = stability.rewind_states(config, [0], dataset, device, tmp_path / "r0", "torch", False)
     # two copies trained independently (two runs folders) with the same data order
-    a, b = (inst.train_copy(config, 0, 7, states[0], None, dataset, device, tmp_path / d, "torch", False,
+    a, b = (stability.train_copy(config, 0, 7, states[0], None, dataset, device, tmp_path / d, "torch", False,
                             log=lambda *_: None) for d in ("ra", "rb"))
     sa, sb = (torch.load(c / "checkpoint.pt", weights_only=True)["model"] for c in (a, b))
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
-    path = inst.error_path(config, sa, sb, dataset, device, 5, "torch")
+    path = stability.error_path(config, sa, sb, dataset, device, 5, "torch")
     errors = [p["test_error"] for p in path]
-    assert inst.error_barrier(errors) == 0.0 and len(set(errors)) == 1
+    assert stability.error_barrier(errors) == 0.0 and len(set(errors)) == 1
     # and through the command line
     out = tmp_path / "same"
     assert run(FM + ["--data-seeds", "3,3", "--points", "4", "--runs-dir", str(tmp_path / "runs"),
@@ -127,7 +128,7 @@ def test_ticket_copies_share_the_mask_and_stability_to_pruning_is_reported(tmp_p
                 assert bool((state["model"][f"{n}.weight"][~m] == 0).all())
         dense = torch.load(Path(row["dense_copy"]) / "checkpoint.pt", weights_only=True)["model"]
         ticket_final = torch.load(Path(row["copies"][0]) / "checkpoint.pt", weights_only=True)["model"]
-        assert row["stability_to_pruning"] == inst.stability_to_pruning(ticket_final, dense, masks)
+        assert row["stability_to_pruning"] == stability.stability_to_pruning(ticket_final, dense, masks)
         assert row["stability_to_pruning"]["l2_distance"] > 0
         assert "dense" in Path(row["dense_copy"]).name and "_m" not in Path(row["dense_copy"]).name
     # the dense copy is the one the dense analysis trains (shared, not recomputed)
@@ -209,10 +210,10 @@ def test_batchnorm_statistics_are_re_estimated_at_every_point(tmp_path):
     row = json.loads((out / "instability.json").read_text())["rows"][0]
     args = inst.parser().parse_args(argv)
     inst.validate(args)
-    config = inst.base_config(args)
+    config = desc.instability_identity(args)
     dataset = data_mod.load("synthetic")
     a, b = (torch.load(Path(c) / "checkpoint.pt", weights_only=True)["model"] for c in row["copies"])
-    mid = inst.interpolate(a, b, 0.5)
+    mid = stability.interpolate(a, b, 0.5)
     model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
     model.load_state_dict(mid)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

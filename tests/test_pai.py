@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from supermask import data as data_mod
 from supermask import desc
 from supermask import pai, pruning
 from supermask import train as train_mod
@@ -206,7 +207,7 @@ def test_train_prune_at_init_holds_the_mask_and_is_stored(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["params_kept"] == num_kept(total, 0.1)  # round(k * N), half up
     # the mask is the one pai_masks chooses on the untrained network of the config
-    dataset = train_mod.data_mod.load("synthetic")
+    dataset = data_mod.load("synthetic")
     model = desc.build_model(config, dataset.input_shape, dataset.num_classes)
     again = pai.pai_masks(model, "snip", 0.1, "global", pai.scoring_batch(dataset, 128, 0))
     assert all(torch.equal(again[n], masks[n]) for n in masks)

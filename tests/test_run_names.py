@@ -12,7 +12,7 @@ import pytest
 
 from supermask import desc
 from supermask import imp as imp_mod
-from supermask import instability
+from supermask import instability, stability
 from supermask import train as train_mod
 from supermask.cli import run_main
 
@@ -70,9 +70,10 @@ def imp_names(argv):
 def instability_names(argv):
     args = instability.parser().parse_args(argv)
     instability.validate(args)
-    config = instability.base_config(args)
-    oconfig = instability.out_config(args, config, None)
-    return oconfig, instability.out_name(oconfig, config), instability.copy_name(config, 0, 1, None)
+    config = desc.instability_identity(args)
+    mode = "edge-popup" if args.edge_popup else "dense"
+    oconfig = stability.out_config(config, mode, None, args.data_seed_list, args.points)
+    return oconfig, stability.out_name(oconfig, config), stability.copy_name(config, 0, 1, None)
 
 
 @pytest.mark.parametrize("argv,name", TRAIN, ids=[n for _, n in TRAIN])
