@@ -191,6 +191,207 @@ def _check_edges(model: nn.Module, k, skip) -> None:
                              f"leave it out with skip=({name!r},)")
 
 
+@dataclass
+class _Graph:
+    """The model's graph as convert reads it: the first name of each module (by id), the ids of the
+    modules in skip, every module once, the parents of each module and the owners of each
+    parameter ((module, attribute) pairs, by id of the child / parameter)."""
+
+    first_name: dict[int, str]
+    skipped: set[int]
+    modules: list[nn.Module]
+    parents: dict[int, list[tuple[nn.Module, str]]]
+    owners: dict[int, list[tuple[nn.Module, str]]]
+
+    @classmethod
+    def of(cls, model: nn.Module, skip: set[str]) -> "_Graph":
+        first_name: dict[int, str] = {}
+        skipped: set[int] = set()
+        for name, m in model.named_modules(remove_duplicate=False):
+            first_name.setdefault(id(m), name)
+            if name in skip:
+                skipped.add(id(m))
+        modules = [m for _, m in model.named_modules()]
+        parents: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for m in modules:
+            for attr, child in m._modules.items():
+                if child is not None:
+                    parents[id(child)].append((m, attr))
+            for pname, p in m._parameters.items():
+                if p is not None:
+                    owners[id(p)].append((m, pname))
+        return cls(first_name, skipped, modules, parents, owners)
+
+    def pname(self, m: nn.Module, pname: str) -> str:
+        """The parameter's name as model.named_parameters() gives it (before the conversion)."""
+        prefix = self.first_name[id(m)]
+        return f"{prefix}.{pname}" if prefix else pname
+
+
+@dataclass
+class _Plan:
+    """What convert will do (nothing changes until the plan is complete and, with strict, clean)."""
+
+    to_mask: dict[int, list[tuple[nn.Module, str]]] = field(default_factory=dict)  # id(weight) -> its holders
+    biases: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, keep as zero)
+    norms: list[nn.Module] = field(default_factory=list)
+    to_freeze: list[nn.Parameter] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # ids of parameters already accounted for
+
+
+def _layer_tensors(m: nn.Module, embeddings: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weights to mask, biases to remove or zero) of a module, by its kind."""
+    if isinstance(m, _MASKED_MODULES) or _is_hf_conv1d(m):
+        return ("weight",), ("bias",)
+    if isinstance(m, nn.Embedding) and embeddings == "mask":
+        return ("weight",), ()
+    if isinstance(m, nn.MultiheadAttention):
+        return _MHA_WEIGHTS, ("in_proj_bias",)
+    return (), ()
+
+
+def _plan_layers(graph: _Graph, embeddings: str | None, report: ConvertReport) -> _Plan:
+    """The weights to mask, the biases to remove or zero and the norms to make non-affine;
+    parameters of skipped modules go to report.skipped. Raises ConvertError for a lazy layer."""
+    plan = _Plan()
+    for m in graph.modules:
+        if _is_ours(m):
+            plan.seen.update(id(p) for p in m._parameters.values() if p is not None)
+            continue
+        if id(m) in graph.skipped:
+            for pname, p in m._parameters.items():
+                if p is not None and id(p) not in plan.seen:
+                    plan.seen.add(id(p))
+                    report.skipped.append(graph.pname(m, pname))
+            continue
+        params = {n: p for n, p in m._parameters.items() if p is not None}
+        if isinstance(m, _NORMS) and params:
+            plan.norms.append(m)
+            continue
+        weights, bias_names = _layer_tensors(m, embeddings)
+        for n in weights:
+            p = params.get(n)
+            if p is None:
+                continue
+            if isinstance(p, nn.parameter.UninitializedParameter):  # no shape yet: nothing to mask or freeze
+                raise ConvertError(f"{graph.pname(m, n)}: lazy {type(m).__name__} not initialised; run one "
+                                   "forward through the model before convert")
+            plan.to_mask.setdefault(id(p), [])
+        for n in bias_names:
+            if params.get(n) is not None:
+                # A reader outside the module's forward (the parent's code, MHA's fused kernel)
+                # may need a tensor: keep a frozen zero there; elsewhere remove it.
+                keep = (isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
+                        or _read_by_parent(graph.parents[id(m)]))
+                plan.biases.append((m, n, keep))
+    # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
+    for pid in plan.to_mask:
+        plan.to_mask[pid] = [(m, n) for m, n in graph.owners[pid] if id(m) not in graph.skipped]
+    return plan
+
+
+def _plan_freeze(graph: _Graph, plan: _Plan, embeddings: str | None, report: ConvertReport) -> None:
+    """Every other float parameter is frozen: report.frozen, or report.unhandled for a layer weight
+    convert cannot mask (named like one, of a module it does not know, or another parametrization's)."""
+    bias_ids = {id(m._parameters[n]) for m, n, _ in plan.biases}
+    norm_ids = {id(m) for m in plan.norms}
+    for m in graph.modules:
+        if _is_ours(m) or id(m) in graph.skipped or id(m) in norm_ids:
+            continue
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in plan.to_mask or id(p) in bias_ids or id(p) in plan.seen:
+                continue
+            plan.seen.add(id(p))
+            if not p.is_floating_point():
+                continue
+            plan.to_freeze.append(p)
+            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention)) or (
+                embeddings == "freeze" and isinstance(m, nn.Embedding))
+            if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
+                report.unhandled.append(f"{graph.pname(m, pname)} (parametrized by {type(m[0]).__name__})")
+            elif _WEIGHT_LIKE.search(pname) and not known:
+                report.unhandled.append(f"{graph.pname(m, pname)} ({type(m).__name__})")
+            else:
+                report.frozen.append(graph.pname(m, pname))
+
+
+def _refuse_or_warn(report: ConvertReport, strict: bool) -> None:
+    """ConvertError (strict) or a warning (pointing at convert's caller) for report.unhandled."""
+    if report.unhandled:
+        msg = ("convert cannot mask " + _few(report.unhandled) +
+               "; they would stay dense (frozen). Mask them yourself (supermask.parametrize.mask_parameter) "
+               "or skip their modules")
+        if strict:
+            raise ConvertError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _mask_weights(graph: _Graph, plan: _Plan, report: ConvertReport, k, init, scale_fan, seed
+                  ) -> dict[int, nn.Module]:
+    """Mask every planned weight: a fused layer where it may be (returned by id of the module it
+    replaces), else through the parametrization."""
+    fused: dict[int, nn.Module] = {}
+    for holders in plan.to_mask.values():
+        m, n = holders[0]
+        name = graph.first_name[id(m)] if n == "weight" else graph.pname(m, n)
+        weight = m._parameters[n]
+        report.masked.append(graph.pname(m, n))
+        report.masked_numel += weight.numel()
+        if len(holders) == 1 and _fuse_ok(m, graph.parents[id(m)]):
+            fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
+            report.fused += 1
+        else:
+            mask_parameter(holders, k, init, scale_fan, seed, name, transposed=_is_hf_conv1d(m))
+    return fused
+
+
+def _drop_biases(graph: _Graph, plan: _Plan, report: ConvertReport, fused: dict[int, nn.Module]) -> None:
+    """Remove the planned biases, or keep them as frozen zeros where a reader needs a tensor."""
+    for m, n, keep in plan.biases:
+        if id(m) in fused:
+            report.removed.append(graph.pname(m, n))
+            continue
+        p = m._parameters[n]
+        if keep:
+            with torch.no_grad():
+                p.zero_()
+            p.requires_grad_(False)
+            report.zeroed.append(graph.pname(m, n))
+        else:
+            m.register_parameter(n, None)
+            report.removed.append(graph.pname(m, n))
+
+
+def _make_non_affine(graph: _Graph, plan: _Plan, report: ConvertReport, fused: dict[int, nn.Module]) -> None:
+    """Every planned norm loses its scale and shift: a plain BatchNorm1d/2d becomes a
+    NonAffineBatchNorm (added to fused), any other norm is made non-affine in place."""
+    for m in plan.norms:
+        report.non_affine += [graph.pname(m, n) for n, p in m._parameters.items() if p is not None]
+        if (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and graph.parents[id(m)]
+                and not any(getattr(m, h) for h in _HOOKS)):
+            # as before: NonAffineBatchNorm, which supermask.export bakes back into nn.BatchNorm2d
+            fused[id(m)] = NonAffineBatchNorm(m.num_features, m.eps, m.momentum, m.track_running_stats,
+                                              device=m.weight.device if m.weight is not None else None)
+        else:
+            for n in ("weight", "bias"):
+                if m._parameters.get(n) is not None:
+                    m.register_parameter(n, None)
+            for flag in ("affine", "elementwise_affine"):
+                if hasattr(m, flag):
+                    setattr(m, flag, False)
+            if getattr(m, "track_running_stats", False):
+                m.reset_running_stats()  # statistics of the old weights mean nothing for the new ones
+
+
+def _replace(graph: _Graph, fused: dict[int, nn.Module]) -> None:
+    """Put each new module (by id of the one it replaces) in every parent's slot of the old one."""
+    for m in graph.modules:
+        if id(m) in fused:
+            for parent, attr in graph.parents[id(m)]:
+                setattr(parent, attr, fused[id(m)])
+
+
 def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
             skip: tuple[str, ...] = (), mask: str = "topk", strict: bool = False,
@@ -235,153 +436,16 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
     _check_edges(model, k, skip)  # before anything changes
     if not inplace:
         model = copy.deepcopy(model)
-    skip = set(skip)
     report = ConvertReport()
-
-    # --- the model's graph: module names, parents of each module, owners of each parameter ---
-    first_name: dict[int, str] = {}
-    skipped: set[int] = set()
-    for name, m in model.named_modules(remove_duplicate=False):
-        first_name.setdefault(id(m), name)
-        if name in skip:
-            skipped.add(id(m))
-    modules = [m for _, m in model.named_modules()]
-    parents: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for m in modules:
-        for attr, child in m._modules.items():
-            if child is not None:
-                parents[id(child)].append((m, attr))
-        for pname, p in m._parameters.items():
-            if p is not None:
-                owners[id(p)].append((m, pname))
-
-    def pname_of(m, pname):
-        prefix = first_name[id(m)]
-        return f"{prefix}.{pname}" if prefix else pname
-
-    # --- plan (nothing changes until the plan is complete and, with strict, clean) ---
-    to_mask: dict[int, list[tuple[nn.Module, str]]] = {}  # id(weight) -> every (module, name) holding it
-    biases: list[tuple[nn.Module, str, bool]] = []  # (module, name, keep as zero)
-    norms: list[nn.Module] = []
-    seen: set[int] = set()
-    for m in modules:
-        if _is_ours(m):
-            seen.update(id(p) for p in m._parameters.values() if p is not None)
-            continue
-        if id(m) in skipped:
-            for pname, p in m._parameters.items():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    report.skipped.append(pname_of(m, pname))
-            continue
-        params = {n: p for n, p in m._parameters.items() if p is not None}
-        if isinstance(m, _NORMS) and params:
-            norms.append(m)
-            continue
-        weights: tuple[str, ...] = ()
-        bias_names: tuple[str, ...] = ()
-        if isinstance(m, _MASKED_MODULES) or _is_hf_conv1d(m):
-            weights, bias_names = ("weight",), ("bias",)
-        elif isinstance(m, nn.Embedding) and embeddings == "mask":
-            weights = ("weight",)
-        elif isinstance(m, nn.MultiheadAttention):
-            weights, bias_names = _MHA_WEIGHTS, ("in_proj_bias",)
-        for n in weights:
-            p = params.get(n)
-            if p is None:
-                continue
-            if isinstance(p, nn.parameter.UninitializedParameter):  # no shape yet: nothing to mask or freeze
-                raise ConvertError(f"{pname_of(m, n)}: lazy {type(m).__name__} not initialised; run one forward "
-                                   "through the model before convert")
-            to_mask.setdefault(id(p), [])
-        for n in bias_names:
-            if params.get(n) is not None:
-                # A reader outside the module's forward (the parent's code, MHA's fused kernel)
-                # may need a tensor: keep a frozen zero there; elsewhere remove it.
-                keep = (isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
-                        or _read_by_parent(parents[id(m)]))
-                biases.append((m, n, keep))
-    # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
-    for pid in to_mask:
-        to_mask[pid] = [(m, n) for m, n in owners[pid] if id(m) not in skipped]
-    masked_ids = set(to_mask)
-    bias_ids = {id(m._parameters[n]) for m, n, _ in biases}
-    to_freeze: list[nn.Parameter] = []
-    norm_ids = {id(m) for m in norms}
-    for m in modules:
-        if _is_ours(m) or id(m) in skipped or id(m) in norm_ids:
-            continue
-        for pname, p in m._parameters.items():
-            if p is None or id(p) in masked_ids or id(p) in bias_ids or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if not p.is_floating_point():
-                continue
-            to_freeze.append(p)
-            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention)) or (
-                embeddings == "freeze" and isinstance(m, nn.Embedding))
-            if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
-                report.unhandled.append(f"{pname_of(m, pname)} (parametrized by {type(m[0]).__name__})")
-            elif _WEIGHT_LIKE.search(pname) and not known:
-                report.unhandled.append(f"{pname_of(m, pname)} ({type(m).__name__})")
-            else:
-                report.frozen.append(pname_of(m, pname))
-    if report.unhandled:
-        msg = ("convert cannot mask " + _few(report.unhandled) +
-               "; they would stay dense (frozen). Mask them yourself (supermask.parametrize.mask_parameter) "
-               "or skip their modules")
-        if strict:
-            raise ConvertError(msg)
-        warnings.warn(msg, stacklevel=2)
-
-    # --- carry out the plan ---
-    fused: dict[int, nn.Module] = {}
-    for pid, holders in to_mask.items():
-        m, n = holders[0]
-        name = first_name[id(m)] if n == "weight" else pname_of(m, n)
-        weight = m._parameters[n]
-        report.masked.append(pname_of(m, n))
-        report.masked_numel += weight.numel()
-        if len(holders) == 1 and _fuse_ok(m, parents[id(m)]):
-            fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
-            report.fused += 1
-        else:
-            mask_parameter(holders, k, init, scale_fan, seed, name, transposed=_is_hf_conv1d(m))
-    for m, n, keep in biases:
-        if id(m) in fused:
-            report.removed.append(pname_of(m, n))
-            continue
-        p = m._parameters[n]
-        if keep:
-            with torch.no_grad():
-                p.zero_()
-            p.requires_grad_(False)
-            report.zeroed.append(pname_of(m, n))
-        else:
-            m.register_parameter(n, None)
-            report.removed.append(pname_of(m, n))
-    for m in norms:
-        report.non_affine += [pname_of(m, n) for n, p in m._parameters.items() if p is not None]
-        if (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and parents[id(m)]
-                and not any(getattr(m, h) for h in _HOOKS)):
-            # as before: NonAffineBatchNorm, which supermask.export bakes back into nn.BatchNorm2d
-            fused[id(m)] = NonAffineBatchNorm(m.num_features, m.eps, m.momentum, m.track_running_stats,
-                                              device=m.weight.device if m.weight is not None else None)
-        else:
-            for n in ("weight", "bias"):
-                if m._parameters.get(n) is not None:
-                    m.register_parameter(n, None)
-            for flag in ("affine", "elementwise_affine"):
-                if hasattr(m, flag):
-                    setattr(m, flag, False)
-            if getattr(m, "track_running_stats", False):
-                m.reset_running_stats()  # statistics of the old weights mean nothing for the new ones
-    for m in modules:
-        if id(m) in fused:
-            for parent, attr in parents[id(m)]:
-                setattr(parent, attr, fused[id(m)])
-    for p in to_freeze:
+    graph = _Graph.of(model, set(skip))
+    plan = _plan_layers(graph, embeddings, report)  # nothing changes until the plan is complete
+    _plan_freeze(graph, plan, embeddings, report)
+    _refuse_or_warn(report, strict)
+    fused = _mask_weights(graph, plan, report, k, init, scale_fan, seed)
+    _drop_biases(graph, plan, report, fused)
+    _make_non_affine(graph, plan, report, fused)
+    _replace(graph, fused)
+    for p in plan.to_freeze:
         p.requires_grad_(False)
     for _, layer in supermask_layers(model):
         layer.mask_kind = mask
