@@ -192,3 +192,35 @@ def test_refuses_a_model_already_converted(kwargs):
     model = sm.convert(nn.Sequential(nn.Linear(4, 3)), k=0.5)
     with pytest.raises(ValueError, match="already holds supermask layers"):
         sm.convert(model, **kwargs)
+
+
+def test_gpt2_keeps_its_weights_conv1d_and_tied_embedding():
+    """Hugging Face GPT-2 (transposed Conv1D weights, lm_head tied to wte): at init the masked
+    model's logits are the pretrained model's exactly; Conv1D biases and LayerNorms kept; only
+    scores train; baked == masked after the masks move."""
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (pip install '.[hf]')")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    want = gpt2(ids).logits
+    model, report = sm.convert(gpt2, weights="keep", mask="threshold", embeddings="freeze", strict=True,
+                               return_report=True)
+    model.eval()
+    assert torch.equal(model(ids).logits, want)
+    assert not report.removed and not report.zeroed and not report.non_affine
+    block = model.transformer.h[0]
+    assert torch.equal(block.attn.c_attn.bias, gpt2.transformer.h[0].attn.c_attn.bias)
+    assert torch.equal(block.attn.c_attn.parametrizations.weight.original, gpt2.transformer.h[0].attn.c_attn.weight)
+    assert model.lm_head.parametrizations.weight[0] is model.transformer.wte.parametrizations.weight[0]  # tied
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".scores") for n in trainable)
+    model.eval()
+    assert not all(layer.mask().all() for _, layer in sm.supermask_layers(model))
+    assert torch.equal(bake(model)(ids).logits, model(ids).logits)
