@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, supermask_layers
+from .parametrize import remove_masks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -19,7 +20,8 @@ from .layers import NonAffineBatchNorm, SupermaskConv2d, SupermaskLinear, superm
 @torch.no_grad()
 def bake(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of model made of plain torch.nn modules: every supermask layer an nn.Linear / nn.Conv2d
-    holding weight * mask (eval-mode effective weight), every NonAffineBatchNorm an
+    holding weight * mask (eval-mode effective weight), every parametrized weight a plain Parameter
+    holding weight * mask (supermask.parametrize.remove_masks), every NonAffineBatchNorm an
     nn.BatchNorm2d(affine=False) with its running statistics; with masks (IMP), weight * mask for
     those layers. Call prime(model) first for global top-k."""
     model.eval()
@@ -49,6 +51,7 @@ def bake(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.M
                 new.weight.requires_grad_(False)
             if new is not None:
                 setattr(parent, child_name, new.eval())
+    remove_masks(out)  # parametrized weights (convert's safe path, weights="keep"): plain weight * mask
     for name, mask in (masks or {}).items():
         layer = out.get_submodule(name)
         layer.weight.mul_(mask.to(layer.weight.dtype))

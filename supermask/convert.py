@@ -23,6 +23,13 @@
 - **frozen**: anything else (class tokens, position embeddings, layer_scale, relative position bias
   tables, ...) keeps its value with requires_grad False.
 
+``convert(model, weights="keep")`` learns a mask over the model's own (pretrained) weights instead
+(Mallya et al. 2018, "Piggyback"; Zhao et al. 2020, "Masking as an efficient alternative to
+finetuning"): every masked weight keeps its values (frozen, through the parametrization, never
+fused), and biases and normalisations keep theirs (frozen, nothing removed or made non-affine).
+``mask="threshold"`` is Piggyback's mask style: keep every weight whose |score| >= ``threshold``
+(5e-3), scores initialised at ``score_init`` (1e-2, so training starts from the full network).
+
 So the scores are the only trained tensors. Shared modules stay shared (one supermask module, one
 scores tensor) and tied weights stay tied (one parametrization, one scores tensor).
 """
@@ -31,8 +38,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import numbers
 import logging
+import math
+import numbers
 import re
 import warnings
 from collections import defaultdict
@@ -49,6 +57,11 @@ from .parametrize import SupermaskParametrization, mask_parameter
 
 TOPK_SCOPES = ("layer", "global")
 EMBEDDINGS = ("mask", "freeze")
+WEIGHTS = ("redraw", "keep")  # redraw: edge-popup's random weights; keep: the model's own, frozen
+MASKS = (*MASK_KINDS, "threshold")
+THRESHOLD = 5e-3  # mask="threshold": Piggyback's tau (Mallya et al. 2018, section 3)
+THRESHOLD_SCORE_INIT = 1e-2  # mask="threshold": Piggyback's score init, above tau (full network at start)
+SCORE_INITS = ("magnitude",)  # besides a number: |weight| (top-k then starts as magnitude pruning)
 log = logging.getLogger(__name__)
 
 _MASKED_MODULES = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1/2/3d and ConvTranspose1/2/3d
@@ -191,18 +204,288 @@ def _check_edges(model: nn.Module, k, skip) -> None:
                              f"leave it out with skip=({name!r},)")
 
 
-def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", scale_fan: bool = False,
+@dataclass
+class _Graph:
+    """The model's graph as convert reads it: the first name of each module (by id), the ids of the
+    modules in skip, every module once, the parents of each module and the owners of each
+    parameter ((module, attribute) pairs, by id of the child / parameter)."""
+
+    first_name: dict[int, str]
+    skipped: set[int]
+    modules: list[nn.Module]
+    parents: dict[int, list[tuple[nn.Module, str]]]
+    owners: dict[int, list[tuple[nn.Module, str]]]
+
+    @classmethod
+    def of(cls, model: nn.Module, skip: set[str]) -> "_Graph":
+        first_name: dict[int, str] = {}
+        skipped: set[int] = set()
+        for name, m in model.named_modules(remove_duplicate=False):
+            first_name.setdefault(id(m), name)
+            if name in skip:
+                skipped.add(id(m))
+        modules = [m for _, m in model.named_modules()]
+        parents: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for m in modules:
+            for attr, child in m._modules.items():
+                if child is not None:
+                    parents[id(child)].append((m, attr))
+            for pname, p in m._parameters.items():
+                if p is not None:
+                    owners[id(p)].append((m, pname))
+        return cls(first_name, skipped, modules, parents, owners)
+
+    def pname(self, m: nn.Module, pname: str) -> str:
+        """The parameter's name as model.named_parameters() gives it (before the conversion)."""
+        prefix = self.first_name[id(m)]
+        return f"{prefix}.{pname}" if prefix else pname
+
+
+@dataclass
+class _Plan:
+    """What convert will do (nothing changes until the plan is complete and, with strict, clean)."""
+
+    to_mask: dict[int, list[tuple[nn.Module, str]]] = field(default_factory=dict)  # id(weight) -> its holders
+    biases: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, name, keep as zero)
+    norms: list[nn.Module] = field(default_factory=list)
+    to_freeze: list[nn.Parameter] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # ids of parameters already accounted for
+
+
+def _layer_tensors(m: nn.Module, embeddings: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weights to mask, biases to remove or zero) of a module, by its kind."""
+    if isinstance(m, _MASKED_MODULES) or _is_hf_conv1d(m):
+        return ("weight",), ("bias",)
+    if isinstance(m, nn.Embedding) and embeddings == "mask":
+        return ("weight",), ()
+    if isinstance(m, nn.MultiheadAttention):
+        return _MHA_WEIGHTS, ("in_proj_bias",)
+    return (), ()
+
+
+def _plan_layers(graph: _Graph, embeddings: str | None, keep: bool, report: ConvertReport) -> _Plan:
+    """The weights to mask, the biases to remove or zero and the norms to make non-affine (keep:
+    no bias nor norm, they stay as they are, frozen); parameters of skipped modules go to
+    report.skipped. Raises ConvertError for a lazy layer."""
+    plan = _Plan()
+    for m in graph.modules:
+        if _is_ours(m):
+            plan.seen.update(id(p) for p in m._parameters.values() if p is not None)
+            continue
+        if id(m) in graph.skipped:
+            for pname, p in m._parameters.items():
+                if p is not None and id(p) not in plan.seen:
+                    plan.seen.add(id(p))
+                    report.skipped.append(graph.pname(m, pname))
+            continue
+        params = {n: p for n, p in m._parameters.items() if p is not None}
+        if isinstance(m, _NORMS) and params:
+            if not keep:
+                plan.norms.append(m)
+            continue
+        weights, bias_names = _layer_tensors(m, embeddings)
+        if keep:
+            bias_names = ()
+        for n in weights:
+            p = params.get(n)
+            if p is None:
+                continue
+            if isinstance(p, nn.parameter.UninitializedParameter):  # no shape yet: nothing to mask or freeze
+                raise ConvertError(f"{graph.pname(m, n)}: lazy {type(m).__name__} not initialised; run one "
+                                   "forward through the model before convert")
+            plan.to_mask.setdefault(id(p), [])
+        for n in bias_names:
+            if params.get(n) is not None:
+                # A reader outside the module's forward (the parent's code, MHA's fused kernel)
+                # may need a tensor: keep a frozen zero there; elsewhere remove it.
+                as_zero = (isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
+                           or _read_by_parent(graph.parents[id(m)]))
+                plan.biases.append((m, n, as_zero))
+    # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
+    for pid in plan.to_mask:
+        plan.to_mask[pid] = [(m, n) for m, n in graph.owners[pid] if id(m) not in graph.skipped]
+    return plan
+
+
+def _plan_freeze(graph: _Graph, plan: _Plan, embeddings: str | None, keep: bool, report: ConvertReport) -> None:
+    """Every other float parameter is frozen: report.frozen, or report.unhandled for a layer weight
+    convert cannot mask (named like one, of a module it does not know, or another parametrization's)."""
+    bias_ids = {id(m._parameters[n]) for m, n, _ in plan.biases}
+    norm_ids = {id(m) for m in plan.norms}
+    for m in graph.modules:
+        if _is_ours(m) or id(m) in graph.skipped or id(m) in norm_ids:
+            continue
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in plan.to_mask or id(p) in bias_ids or id(p) in plan.seen:
+                continue
+            plan.seen.add(id(p))
+            if not p.is_floating_point():
+                continue
+            plan.to_freeze.append(p)
+            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention)) or _is_hf_conv1d(m) or (
+                embeddings == "freeze" and isinstance(m, nn.Embedding)) or (keep and isinstance(m, _NORMS))
+            if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
+                report.unhandled.append(f"{graph.pname(m, pname)} (parametrized by {type(m[0]).__name__})")
+            elif _WEIGHT_LIKE.search(pname) and not known:
+                report.unhandled.append(f"{graph.pname(m, pname)} ({type(m).__name__})")
+            else:
+                report.frozen.append(graph.pname(m, pname))
+
+
+def _refuse_or_warn(report: ConvertReport, strict: bool) -> None:
+    """ConvertError (strict) or a warning (pointing at convert's caller) for report.unhandled."""
+    if report.unhandled:
+        msg = ("convert cannot mask " + _few(report.unhandled) +
+               "; they would stay dense (frozen). Mask them yourself (supermask.parametrize.mask_parameter) "
+               "or skip their modules")
+        if strict:
+            raise ConvertError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _mask_weights(graph: _Graph, plan: _Plan, report: ConvertReport, k, init, scale_fan, seed, keep: bool,
+                  fuse: bool) -> dict[int, nn.Module]:
+    """Mask every planned weight: with fuse, a fused layer where it may be (returned by id of the
+    module it replaces), else through the parametrization (keep: the weight keeps its values)."""
+    fused: dict[int, nn.Module] = {}
+    for holders in plan.to_mask.values():
+        m, n = holders[0]
+        name = graph.first_name[id(m)] if n == "weight" else graph.pname(m, n)
+        weight = m._parameters[n]
+        report.masked.append(graph.pname(m, n))
+        report.masked_numel += weight.numel()
+        if fuse and len(holders) == 1 and _fuse_ok(m, graph.parents[id(m)]):
+            fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
+            report.fused += 1
+        else:
+            mask_parameter(holders, k, init, scale_fan, seed, name, transposed=_is_hf_conv1d(m), keeps_weight=keep)
+    return fused
+
+
+def _drop_biases(graph: _Graph, plan: _Plan, report: ConvertReport, fused: dict[int, nn.Module]) -> None:
+    """Remove the planned biases, or keep them as frozen zeros where a reader needs a tensor."""
+    for m, n, keep in plan.biases:
+        if id(m) in fused:
+            report.removed.append(graph.pname(m, n))
+            continue
+        p = m._parameters[n]
+        if keep:
+            with torch.no_grad():
+                p.zero_()
+            p.requires_grad_(False)
+            report.zeroed.append(graph.pname(m, n))
+        else:
+            m.register_parameter(n, None)
+            report.removed.append(graph.pname(m, n))
+
+
+def _make_non_affine(graph: _Graph, plan: _Plan, report: ConvertReport, fused: dict[int, nn.Module]) -> None:
+    """Every planned norm loses its scale and shift: a plain BatchNorm1d/2d becomes a
+    NonAffineBatchNorm (added to fused), any other norm is made non-affine in place."""
+    for m in plan.norms:
+        report.non_affine += [graph.pname(m, n) for n, p in m._parameters.items() if p is not None]
+        if (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and graph.parents[id(m)]
+                and not any(getattr(m, h) for h in _HOOKS)):
+            # as before: NonAffineBatchNorm, which supermask.export bakes back into nn.BatchNorm2d
+            fused[id(m)] = NonAffineBatchNorm(m.num_features, m.eps, m.momentum, m.track_running_stats,
+                                              device=m.weight.device if m.weight is not None else None)
+        else:
+            for n in ("weight", "bias"):
+                if m._parameters.get(n) is not None:
+                    m.register_parameter(n, None)
+            for flag in ("affine", "elementwise_affine"):
+                if hasattr(m, flag):
+                    setattr(m, flag, False)
+            if getattr(m, "track_running_stats", False):
+                m.reset_running_stats()  # statistics of the old weights mean nothing for the new ones
+
+
+def _replace(graph: _Graph, fused: dict[int, nn.Module]) -> None:
+    """Put each new module (by id of the one it replaces) in every parent's slot of the old one."""
+    for m in graph.modules:
+        if id(m) in fused:
+            for parent, attr in graph.parents[id(m)]:
+                setattr(parent, attr, fused[id(m)])
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_options(model: nn.Module, k, topk, mask, embeddings, weights, threshold, score_init):
+    """convert's option checks, before anything changes; returns (k, threshold) with the mask's
+    defaults filled in. ValueError for a name outside its choices, an option the mask does not
+    use (k or topk="global" with mask="threshold", threshold without it), a threshold that is not
+    > 0, a non-finite score_init, a model already holding supermask layers when weights are kept
+    or masks thresholded (convert the original model); TypeError for a threshold or score_init
+    that is not a number (or, for score_init, "magnitude")."""
+    for name, value, choices in (("topk", topk, TOPK_SCOPES), ("mask", mask, MASKS), ("weights", weights, WEIGHTS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if embeddings is not None and embeddings not in EMBEDDINGS:
+        raise ValueError(f"embeddings must be one of {EMBEDDINGS} or None, got {embeddings!r}")
+    if mask == "threshold":
+        if k is not None or topk != "layer":
+            raise ValueError("k and topk are top-k options; mask='threshold' keeps every weight whose |score| >= "
+                             "threshold: leave them out")
+        threshold = THRESHOLD if threshold is None else threshold
+        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
+            raise TypeError(f"threshold must be a number > 0, got {type(threshold).__name__} {threshold!r}")
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+    elif threshold is not None:
+        raise ValueError(f"threshold is mask='threshold''s option, not mask={mask!r}'s")
+    if score_init is not None and score_init not in SCORE_INITS:
+        if not isinstance(score_init, numbers.Real) or isinstance(score_init, bool):
+            raise TypeError(f"score_init must be a number or one of {SCORE_INITS}, got "
+                            f"{type(score_init).__name__} {score_init!r}")
+        if not _is_number(score_init):
+            raise ValueError(f"score_init must be finite, got {score_init!r}")
+    if (weights == "keep" or mask == "threshold") and supermask_layers(model):
+        raise ValueError(f"model already holds supermask layers: weights={weights!r}, mask={mask!r} mask a "
+                         "model's own weights; convert the original model")
+    return (1.0 if mask == "threshold" else 0.5 if k is None else k), threshold  # (threshold: k unused)
+
+
+@torch.no_grad()
+def _set_scores(model: nn.Module, mask: str, threshold: float | None, score_init) -> None:
+    """Every supermask layer gets the mask style and its scores score_init (a number: every score;
+    "magnitude": |weight|; None: the mask's default, Piggyback's 1e-2 for mask="threshold",
+    else the scores as drawn)."""
+    if mask == "threshold" and score_init is None:
+        score_init = THRESHOLD_SCORE_INIT
+    for _, layer in supermask_layers(model):
+        if mask == "threshold":
+            layer.use_threshold(threshold)
+        else:
+            layer.mask_kind = mask
+        if score_init == "magnitude":
+            layer.scores.copy_(layer.weight.abs())
+        elif score_init is not None:
+            layer.scores.fill_(score_init)
+
+
+def convert(model: nn.Module, k: float | None = None, init: str = "signed_constant", scale_fan: bool = False,
             seed: int | None = 0, topk: str = "layer", inplace: bool = False,
             skip: tuple[str, ...] = (), mask: str = "topk", strict: bool = False,
-            return_report: bool = False, embeddings: str | None = None):
+            return_report: bool = False, embeddings: str | None = None, weights: str = "redraw",
+            threshold: float | None = None, score_init: float | str | None = None):
     """Make model a supermask model (a copy unless inplace); see the module docstring for what
     happens to each parameter.
 
-    k: fraction of each layer's weights kept (topk="global": of all masked weights together).
-    init: weight init of supermask.init.INITS. With a seed, weights and scores are generated
-    deterministically per layer name; seed=None draws from torch's global RNG. Module names in
-    ``skip`` are left as they are (e.g. a dense first layer). mask="sampled" gives
-    Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k.
+    k: fraction of each layer's weights kept (topk="global": of all masked weights together;
+    default 0.5; top-k only). init: weight init of supermask.init.INITS. With a seed, weights and
+    scores are generated deterministically per layer name; seed=None draws from torch's global RNG.
+    Module names in ``skip`` are left as they are (e.g. a dense first layer). mask="sampled" gives
+    Bernoulli(sigmoid(score)) masks instead of edge-popup's top-k; mask="threshold" keeps every
+    weight whose |score| >= threshold (default 5e-3, Piggyback's), gradient straight through.
+
+    weights: "redraw" (edge-popup: every masked weight drawn with ``init``) or "keep" (the model's
+    own weights, frozen, with its biases and normalisations, frozen; ``init``, ``scale_fan`` unused;
+    every masked weight through the parametrization). score_init: the scores' initial value, a
+    number (every score; mask="threshold"'s default 1e-2 > threshold starts from the full network)
+    or "magnitude" (|weight|); None: 1e-2 for mask="threshold", else edge-popup's draw.
 
     A parameter named like a layer weight or bias (``weight``, ``bias_k``, ``weight_ih_l0``) of a
     module convert does not know (nn.Embedding, nn.LSTM, nn.PReLU, a custom layer) cannot be
@@ -222,169 +505,28 @@ def convert(model: nn.Module, k: float = 0.5, init: str = "signed_constant", sca
 
     The report (a ConvertReport: what was masked, made non-affine, removed, zeroed, frozen) is
     logged at INFO level on logger ``supermask.convert`` and, with return_report, returned as
-    ``(model, report)``. Raises ValueError for a bad topk, mask or k, for a model already converted
-    with another k (refused: convert the original model) and for a layer with no weights (name it
-    in skip); TypeError for a k that is not a number.
+    ``(model, report)``. Raises ValueError for a bad topk, mask, weights or k, for a model already
+    converted with another k (refused: convert the original model) and for a layer with no weights
+    (name it in skip); TypeError for a k that is not a number; for threshold and score_init see
+    _check_options.
     """
-    if topk not in TOPK_SCOPES:
-        raise ValueError(f"topk must be one of {TOPK_SCOPES}, got {topk!r}")
-    if mask not in MASK_KINDS:
-        raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
-    if embeddings is not None and embeddings not in EMBEDDINGS:
-        raise ValueError(f"embeddings must be one of {EMBEDDINGS} or None, got {embeddings!r}")
+    k, threshold = _check_options(model, k, topk, mask, embeddings, weights, threshold, score_init)
     _check_edges(model, k, skip)  # before anything changes
     if not inplace:
         model = copy.deepcopy(model)
-    skip = set(skip)
     report = ConvertReport()
-
-    # --- the model's graph: module names, parents of each module, owners of each parameter ---
-    first_name: dict[int, str] = {}
-    skipped: set[int] = set()
-    for name, m in model.named_modules(remove_duplicate=False):
-        first_name.setdefault(id(m), name)
-        if name in skip:
-            skipped.add(id(m))
-    modules = [m for _, m in model.named_modules()]
-    parents: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for m in modules:
-        for attr, child in m._modules.items():
-            if child is not None:
-                parents[id(child)].append((m, attr))
-        for pname, p in m._parameters.items():
-            if p is not None:
-                owners[id(p)].append((m, pname))
-
-    def pname_of(m, pname):
-        prefix = first_name[id(m)]
-        return f"{prefix}.{pname}" if prefix else pname
-
-    # --- plan (nothing changes until the plan is complete and, with strict, clean) ---
-    to_mask: dict[int, list[tuple[nn.Module, str]]] = {}  # id(weight) -> every (module, name) holding it
-    biases: list[tuple[nn.Module, str, bool]] = []  # (module, name, keep as zero)
-    norms: list[nn.Module] = []
-    seen: set[int] = set()
-    for m in modules:
-        if _is_ours(m):
-            seen.update(id(p) for p in m._parameters.values() if p is not None)
-            continue
-        if id(m) in skipped:
-            for pname, p in m._parameters.items():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    report.skipped.append(pname_of(m, pname))
-            continue
-        params = {n: p for n, p in m._parameters.items() if p is not None}
-        if isinstance(m, _NORMS) and params:
-            norms.append(m)
-            continue
-        weights: tuple[str, ...] = ()
-        bias_names: tuple[str, ...] = ()
-        if isinstance(m, _MASKED_MODULES) or _is_hf_conv1d(m):
-            weights, bias_names = ("weight",), ("bias",)
-        elif isinstance(m, nn.Embedding) and embeddings == "mask":
-            weights = ("weight",)
-        elif isinstance(m, nn.MultiheadAttention):
-            weights, bias_names = _MHA_WEIGHTS, ("in_proj_bias",)
-        for n in weights:
-            p = params.get(n)
-            if p is None:
-                continue
-            if isinstance(p, nn.parameter.UninitializedParameter):  # no shape yet: nothing to mask or freeze
-                raise ConvertError(f"{pname_of(m, n)}: lazy {type(m).__name__} not initialised; run one forward "
-                                   "through the model before convert")
-            to_mask.setdefault(id(p), [])
-        for n in bias_names:
-            if params.get(n) is not None:
-                # A reader outside the module's forward (the parent's code, MHA's fused kernel)
-                # may need a tensor: keep a frozen zero there; elsewhere remove it.
-                keep = (isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
-                        or _read_by_parent(parents[id(m)]))
-                biases.append((m, n, keep))
-    # Every holder of a masked weight reads it masked (a weight tied to an nn.Embedding included).
-    for pid in to_mask:
-        to_mask[pid] = [(m, n) for m, n in owners[pid] if id(m) not in skipped]
-    masked_ids = set(to_mask)
-    bias_ids = {id(m._parameters[n]) for m, n, _ in biases}
-    to_freeze: list[nn.Parameter] = []
-    norm_ids = {id(m) for m in norms}
-    for m in modules:
-        if _is_ours(m) or id(m) in skipped or id(m) in norm_ids:
-            continue
-        for pname, p in m._parameters.items():
-            if p is None or id(p) in masked_ids or id(p) in bias_ids or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if not p.is_floating_point():
-                continue
-            to_freeze.append(p)
-            known = isinstance(m, (*_MASKED_MODULES, nn.MultiheadAttention)) or (
-                embeddings == "freeze" and isinstance(m, nn.Embedding))
-            if isinstance(m, parametrize.ParametrizationList):  # another parametrization's tensor
-                report.unhandled.append(f"{pname_of(m, pname)} (parametrized by {type(m[0]).__name__})")
-            elif _WEIGHT_LIKE.search(pname) and not known:
-                report.unhandled.append(f"{pname_of(m, pname)} ({type(m).__name__})")
-            else:
-                report.frozen.append(pname_of(m, pname))
-    if report.unhandled:
-        msg = ("convert cannot mask " + _few(report.unhandled) +
-               "; they would stay dense (frozen). Mask them yourself (supermask.parametrize.mask_parameter) "
-               "or skip their modules")
-        if strict:
-            raise ConvertError(msg)
-        warnings.warn(msg, stacklevel=2)
-
-    # --- carry out the plan ---
-    fused: dict[int, nn.Module] = {}
-    for pid, holders in to_mask.items():
-        m, n = holders[0]
-        name = first_name[id(m)] if n == "weight" else pname_of(m, n)
-        weight = m._parameters[n]
-        report.masked.append(pname_of(m, n))
-        report.masked_numel += weight.numel()
-        if len(holders) == 1 and _fuse_ok(m, parents[id(m)]):
-            fused[id(m)] = _fused_layer(name, m, k, init, scale_fan, seed)
-            report.fused += 1
-        else:
-            mask_parameter(holders, k, init, scale_fan, seed, name, transposed=_is_hf_conv1d(m))
-    for m, n, keep in biases:
-        if id(m) in fused:
-            report.removed.append(pname_of(m, n))
-            continue
-        p = m._parameters[n]
-        if keep:
-            with torch.no_grad():
-                p.zero_()
-            p.requires_grad_(False)
-            report.zeroed.append(pname_of(m, n))
-        else:
-            m.register_parameter(n, None)
-            report.removed.append(pname_of(m, n))
-    for m in norms:
-        report.non_affine += [pname_of(m, n) for n, p in m._parameters.items() if p is not None]
-        if (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and parents[id(m)]
-                and not any(getattr(m, h) for h in _HOOKS)):
-            # as before: NonAffineBatchNorm, which supermask.export bakes back into nn.BatchNorm2d
-            fused[id(m)] = NonAffineBatchNorm(m.num_features, m.eps, m.momentum, m.track_running_stats,
-                                              device=m.weight.device if m.weight is not None else None)
-        else:
-            for n in ("weight", "bias"):
-                if m._parameters.get(n) is not None:
-                    m.register_parameter(n, None)
-            for flag in ("affine", "elementwise_affine"):
-                if hasattr(m, flag):
-                    setattr(m, flag, False)
-            if getattr(m, "track_running_stats", False):
-                m.reset_running_stats()  # statistics of the old weights mean nothing for the new ones
-    for m in modules:
-        if id(m) in fused:
-            for parent, attr in parents[id(m)]:
-                setattr(parent, attr, fused[id(m)])
-    for p in to_freeze:
+    graph = _Graph.of(model, set(skip))
+    keep = weights == "keep"
+    plan = _plan_layers(graph, embeddings, keep, report)  # nothing changes until the plan is complete
+    _plan_freeze(graph, plan, embeddings, keep, report)
+    _refuse_or_warn(report, strict)
+    fused = _mask_weights(graph, plan, report, k, init, scale_fan, seed, keep, fuse=not keep and mask != "threshold")
+    _drop_biases(graph, plan, report, fused)
+    _make_non_affine(graph, plan, report, fused)
+    _replace(graph, fused)
+    for p in plan.to_freeze:
         p.requires_grad_(False)
-    for _, layer in supermask_layers(model):
-        layer.mask_kind = mask
+    _set_scores(model, mask, threshold, score_init)
     if topk == "global" and mask == "topk":
         use_global_topk(model, k)
     log.info("%s", report)

@@ -18,7 +18,7 @@ COMMANDS = {"train", "imp", "instability", "compare", "export", "analyze", "runs
 COMMAND_FILES = COMMANDS | {"cli"}
 MAX_LINES = 80
 # Functions still over MAX_LINES in this branch (file, function): remove a row when it is split.
-KNOWN_LONG = {("convert", "convert")}
+KNOWN_LONG: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, ast.Module]:
