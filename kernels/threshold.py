@@ -468,7 +468,8 @@ def _cold_finish_kernel(x_ptr, n, q, floats_ptr, ints_ptr, radix_ptr, counts_ptr
             limit = _cold_tie_limit(x_ptr, n, vbits, ties, counts_ptr, n_chunks, chunk, MAX_CHUNKS, BLOCK)
         _store_threshold(value_ptr, ties_ptr, limit_ptr, vbits, ties, equal, limit)
         # the policy's cold start: the density between the selections q ranks either side
-        width = tl.load(radix_ptr + 1).to(tl.float32, bitcast=True) - tl.load(radix_ptr + 2).to(tl.float32, bitcast=True)
+        above_bits, below_bits = tl.load(radix_ptr + 1), tl.load(radix_ptr + 2)
+        width = above_bits.to(tl.float32, bitcast=True) - below_bits.to(tl.float32, bitcast=True)
         tl.store(floats_ptr + _VALUE, vbits.to(tl.float32, bitcast=True))
         tl.store(floats_ptr + _DENSITY, _cold_density(q, width))
         tl.store(floats_ptr + _SHIFT, 0.0)
