@@ -196,6 +196,9 @@ def stage_tiny(res: C.Results, args) -> None:
             _linear_once(x, w, s, torch.randn(5, 7, device=C.DEV), 40, choice)
         sg = s.clone().requires_grad_()
         ops.masked_weight(w, sg, 40, -1, C.FUSED_PATH).sum().backward()
+        sid = ops.new_state()  # a layer's state: the warm-start kernels (a cold step, then the band)
+        for _ in range(2):
+            ops.masked_weight(w, sg, 40, sid, C.FUSED_PATH).sum().backward()
         torch.ops.supermask.topk_threshold(s, 40, C.FUSED_PATH)
         C.sync()
         res.row("tiny launches", kernels=",".join(sorted(C.kernel_names())))

@@ -20,10 +20,10 @@ from supermask import ops
 from supermask.mask import num_kept
 
 try:
-    from supermask.kernels.masked_linear import size_bucket
+    from supermask.kernels.masked_linear import linear_choice_key
 except ImportError:  # reported by the preflight
-    def size_bucket(n: int) -> int:
-        return max(16, 1 << max(0, n - 1).bit_length())
+    def linear_choice_key(M: int, N: int, K: int, dtype) -> tuple:
+        return (max(16, 1 << max(0, M - 1).bit_length()), N, K, dtype)
 
 FC = [(750, 784), (250, 750), (10, 250)]  # fc x width 2.5: (out, in)
 
@@ -124,7 +124,7 @@ def _time_linear(res: C.Results, M, N, K, dtype, tf32, autotune) -> None:
     res.row(case, dense_ms=t["dense"], reference_ms=t["reference"], fused_ms=t["fused"], cublas_ms=t["cublas"],
             fused_vs_dense=t["fused"] / t["dense"], fused_vs_reference=t["fused"] / t["reference"],
             fused_vs_cublas=t["fused"] / t["cublas"], suggest=suggest,
-            key=repr((size_bucket(M), N, K, dtype)), autotune=autotune)
+            key=repr(linear_choice_key(M, N, K, dtype)), autotune=autotune)
 
 
 def stage_kernels(res: C.Results, args) -> None:

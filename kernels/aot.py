@@ -103,11 +103,13 @@ def _signature(name: str, variant: str, dt: str, constexprs: dict):
         div16 = ["a_ptr", "b_ptr", "w_ptr", "s_ptr", "c_ptr",
                  "stride_ak", "stride_bk", "stride_wm", "stride_sm", "stride_cm"]
     elif name == "_radix_histogram_kernel":
-        sig = dict(x_ptr=ptr, n="i32", state_ptr="*i32", hist_ptr="*i32")
+        sig = dict(x_ptr=ptr, n="i32", state_ptr="*i32", hist_ptr="*i32", gate_ptr="*i32")
         div16 = ["x_ptr", "state_ptr", "hist_ptr"]
+        consts = {"RANKS": 1, "GATED": False, **consts}  # (the cold select's defaults)
     elif name == "_radix_scan_kernel":
-        sig = dict(state_ptr="*i32", hist_ptr="*i32", n_hist="i32")
+        sig = dict(state_ptr="*i32", hist_ptr="*i32", n_hist="i32", gate_ptr="*i32")
         div16 = ["state_ptr", "hist_ptr"]
+        consts = {"RANKS": 1, "GATED": False, **consts}
     else:
         for a in fn.arg_names:
             sig[a] = "i32"

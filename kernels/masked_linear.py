@@ -338,11 +338,22 @@ def matmul_ste(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, s: torch.Tenso
 # a prediction (the fused GEMM at ~50-65% of cuBLAS on large problems, where the W * mask pass is
 # amortised over many batch rows; small batches save the pass and its W-sized write).
 # benchmarks/gpu_check measures both and may record its answer in LINEAR_CHOICE (keyed by
-# (size_bucket(batch), out_features, in_features, dtype)); SUPERMASK_LINEAR=fused|cublas forces one.
+# linear_choice_key: the shape, dtype and, for fp32, the matmul precisions, as TF32 on or off changes
+# which one wins); SUPERMASK_LINEAR=fused|cublas forces one.
 # ---------------------------------------------------------------------------------------------
 LINEAR_CHOICE: dict[tuple, str] = {}
 CUBLAS_MIN_BATCH = 1024  # predicted: from this batch bucket ...
 CUBLAS_MIN_WEIGHT = 1 << 22  # ... and weight size (entries) on, masked weight + cuBLAS
+
+
+def linear_choice_key(batch: int, n_out: int, n_in: int, dtype: torch.dtype) -> tuple:
+    """LINEAR_CHOICE's key: (size_bucket(batch), n_out, n_in, dtype, precision). precision, for fp32
+    only (None for fp16/bf16): (the fused kernels' tl.dot precision, _common.get_fp32_precision();
+    torch.get_float32_matmul_precision(), which decides whether cuBLAS uses TF32), e.g. ("tf32", "high")."""
+    precision = None
+    if dtype == torch.float32:
+        precision = (_common.get_fp32_precision(), torch.get_float32_matmul_precision())
+    return (size_bucket(batch), n_out, n_in, dtype, precision)
 
 
 def linear_choice(batch: int, n_out: int, n_in: int, dtype: torch.dtype) -> str:
@@ -350,7 +361,7 @@ def linear_choice(batch: int, n_out: int, n_in: int, dtype: torch.dtype) -> str:
     forced = os.environ.get("SUPERMASK_LINEAR")
     if forced in ("fused", "cublas"):
         return forced
-    key = (size_bucket(batch), n_out, n_in, dtype)
+    key = linear_choice_key(batch, n_out, n_in, dtype)
     if key in LINEAR_CHOICE:
         return LINEAR_CHOICE[key]
     return "cublas" if key[0] >= CUBLAS_MIN_BATCH and n_out * n_in >= CUBLAS_MIN_WEIGHT else "fused"

@@ -156,20 +156,57 @@ def band_target(n: int) -> int:
     return min(_BAND_TARGET_MAX, max(_BAND_TARGET_MIN, n >> 9))
 
 
+def density_ranks(n: int, n_keep: int) -> int:
+    """q: a cold start measures the density between the (n_keep - q)-th and (n_keep + q)-th largest."""
+    return min(n_keep - 1, n - n_keep, _DENSITY_RANKS)
+
+
+# The policy's arithmetic, in the subset of Python that Triton compiles too (scalars, + - * /, max,
+# if; constants as arguments): the host paths call these functions, and kernels/threshold.py
+# compiles these very functions (triton.jit) into the Triton path's warm-start kernels, which run
+# them on the device in fp32. One policy, not a copy per device.
+def band_half_width(target, density, shift, shift_factor):
+    """Half width of the band around the last threshold: room for `target` entries at `density`
+    entries per unit of magnitude, and at least shift_factor times the last move `shift`."""
+    return max(target / (2 * density), shift_factor * shift)
+
+
+def band_moved(value, density, v, n_band, width):
+    """(density, shift) once a band `width` wide holding n_band entries proved the threshold v (the
+    last one: value): the density as a running mean (unchanged when width <= 0), shift = |v - value|."""
+    shift = max(v - value, value - v)
+    if width > 0:
+        density = 0.5 * density + 0.5 * max(n_band, 1.0) / width
+    return density, shift
+
+
+def cold_density(q, width):
+    """The density after a cold selection: 2q entries lie between the selections q ranks either side
+    of the threshold, `width` apart (0 when width is 0: no estimate)."""
+    density = width * 0.0
+    if width > 0:
+        density = 2 * q / width
+    return density
+
+
+def band_edges(value, half):
+    """(lo, hi): the band of half width `half` around the last threshold `value`, never below 0."""
+    return max(value - half, 0.0), value + half
+
+
 def band_bounds(state: "TopKWarmStart", n: int, dtype: torch.dtype) -> tuple[float, float, float]:
     """(lo, hi, half): the band [lo, hi] around state.value (in dtype's rounding) and its half width."""
-    half = max(band_target(n) / (2 * state.density), _BAND_SHIFT * state.shift)
-    v0 = state.value
-    return _as_dtype(max(v0 - half, 0.0), dtype), _as_dtype(v0 + half, dtype), half
+    half = band_half_width(band_target(n), state.density, state.shift, _BAND_SHIFT)
+    lo, hi = band_edges(state.value, half)
+    return _as_dtype(lo, dtype), _as_dtype(hi, dtype), half
 
 
 def accept_band(state: "TopKWarmStart", v: float, n_band: float | None = None, lo: float = 0.0,
                 hi: float = 0.0) -> None:
     """The threshold v was proven: record its move and value; with the band [lo, hi] that held n_band
     entries, also the density of magnitudes around it (a running mean)."""
-    state.shift = abs(v - state.value)
-    if n_band is not None and hi > lo:
-        state.density = 0.5 * state.density + 0.5 * max(n_band, 1.0) / (hi - lo)
+    width = hi - lo if n_band is not None else 0.0
+    state.density, state.shift = band_moved(state.value, state.density, v, n_band or 0.0, width)
     state.value = v
 
 
@@ -177,9 +214,9 @@ def start_cold(state: "TopKWarmStart", key, v: float, n: int, n_keep: int, kth) 
     """Warm-start state after a cold selection of v: kth(r) is the r-th largest magnitude (the
     device's own selection), asked twice for the density of magnitudes around v."""
     state.cold += 1
-    q = min(n_keep - 1, n - n_keep, _DENSITY_RANKS)
+    q = density_ranks(n, n_keep)
     width = kth(n_keep - q) - kth(n_keep + q) if q >= 1 else 0.0
-    state.density = 2 * q / width if width > 0 else 0.0
+    state.density = cold_density(q, width)
     state.key, state.value, state.shift = key, v, 0.0
 
 
@@ -259,7 +296,7 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
     # The r-th largest of the candidates, itself warm-started: a narrow band around the last value
     # (Python-float bounds: torch rounds them to a's dtype the same way in every compare).
     v0 = state.value
-    half = max(band_target(s_flat.numel()) / (2 * state.density), _BAND_SHIFT * state.shift)
+    half = band_half_width(band_target(s_flat.numel()), state.density, state.shift, _BAND_SHIFT)
     lo, hi = v0 - half, v0 + half
     # float 0/1 compares into scratch buffers and a nonzero: bool masks are far slower on CPU
     inside = torch.ge(a, lo, out=_scratch(a.numel(), a.device, slot=3))

@@ -82,9 +82,11 @@ class LayerState(TopKWarmStart):
     forward (reference and Triton paths); the CPU kernels' masked weight ``buf`` (updated in place,
     valid for the weight ``buf_key``) and state bytes ``bits``, both valid for the forward
     ``fwd_key``; masked_weight's state bytes ``fresh_bits`` for ``fresh_key``; the band lists
-    ``band`` and the signed-constant weight test ``wconst`` (see supermask.cpu_kernels)."""
+    ``band`` and the signed-constant weight test ``wconst`` (see supermask.cpu_kernels); the Triton
+    path's warm-start state in device memory ``device_warm`` (kernels.DeviceWarmStart)."""
 
-    __slots__ = ("saved", "fwd_key", "fresh_bits", "fresh_key", "buf", "buf_key", "bits", "band", "wconst")
+    __slots__ = ("saved", "fwd_key", "fresh_bits", "fresh_key", "buf", "buf_key", "bits", "band", "wconst",
+                 "device_warm")
 
     def __init__(self):
         super().__init__()
@@ -92,6 +94,7 @@ class LayerState(TopKWarmStart):
         self.fwd_key = None
         self.fresh_bits = self.fresh_key = None
         self.buf = self.buf_key = self.bits = self.band = self.wconst = None
+        self.device_warm = None
 
 
 _states: dict[int, LayerState] = {}
@@ -252,9 +255,15 @@ def _threshold(scores: Tensor, n_keep: int, state: LayerState | None) -> Thresho
     return _cold_threshold(s.abs(), n_keep)
 
 
-def _device_threshold(scores: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+def _device_threshold(scores: Tensor, n_keep: int, state: LayerState | None = None) -> tuple[Tensor, Tensor]:
     from .kernels import topk_threshold_device  # noqa: PLC0415
-    value, _, limit = topk_threshold_device(scores.detach(), n_keep)
+    from .kernels.threshold import DeviceWarmStart, warm_topk_threshold_device  # noqa: PLC0415
+    if state is None:
+        value, _, limit = topk_threshold_device(scores.detach(), n_keep)
+        return value, limit
+    if state.device_warm is None:
+        state.device_warm = DeviceWarmStart()
+    value, _, limit = warm_topk_threshold_device(scores.detach(), n_keep, state.device_warm)
     return value, limit
 
 
@@ -360,7 +369,7 @@ def _mw_impl(kind: str, weight: Tensor, scores: Tensor, n_keep: int, state: int,
         return cpu_kernels.masked_weight_fresh(weight, scores.detach(), n_keep, st or LayerState())
     if kind == "triton":
         from .kernels import masked_weight_kernel  # noqa: PLC0415
-        th = _device_threshold(scores, n_keep)
+        th = _device_threshold(scores, n_keep, st)
         out = masked_weight_kernel(weight.detach(), scores.detach(), th[0], th[1])
     else:
         th = _threshold(scores, n_keep, st)
@@ -471,7 +480,7 @@ def _ml_impl(kind: str, x: Tensor, weight: Tensor, scores: Tensor, n_keep: int, 
         return F.linear(x, masked.to(x.dtype))
     if kind == "triton":
         from .kernels import masked_linear_forward  # noqa: PLC0415
-        th = _device_threshold(scores, n_keep)
+        th = _device_threshold(scores, n_keep, st)
         y = masked_linear_forward(x, weight.detach().to(x.dtype), scores.detach(), th[0], th[1])
     else:
         th = _threshold(scores, n_keep, st)

@@ -25,7 +25,8 @@ from supermask import ops  # noqa: E402
 
 # The launched kernels of supermask.kernels (what the AOT test compiles), for the introspection test.
 KERNELS = {"_masked_matmul_kernel", "_matmul_ste_kernel", "_radix_histogram_kernel", "_radix_scan_kernel",
-           "_masked_weight_kernel", "_ste_grad_kernel"}
+           "_masked_weight_kernel", "_ste_grad_kernel", "_warm_plan_kernel", "_warm_gather_kernel",
+           "_warm_select_kernel", "_tie_count_kernel", "_cold_finish_kernel"}
 
 
 def _env():

@@ -101,11 +101,37 @@ def test_fused_and_masked_weight_plus_mm_give_the_same_answer(monkeypatch, ties)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     monkeypatch.delenv("SUPERMASK_LINEAR")
     assert ML.linear_choice(8, 20, 30, torch.float32) == "fused"
-    ML.LINEAR_CHOICE[(ML.size_bucket(8), 20, 30, torch.float32)] = "cublas"
+    ML.LINEAR_CHOICE[ML.linear_choice_key(8, 20, 30, torch.float32)] = "cublas"
     try:
         assert ML.linear_choice(8, 20, 30, torch.float32) == "cublas"
     finally:
         ML.LINEAR_CHOICE.clear()
+
+
+def test_linear_choice_key_holds_the_fp32_matmul_precision():
+    """TF32 on or off changes which of fused / masked weight + cuBLAS wins: a choice measured under
+    one precision is not applied under the other (fp32); fp16/bf16 keys do not depend on it."""
+    old = torch.get_float32_matmul_precision()
+    try:
+        _common.set_fp32_precision(None)
+        torch.set_float32_matmul_precision("high")
+        tf32_key = ML.linear_choice_key(8, 20, 30, torch.float32)
+        assert tf32_key == (ML.size_bucket(8), 20, 30, torch.float32, ("tf32", "high"))
+        bf16_key = ML.linear_choice_key(8, 20, 30, torch.bfloat16)
+        ML.LINEAR_CHOICE[tf32_key] = "cublas"
+        ML.LINEAR_CHOICE[bf16_key] = "cublas"
+        assert ML.linear_choice(8, 20, 30, torch.float32) == "cublas"
+        torch.set_float32_matmul_precision("highest")  # IEEE fp32: the TF32 measurement does not apply
+        assert ML.linear_choice_key(8, 20, 30, torch.float32)[-1] == ("ieee", "highest")
+        assert ML.linear_choice(8, 20, 30, torch.float32) == "fused"
+        assert ML.linear_choice_key(8, 20, 30, torch.bfloat16) == bf16_key
+        assert ML.linear_choice(8, 20, 30, torch.bfloat16) == "cublas"
+        _common.set_fp32_precision("tf32x3")  # the fused kernels' own precision asked for: another key
+        assert ML.linear_choice_key(8, 20, 30, torch.float32)[-1] == ("tf32x3", "highest")
+    finally:
+        ML.LINEAR_CHOICE.clear()
+        _common.set_fp32_precision(None)
+        torch.set_float32_matmul_precision(old)
 
 
 def test_fp32_precision_follows_torch_unless_asked():

@@ -108,3 +108,20 @@ def test_issue_example_k_1e_4(path):
         with torch.no_grad():
             layer.scores.sub_(0.1 * layer.scores.grad)
         layer.scores.grad = None
+
+
+@pytest.mark.parametrize("n, n_keep", [(n, r) for n, r in cases() if n <= 16385 and n != 16384])  # (interpreter: small)
+def test_triton_warm_start(n, n_keep):
+    """kernels.threshold.warm_topk_threshold_device over a drifting step (cold first, then the band):
+    the mask the kernels apply (|s| > value, or == value below the tie limit) is the stable sort's."""
+    from supermask.kernels.threshold import DeviceWarmStart, warm_topk_threshold_device  # noqa: PLC0415
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = scores_for(n, seed=5)
+    g = torch.Generator().manual_seed(n)
+    warm = DeviceWarmStart()
+    for step in range(2):
+        value, _, limit = warm_topk_threshold_device(s.to(device), n_keep, warm)
+        a = s.abs()
+        got = (a > value.cpu()) | ((a == value.cpu()) & (torch.arange(n) < limit.cpu()))
+        assert torch.equal(got, oracle(s, n_keep)), step
+        s = s + 1e-3 * torch.randn(n, generator=g)
