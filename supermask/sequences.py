@@ -408,6 +408,8 @@ def write_plot(path: Path, results: dict) -> None:
     ax_f.set_xlabel("task")
     ax_f.set_ylabel("test accuracy (%)")
     ax_f.legend(loc="lower right", fontsize=8)
+    for axis in (ax_m.xaxis, ax_m.yaxis, ax_f.xaxis):  # tasks are whole numbers
+        axis.set_major_locator(plt.MaxNLocator(integer=True))
     c = results["config"]
     fig.suptitle(f"{c['benchmark']} {c['dataset']}: {n} tasks on one random fc (width {c['width']:g}, k {c['k']:g})")
     save_figure(fig, path, dpi=100)
