@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from . import comparison, desc, distributed, threads
 from . import pai as pai_mod
 from .cli import Parser, add_fields, add_training_args, number, resolve_backend, resolve_device, run_main
-from .data import DATASETS
 from .errors import UsageError, write_error
+from .data import DATASETS
 from .init import INITS
 from .models import MODELS
 from .storage import check_writable
@@ -89,10 +89,7 @@ def parser() -> Parser:
 
 def validate(args):
     """Check the flags and parse the comma-separated lists into args.*_list. Raises UsageError."""
-    if args.model not in MODELS:
-        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    if args.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    desc.check_training(args)  # model, dataset, and the training flags together (e.g. multistep's milestones)
     # (the lists are parsed and range-checked by their argparse types; strings when called as a library)
     args.seed_list = _ints(args.seeds, "--seeds") if isinstance(args.seeds, str) else list(args.seeds)
     args.k_list = _floats(args.ks, "--ks") if isinstance(args.ks, str) else list(args.ks)

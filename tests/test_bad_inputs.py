@@ -385,6 +385,13 @@ CASES = [
     Case("compare no widths at all", "compare", [*BASE_ARGV["compare"], "--widths", "", "--imp-widths", ""],
          "nothing to compare"),
     Case("compare empty ks", "compare", [*BASE_ARGV["compare"], "--ks", ""], "--ks is empty"),
+    # compare passes every training flag to its runs: the combinations train refuses, it refuses
+    Case("compare multistep without milestones", "compare", [*BASE_ARGV["compare"], "--schedule", "multistep"],
+         "--schedule multistep needs --milestones"),
+    Case("compare nesterov without momentum", "compare", [*BASE_ARGV["compare"], "--nesterov", "--momentum", "0"],
+         "--nesterov needs a momentum"),
+    Case("compare warmup beyond epochs", "compare", [*BASE_ARGV["compare"], "--warmup-epochs", "5"],
+         "--warmup-epochs must be in [0, --epochs]"),
     # 3. data files
     Case("data truncated gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", truncate(TRAIN_IMG)),
     Case("data flipped byte in gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", flip_byte(TRAIN_IMG)),
