@@ -77,13 +77,13 @@ NUMERIC_FLAGS = [
     ("--rewind-iter", ("imp", "compare"), ["-1", "1.5"]),
     ("--val-every", ("imp", "compare"), ["-1", "nan"]),
     ("--seeds", ("compare",), ["-1", "1,x", "nan"]),
-    ("--ks", ("compare",), ["0", "1.5", "nan", "0.5,inf"]),
-    ("--widths", ("compare",), ["0", "nan", "inf"]),
-    ("--imp-widths", ("compare",), ["-1", "nan"]),
+    ("--ks", ("compare",), ["0", "1.5", "nan", "0.5,inf", "0.5,1.5", "0.1,0,0.5"]),  # a k out of (0, 1] in the list
+    ("--widths", ("compare",), ["0", "nan", "inf", "1,0", "0.5,-1"]),  # a width <= 0 in the list
+    ("--imp-widths", ("compare",), ["-1", "nan", "1,0"]),
     ("--rewind-iters", ("instability",), ["-1", "0,x", "1.5"]),
     ("--points", ("instability",), ["1", "0", "nan"]),
     ("--data-seeds", ("instability",), ["-1,2", "1,x", str(2**40)]),
-    ("--round", ("instability",), ["-1", "1.5"]),
+    ("--round", ("instability",), ["-1", "1.5", "100"]),  # IMP rounds are 0 to 99 (desc.ROUND_FIELD)
 ]
 
 

@@ -1,4 +1,5 @@
 """python -m supermask.compare: runs stored under their config names, reused, table and plot."""
+import argparse
 import csv
 import json
 
@@ -7,10 +8,10 @@ import pytest
 from supermask.errors import UsageError
 import torch
 
-from supermask import compare, comparison, desc, training
+from supermask import compare, comparison, desc, instability, training
 from supermask import imp as imp_cli
 from supermask import train as train_cli
-from supermask.cli import run_main
+from supermask.cli import field_type, run_main
 
 ARGS = ["--dataset", "synthetic", "--widths", "0.05", "--imp-widths", "0.05", "--ks", "0.5", "--epochs", "1",
         "--rounds", "1", "--val-every", "5", "--seeds", "0", "--threads", "1", "--no-progress"]
@@ -187,3 +188,26 @@ def test_compare_trains_with_the_training_flags(tmp_path, monkeypatch, extra, st
     for cfg in configs:
         assert {key: getattr(cfg, key) for key in stored} == {
             key: tuple(v) if isinstance(v, list) else v for key, v in stored.items()}
+
+
+def _accepts(type_, text) -> bool:
+    try:
+        type_(text)
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command,flag,field", [
+    (compare, "--ks", desc.K_FIELD), (compare, "--widths", compare.WIDTH), (compare, "--imp-widths", compare.WIDTH),
+    (compare, "--seeds", compare.SEED), (instability, "--rewind-iters", instability.REWIND_ITERATION),
+    (instability, "--data-seeds", instability.DATA_SEED)])
+def test_list_flags_take_their_fields_ranges(command, flag, field):
+    """A list flag's item, first or after a valid one, is accepted exactly when the flag of its desc field
+    accepts it alone (cli.field_type): its range is the field's, written once (issue #23)."""
+    listed = next(a for a in command.parser()._actions if flag in a.option_strings).type
+    one = field_type(field)
+    for value in ["-1", "0", "0.1", "0.5", "1", "1.5", "2", "3", str(desc.SEED_MAX), str(2**40), "nan", "inf", "x"]:
+        want = _accepts(one, value)
+        assert _accepts(listed, value) == want and _accepts(listed, f"{field.default},{value}") == want, value
+    assert listed(f"{field.default},{field.default}") == (field.default, field.default)
