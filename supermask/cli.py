@@ -3,11 +3,11 @@
 The command layer is the command files (train, imp, instability, compare, export, analyze, runs)
 and this module, their common half: argparse with one-line errors and exit code 2 (Parser,
 run_main), numeric flag types with their ranges (number), the flags made from the run
-description's fields (add_fields: a Field's range becomes its flag's argparse type, so a bad value
-is a one-line error before anything is read or written, and the range exists once, in
-supermask.desc; a config file's value is checked by the same type, config_value), and the
---device / --backend choice. Only command files import this module and argparse; the library
-modules under supermask/ never do (tests/test_structure.py).
+description's fields (add_fields, and list_type for a list of one field's values: a Field's range
+becomes its flag's argparse type, so a bad value is a one-line error before anything is read or
+written, and the range exists once, in supermask.desc; a config file's value is checked by the
+same type, config_value), and the --device / --backend choice. Only command files import this
+module and argparse; the library modules under supermask/ never do (tests/test_structure.py).
 """
 from __future__ import annotations
 
@@ -179,10 +179,20 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def field_type(f: desc.Field):
     """The argparse type= of a numeric field (None for a string or switch)."""
     if f.kind is tuple:
-        return number(int, f.low, f.high, f.low_open, f.high_open, list_of=True)
+        return list_type(f)
     if f.kind in (int, float):
         return number(f.kind, f.low, f.high, f.low_open, f.high_open)
     return None
+
+
+def list_type(f: desc.Field):
+    """The argparse type= of a comma-separated list of f's values (a tuple, each checked as f's own
+    flag checks one: its kind and range; a tuple field's items are integers), for a flag that takes
+    several values of one field, e.g. compare's --ks from desc.K_FIELD:
+
+        p.add_argument("--ks", type=list_type(desc.K_FIELD), default="0.1,0.5")   # each k in (0, 1]
+    """
+    return number(int if f.kind is tuple else f.kind, f.low, f.high, f.low_open, f.high_open, list_of=True)
 
 
 def add_fields(p: argparse.ArgumentParser, fields, **override) -> None:

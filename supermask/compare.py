@@ -14,6 +14,7 @@ and trained) at each --ks and --widths, i.e. at the sparsities of the edge-popup
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,49 +22,41 @@ from tqdm.auto import tqdm
 
 from . import comparison, desc, distributed, threads
 from . import pai as pai_mod
-from .cli import Parser, add_fields, add_training_args, number, resolve_backend, resolve_device, run_main
-from .data import DATASETS
+from .cli import Parser, add_fields, add_training_args, list_type, resolve_backend, resolve_device, run_main
 from .errors import UsageError, write_error
-from .init import INITS
-from .models import MODELS
 from .storage import check_writable
 
 PROG = "python -m supermask.compare"
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _listed(value, f: desc.Field, flag: str) -> list:
+    """A list flag's values: as its argparse type gave them, or, for compare called as a library
+    with a string, parsed by the same type (cli.list_type(f)). Raises UsageError."""
+    if not isinstance(value, str):
+        return list(value)
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
-    return values
+        return list(list_type(f)(value))
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"argument {flag}: {e}") from None
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
-
-
-WIDTHS = number(float, 0, low_open=True, list_of=True)
+WIDTH, SEED = desc.pick(desc.MODEL_FIELDS, "width", "seed")
 
 
 def parser() -> Parser:
     """The flags of python -m supermask.compare."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="fc", help=f"architecture: {', '.join(MODELS)} (default fc)")
-    p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default mnist)")
-    p.add_argument("--data-dir", default="data", help="where datasets are found or downloaded (default ./data)")
-    add_fields(p, [f for f in desc.MODEL_FIELDS if f.name == "val_size"])
-    p.add_argument("--seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="0",
-                   help="comma-separated seeds (default 0)")
-    p.add_argument("--ks", type=number(float, 0, 1, low_open=True, list_of=True), default="0.1,0.3,0.5,0.7",
+    add_fields(p, desc.pick(desc.MODEL_FIELDS, "model", "dataset", "data_dir", "val_size"))
+    p.add_argument("--seeds", type=list_type(SEED), default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--ks", type=list_type(desc.K_FIELD), default="0.1,0.3,0.5,0.7",
                    help="edge-popup fractions kept (default 0.1,0.3,0.5,0.7)")
-    p.add_argument("--widths", type=WIDTHS, default="1,2.5", help="widths for edge-popup and dense (default 1,2.5)")
-    p.add_argument("--imp-widths", type=WIDTHS, default="1", help="widths for IMP and its controls (default 1)")
-    p.add_argument("--init", choices=INITS, default="signed_constant", help="edge-popup weight init")
-    p.add_argument("--scale-fan", action="store_true", help="edge-popup init with fan_in * k")
+    p.add_argument("--widths", type=list_type(WIDTH), default="1,2.5",
+                   help="widths for edge-popup and dense (default 1,2.5)")
+    p.add_argument("--imp-widths", type=list_type(WIDTH), default="1",
+                   help="widths for IMP and its controls (default 1)")
+    add_fields(p, desc.pick(desc.TRAIN_FIELDS, "init", "scale_fan"),
+               init={"default": "signed_constant", "help": "edge-popup weight init"},
+               scale_fan={"help": "edge-popup init with fan_in * k"})
     add_fields(p, desc.pick(desc.IMP_FIELDS, "rounds", "prune_rate", "scope", "rewind_iter", "val_every"),
                rounds={"default": 8, "help": "IMP pruning rounds after the dense round (default 8)"},
                prune_rate={"help": "IMP: fraction pruned per round (default 0.2)"},
@@ -71,7 +64,7 @@ def parser() -> Parser:
                rewind_iter={"help": "IMP: rewind to this iteration (default 0: init)"},
                val_every={"help": "IMP: validation every this many iterations"})
     p.add_argument("--controls", default="reinit,random-mask",
-                   help="IMP controls, comma-separated from reinit,random-mask ('' for none)")
+                   help=f"IMP controls, comma-separated from {','.join(desc.CONTROLS)} ('' for none)")
     p.add_argument("--pai", default="",
                    help="pruning-at-init methods trained at each --ks, comma-separated from "
                         f"{','.join(pai_mod.METHODS)} (default: none)")
@@ -89,16 +82,11 @@ def parser() -> Parser:
 
 def validate(args):
     """Check the flags and parse the comma-separated lists into args.*_list. Raises UsageError."""
-    if args.model not in MODELS:
-        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    if args.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
-    # (the lists are parsed and range-checked by their argparse types; strings when called as a library)
-    args.seed_list = _ints(args.seeds, "--seeds") if isinstance(args.seeds, str) else list(args.seeds)
-    args.k_list = _floats(args.ks, "--ks") if isinstance(args.ks, str) else list(args.ks)
-    args.width_list = _floats(args.widths, "--widths") if isinstance(args.widths, str) else list(args.widths)
-    args.imp_width_list = (_floats(args.imp_widths, "--imp-widths") if isinstance(args.imp_widths, str)
-                           else list(args.imp_widths))
+    desc.check_training(args)  # model, dataset, and the training flags together (e.g. multistep's milestones)
+    args.seed_list = _listed(args.seeds, SEED, "--seeds")
+    args.k_list = _listed(args.ks, desc.K_FIELD, "--ks")
+    args.width_list = _listed(args.widths, WIDTH, "--widths")
+    args.imp_width_list = _listed(args.imp_widths, WIDTH, "--imp-widths")
     args.control_list = [c.strip() for c in args.controls.split(",") if c.strip()]
     if not args.seed_list:
         raise UsageError("--seeds is empty")
@@ -106,12 +94,6 @@ def validate(args):
         raise UsageError("nothing to compare: --widths and --imp-widths are both empty")
     if args.width_list and not args.k_list:
         raise UsageError("--ks is empty: edge-popup at --widths needs at least one k")
-    for k in args.k_list:
-        if not 0 < k <= 1:
-            raise UsageError(f"--ks values must be in (0, 1], got {k:g}")
-    for w in args.width_list + args.imp_width_list:
-        if not w > 0:
-            raise UsageError(f"widths must be > 0, got {w:g}")
     for c in args.control_list:
         if c not in desc.CONTROLS:
             raise UsageError(f"unknown control {c!r}; choose from {', '.join(desc.CONTROLS)}")

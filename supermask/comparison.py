@@ -21,7 +21,9 @@ from .errors import UsageError
 from .runlog import pyplot, save_figure
 from .storage import atomic_write, read_json_object, read_results, write_json
 
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule")
+# The comparison's values every run takes as they are: each training field (desc.TRAINING_FIELDS,
+# so a field added there reaches compare's runs by itself) and where and how fast it runs.
+SHARED_FIELDS = tuple(f.name for f in (*desc.TRAINING_FIELDS, *desc.RUNTIME_FIELDS))
 METHOD_ORDER = ("dense", "edge-popup", "IMP ticket", "IMP reinit", "IMP random-mask")
 # Pruning at initialisation: "PaI <method>" and "PaI <method> <check>", after METHOD_ORDER.
 PAI_ORDER = tuple(f"PaI {m}{c}" for m in pai_mod.METHODS for c in ("", *(f" {c}" for c in pai_mod.CHECKS)))
@@ -51,11 +53,10 @@ def check_out(out: Path, runs: list[str], force: bool) -> None:
 
 def _common(args, seed: int, width: float) -> dict:
     """The description fields every run of the comparison at this seed and width shares: the
-    network, data, seed, TRAINING_FLAGS and where it runs. Width (and k, in plan) as ":g" prints
-    them, as the runs were named when compare passed them to the commands as flags."""
+    network, data, seed and SHARED_FIELDS (training, where it runs). Width (and k, in plan) as ":g"
+    prints them, as the runs were named when compare passed them to the commands as flags."""
     return {"model": args.model, "width": float(f"{width:g}"), "dataset": args.dataset, "data_dir": args.data_dir,
-            "val_size": args.val_size, "seed": seed, **{flag: getattr(args, flag) for flag in TRAINING_FLAGS},
-            "device": args.device, "threads": args.threads, "no_progress": args.no_progress}
+            "val_size": args.val_size, "seed": seed, **{name: getattr(args, name) for name in SHARED_FIELDS}}
 
 
 class Job:

@@ -3,10 +3,12 @@
 One table of fields (Field) per part of a run, as open_lth's foundations/hparams.py: the network
 and data (MODEL_FIELDS), supermask.train's mask and pruning-at-init fields (TRAIN_FIELDS), IMP's
 rounds, pruning and controls (IMP_FIELDS), the training hyperparameters shared by every kind of run
-(TRAINING_FIELDS) and where and how fast a run happens (RUNTIME_FIELDS, never part of a run's
-identity). The command layer (supermask.cli) makes
-the argparse flags from these tables, with their ranges, so a range exists once, here. A run's
-values are an attribute namespace with one attribute per field (argparse's, or defaults(...)).
+(TRAINING_FIELDS), the instability analysis' own values (ANALYSIS_FIELDS, ROUND_FIELD) and where and
+how fast a run happens (RUNTIME_FIELDS, never part of a run's identity). The command layer
+(supermask.cli) makes the argparse flags from these tables, with their ranges, a list flag (compare's
+--ks, --widths, --seeds; instability's --rewind-iters, --data-seeds) from the field of its items, so
+a range exists once, here. A run's values are an attribute namespace with one attribute per field
+(argparse's, or defaults(...)).
 
 check_training, check_train and check_imp validate a description once (what one flag's type cannot see);
 train_identity / imp_identity / instability_identity give the run's identity (config.json) and
@@ -170,6 +172,19 @@ IMP_FIELDS = (
 )
 
 
+# An IMP round's number (its folder round_00 ... round_99): stored in IMP's results, asked for by
+# instability's --round.
+ROUND_FIELD = Field("round", 0, int, 0, 99, help="with --ticket: the IMP round whose mask is analysed")
+
+# The instability analysis' own values, as its flags take them (--rewind-iters and --data-seeds:
+# lists of these) and its stored pieces record them.
+ANALYSIS_FIELDS = (
+    Field("rewind_iteration", 0, int, 0, help="rewind iteration k: the copies train from iteration k to the end"),
+    Field("data_seed", 0, int, 0, SEED_MAX, help="a copy's data order"),
+    Field("points", 30, int, 2, help="points on the linear path, end points included (default 30)"),
+)
+
+
 def pick(table, *names) -> list[Field]:
     """The fields of table with these names, in the order given (KeyError for an unknown name)."""
     by_name = {f.name: f for f in table}
@@ -288,9 +303,8 @@ def check_fits_memory(v, input_shape, num_classes: int, device: torch.device, co
 # Stored values: a config.json read back goes through the ranges of the flags it stands for.
 
 # Keys of stored identities checked on reading (rounds and rewind_iter with IMP_FIELDS' ranges).
-STORED_FIELDS = (*pick(IMP_FIELDS, "rounds", "rewind_iter"), Field("round", 0, int, 0, 99),
-                 Field("rewind_iteration", 0, int, 0), Field("start_iteration", 0, int, 0),
-                 Field("data_seed", 0, int, 0, SEED_MAX), Field("points", 2, int, 2))
+STORED_FIELDS = (*pick(IMP_FIELDS, "rounds", "rewind_iter"), ROUND_FIELD, *ANALYSIS_FIELDS,
+                 Field("start_iteration", 0, int, 0))
 _STORED = {f.name: f for f in (*MODEL_FIELDS, *TRAIN_FIELDS, *TRAINING_FIELDS, *STORED_FIELDS)}
 _NAMES = {"model": MODELS, "dataset": data_mod.DATASETS}
 

@@ -36,35 +36,33 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import desc, stability, threads
-from .cli import (Parser, add_backend, add_fields, add_model_args, add_training_args, number, resolve_backend,
+from .cli import (Parser, add_backend, add_fields, add_model_args, add_training_args, list_type, resolve_backend,
                   resolve_device, run_main)
-from .convert import TOPK_SCOPES
 from .errors import UsageError
-from .init import INITS
 from .storage import exclusive
 
 PROG = "python -m supermask.instability"
+REWIND_ITERATION, DATA_SEED, POINTS = desc.pick(desc.ANALYSIS_FIELDS, "rewind_iteration", "data_seed", "points")
 
 
 def parser() -> Parser:
     """The flags of python -m supermask.instability."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--init", choices=INITS, default=None,
-                   help="weight init (default kaiming_normal; signed_constant with --edge-popup)")
-    p.add_argument("--rewind-iters", type=number(int, 0, list_of=True), default="0",
+    add_fields(p, desc.pick(desc.TRAIN_FIELDS, "init"),
+               init={"help": "weight init (default kaiming_normal; signed_constant with --edge-popup)"})
+    p.add_argument("--rewind-iters", type=list_type(REWIND_ITERATION), default="0",
                    help="comma-separated rewind iterations k to analyse, e.g. 0,50,200 (default 0)")
-    p.add_argument("--points", type=number(int, 2), default=30,
-                   help="points on the linear path, end points included (default 30)")
-    p.add_argument("--data-seeds", type=number(int, 0, desc.SEED_MAX, list_of=True), default="1,2",
+    add_fields(p, [POINTS])
+    p.add_argument("--data-seeds", type=list_type(DATA_SEED), default="1,2",
                    help="the two copies' data orders (default 1,2)")
     p.add_argument("--ticket", default=None, help="an IMP run folder: analyse its ticket of --round")
-    p.add_argument("--round", type=number(int, 0), default=None,
-                   help="with --ticket: the IMP round whose mask is analysed")
+    add_fields(p, [desc.ROUND_FIELD], round={"default": None})
     p.add_argument("--edge-popup", action="store_true", help="analyse an edge-popup supermask (scores interpolated)")
-    add_fields(p, [desc.K_FIELD], k={"help": "with --edge-popup: fraction of weights kept (default 0.5)"})
-    p.add_argument("--scale-fan", action="store_true", help="with --edge-popup: init with fan_in * k")
-    p.add_argument("--topk", choices=TOPK_SCOPES, default="layer", help="with --edge-popup: top-k scope")
+    add_fields(p, desc.pick(desc.TRAIN_FIELDS, "k", "scale_fan", "topk"),
+               k={"help": "with --edge-popup: fraction of weights kept (default 0.5)"},
+               scale_fan={"help": "with --edge-popup: init with fan_in * k"},
+               topk={"default": "layer", "help": "with --edge-popup: top-k scope"})
     add_training_args(p)
     add_backend(p, "edge-popup's mask implementation (as in supermask.train)")
     p.add_argument("--runs-dir", default="runs",

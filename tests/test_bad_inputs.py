@@ -77,13 +77,13 @@ NUMERIC_FLAGS = [
     ("--rewind-iter", ("imp", "compare"), ["-1", "1.5"]),
     ("--val-every", ("imp", "compare"), ["-1", "nan"]),
     ("--seeds", ("compare",), ["-1", "1,x", "nan"]),
-    ("--ks", ("compare",), ["0", "1.5", "nan", "0.5,inf"]),
-    ("--widths", ("compare",), ["0", "nan", "inf"]),
-    ("--imp-widths", ("compare",), ["-1", "nan"]),
+    ("--ks", ("compare",), ["0", "1.5", "nan", "0.5,inf", "0.5,1.5", "0.1,0,0.5"]),  # a k out of (0, 1] in the list
+    ("--widths", ("compare",), ["0", "nan", "inf", "1,0", "0.5,-1"]),  # a width <= 0 in the list
+    ("--imp-widths", ("compare",), ["-1", "nan", "1,0"]),
     ("--rewind-iters", ("instability",), ["-1", "0,x", "1.5"]),
     ("--points", ("instability",), ["1", "0", "nan"]),
     ("--data-seeds", ("instability",), ["-1,2", "1,x", str(2**40)]),
-    ("--round", ("instability",), ["-1", "1.5"]),
+    ("--round", ("instability",), ["-1", "1.5", "100"]),  # IMP rounds are 0 to 99 (desc.ROUND_FIELD)
 ]
 
 
@@ -385,6 +385,13 @@ CASES = [
     Case("compare no widths at all", "compare", [*BASE_ARGV["compare"], "--widths", "", "--imp-widths", ""],
          "nothing to compare"),
     Case("compare empty ks", "compare", [*BASE_ARGV["compare"], "--ks", ""], "--ks is empty"),
+    # compare passes every training flag to its runs: the combinations train refuses, it refuses
+    Case("compare multistep without milestones", "compare", [*BASE_ARGV["compare"], "--schedule", "multistep"],
+         "--schedule multistep needs --milestones"),
+    Case("compare nesterov without momentum", "compare", [*BASE_ARGV["compare"], "--nesterov", "--momentum", "0"],
+         "--nesterov needs a momentum"),
+    Case("compare warmup beyond epochs", "compare", [*BASE_ARGV["compare"], "--warmup-epochs", "5"],
+         "--warmup-epochs must be in [0, --epochs]"),
     # 3. data files
     Case("data truncated gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", truncate(TRAIN_IMG)),
     Case("data flipped byte in gz", "train", MNIST, "train-images-idx3-ubyte.gz: bad gzip file", flip_byte(TRAIN_IMG)),

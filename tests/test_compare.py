@@ -1,15 +1,17 @@
 """python -m supermask.compare: runs stored under their config names, reused, table and plot."""
+import argparse
 import csv
+import json
 
 import pytest
 
 from supermask.errors import UsageError
 import torch
 
-from supermask import compare, comparison, desc, training
+from supermask import compare, comparison, desc, instability, training
 from supermask import imp as imp_cli
 from supermask import train as train_cli
-from supermask.cli import run_main
+from supermask.cli import field_type, run_main
 
 ARGS = ["--dataset", "synthetic", "--widths", "0.05", "--imp-widths", "0.05", "--ks", "0.5", "--epochs", "1",
         "--rounds", "1", "--val-every", "5", "--seeds", "0", "--threads", "1", "--no-progress"]
@@ -90,19 +92,25 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, train_calls, extra, message
     assert train_calls == [] and not (tmp_path / "runs").exists()
 
 
-def test_compare_names_its_runs_as_the_commands_do(tmp_path):
+# Training flags that compare used to drop (issue #23): its runs take them as train and imp do.
+MORE_TRAINING = ["--schedule", "multistep", "--milestones", "2,4", "--gamma", "0.2", "--warmup-epochs", "1",
+                 "--label-smoothing", "0.1", "--nesterov", "--no-bn-decay"]
+
+
+@pytest.mark.parametrize("training", [["--schedule", "none"], MORE_TRAINING], ids=["basic", "every-training-flag"])
+def test_compare_names_its_runs_as_the_commands_do(tmp_path, training):
     """compare builds run descriptions, not argv: each planned run's folder is the one supermask.train or
     supermask.imp names from the same flags (a k or width given with more digits than ":g" prints included, as
     when compare passed them as flags), so the runs either made are found again."""
     argv = ["--dataset", "fashion-mnist", "--widths", "2.5", "--imp-widths", "0.5", "--ks", "0.1234567,1",
             "--seeds", "3", "--epochs", "7", "--lr", "0.05", "--momentum", "0.8", "--weight-decay", "5e-4",
-            "--schedule", "none", "--batch-size", "64", "--val-size", "100", "--init", "kaiming_uniform",
+            *training, "--batch-size", "64", "--val-size", "100", "--init", "kaiming_uniform",
             "--scale-fan", "--rounds", "3", "--prune-rate", "0.3", "--scope", "global", "--rewind-iter", "20",
             "--val-every", "0", "--pai", "snip", "--pai-checks", "reinit", "--runs-dir", str(tmp_path)]
     args = compare.parser().parse_args(argv)
     compare.validate(args)
     common = ["--dataset", "fashion-mnist", "--seed", "3", "--epochs", "7", "--lr", "0.05", "--momentum", "0.8",
-              "--weight-decay", "5e-4", "--schedule", "none", "--batch-size", "64", "--val-size", "100"]
+              "--weight-decay", "5e-4", *training, "--batch-size", "64", "--val-size", "100"]
     train = [["--dense"], ["--k", "0.123457", "--init", "kaiming_uniform", "--scale-fan"],
              ["--dense", "--prune-at-init", "snip", "--k", "0.123457"],
              ["--dense", "--prune-at-init", "snip", "--k", "0.123457", "--pai-check", "reinit"],
@@ -122,3 +130,84 @@ def test_compare_names_its_runs_as_the_commands_do(tmp_path):
         expected.append(desc.imp_name(desc.imp_identity(a)))
     assert sorted(job.out.name for job in comparison.plan(args)) == sorted(expected)
     assert all(job.out.parent == tmp_path for job in comparison.plan(args))
+
+
+def _other_value(f: desc.Field):
+    """A value of training field f other than its default (and compare's), valid on its own: (value, flags)."""
+    if f.kind is bool:
+        return True, [f.flag]
+    if f.choices:
+        value = next(c for c in f.choices if c != f.default)
+    elif f.kind is tuple:
+        value = (1,)
+    elif f.kind is int:
+        value = f.default + 1
+    else:
+        value = f.default / 2 if f.default else 0.5
+    return value, [f.flag, ",".join(map(str, value)) if f.kind is tuple else str(value)]
+
+
+def test_every_training_field_reaches_every_run(tmp_path):
+    """Each field of desc.TRAINING_FIELDS (one added later included) set away from its default on compare's
+    command line is in every planned run's description and identity (its config.json): none is dropped."""
+    fields = {f.name: _other_value(f) for f in desc.TRAINING_FIELDS}
+    argv = [*ARGS, "--pai", "snip", "--runs-dir", str(tmp_path), *(a for _, flags in fields.values() for a in flags)]
+    args = compare.parser().parse_args(argv)
+    compare.validate(args)
+    jobs = comparison.plan(args)
+    assert {j.kind for j in jobs} == {"train", "imp"}
+    for job in jobs:
+        identity = desc.train_identity(job.v) if job.kind == "train" else desc.imp_identity(job.v)
+        for name, (value, _) in fields.items():
+            assert getattr(job.v, name) == value, (job.method, name)
+            assert identity[name] == (list(value) if isinstance(value, tuple) else value), (job.method, name)
+
+
+@pytest.mark.parametrize("extra,stored", [
+    (["--epochs", "2", "--schedule", "multistep", "--milestones", "1", "--gamma", "0.5"],
+     {"schedule": "multistep", "milestones": [1], "gamma": 0.5}),
+    (["--label-smoothing", "0.2"], {"label_smoothing": 0.2}),
+], ids=["multistep", "label-smoothing"])
+def test_compare_trains_with_the_training_flags(tmp_path, monkeypatch, extra, stored):
+    """compare --schedule multistep --milestones N (refused before: the milestones never reached the runs) and
+    --label-smoothing x train every run with them: its config.json holds them and training.train gets them."""
+    real, configs = training.train, []
+
+    def spy(model, dataset, cfg, *args, **kwargs):
+        configs.append(cfg)
+        return real(model, dataset, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    runs = tmp_path / "runs"
+    assert compare.main([*ARGS, "--controls", "", *extra, "--runs-dir", str(runs), "--out", str(tmp_path / "o")]) == 0
+    folders = sorted(runs.iterdir())
+    assert len(folders) == 3 and len(configs) == 2 + 2  # dense, edge-popup, IMP rounds 0 and 1
+    for folder in folders:
+        config = json.loads((folder / "config.json").read_text())
+        assert {key: config.get(key) for key in stored} == stored, folder.name
+    for cfg in configs:
+        assert {key: getattr(cfg, key) for key in stored} == {
+            key: tuple(v) if isinstance(v, list) else v for key, v in stored.items()}
+
+
+def _accepts(type_, text) -> bool:
+    try:
+        type_(text)
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command,flag,field", [
+    (compare, "--ks", desc.K_FIELD), (compare, "--widths", compare.WIDTH), (compare, "--imp-widths", compare.WIDTH),
+    (compare, "--seeds", compare.SEED), (instability, "--rewind-iters", instability.REWIND_ITERATION),
+    (instability, "--data-seeds", instability.DATA_SEED)])
+def test_list_flags_take_their_fields_ranges(command, flag, field):
+    """A list flag's item, first or after a valid one, is accepted exactly when the flag of its desc field
+    accepts it alone (cli.field_type): its range is the field's, written once (issue #23)."""
+    listed = next(a for a in command.parser()._actions if flag in a.option_strings).type
+    one = field_type(field)
+    for value in ["-1", "0", "0.1", "0.5", "1", "1.5", "2", "3", str(desc.SEED_MAX), str(2**40), "nan", "inf", "x"]:
+        want = _accepts(one, value)
+        assert _accepts(listed, value) == want and _accepts(listed, f"{field.default},{value}") == want, value
+    assert listed(f"{field.default},{field.default}") == (field.default, field.default)
