@@ -18,7 +18,7 @@ from pathlib import Path
 from . import desc, lottery, train_run
 from . import pai as pai_mod
 from .errors import UsageError
-from .runlog import pyplot, save_figure
+from .runlog import markdown_table, pyplot, save_figure
 from .storage import atomic_write, read_json_object, read_results, write_json
 
 # The comparison's values every run takes as they are: each training field (desc.TRAINING_FIELDS,
@@ -176,19 +176,18 @@ def _pm(mean, sd, digits=2, n=1):
 
 def write_table(agg: list[dict], out: Path, title: str):
     """table.md and table.csv in out: accuracy (mean +- sd over seeds) by method, width and setting."""
-    lines = [f"**{title}**", "",
-             "| method | width | setting | weights remaining (%) | weights kept | test acc (%) | best test acc (%) "
-             "| early-stop iteration | s/epoch | seeds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = ["method", "width", "setting", "weights remaining (%):", "weights kept:", "test acc (%):",
+               "best test acc (%):", "early-stop iteration:", "s/epoch:", "seeds:"]
+    rows = []
     for a in agg:
         n = a["seeds"]
         it = "-" if a["early_stop_iteration_mean"] is None else _pm(a["early_stop_iteration_mean"],
                                                                       a["early_stop_iteration_sd"], 0, n)
-        lines.append(f"| {a['method']} | {a['width']:g} | {a['setting']} | {a['weights_remaining']:.1f} | "
-                     f"{a['weights_kept']} | {_pm(a['test_acc_mean'], a['test_acc_sd'], 2, n)} | "
-                     f"{_pm(a['best_test_acc_mean'], a['best_test_acc_sd'], 2, n)} | {it} | "
-                     f"{a['seconds_per_epoch_mean']:.2f} | {n} |")
-    atomic_write(out / "table.md", ("\n".join(lines) + "\n").encode())
+        rows.append([a["method"], f"{a['width']:g}", a["setting"], f"{a['weights_remaining']:.1f}",
+                     str(a["weights_kept"]), _pm(a["test_acc_mean"], a["test_acc_sd"], 2, n),
+                     _pm(a["best_test_acc_mean"], a["best_test_acc_sd"], 2, n), it,
+                     f"{a['seconds_per_epoch_mean']:.2f}", str(n)])
+    atomic_write(out / "table.md", markdown_table(title, columns, rows).encode())
     rows = io.StringIO(newline="")
     writer = csv.DictWriter(rows, fieldnames=list(agg[0]) if agg else ["method"])
     writer.writeheader()

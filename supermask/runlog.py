@@ -85,6 +85,17 @@ class TensorBoardLog:
             self.writer = None
 
 
+def markdown_table(title: str, columns: list[str], rows: list[list[str]]) -> str:
+    """A bold title line, then a GitHub-markdown table: ``columns`` are the header cells, a trailing
+    ":" on one (``"test acc (%):"``) right-aligns that column (the colon is not shown); ``rows`` the
+    cells, already formatted. Returns the text, ending in a newline."""
+    head = [c[:-1] if c.endswith(":") else c for c in columns]
+    rule = ["---:" if c.endswith(":") else "---" for c in columns]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display), imported when a figure is made."""
     import matplotlib  # noqa: PLC0415 (only when a figure is drawn)

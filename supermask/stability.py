@@ -28,7 +28,7 @@ from . import desc, training
 from .convert import set_backend
 from .errors import UsageError, write_error
 from .pruning import MaskKeeper, prunable_layers
-from .runlog import pyplot, save_figure
+from .runlog import markdown_table, pyplot, save_figure
 from .storage import (atomic_write, check_same_config, check_writable, exclusive, load_checkpoint, open_run,
                       prepare_run_dir, read_json_object, read_run_config, save_checkpoint, write_json)
 
@@ -262,17 +262,16 @@ def prepare_out(out: Path, runs_dir: Path, oconfig: dict) -> None:
 def write_table(rows: list[dict], out: Path, title: str):
     """table.md in out: one row per rewind iteration (end-point errors, largest error on the path, error barrier in
     percentage points, stable or not, stability to pruning)."""
-    lines = [f"**{title}**", "",
-             "| rewind iteration | test error copy 1 (%) | test error copy 2 (%) | max error on path (%) "
-             "| error barrier (pp) | stable (< 2 pp) | stability to pruning (normalised L2) |",
-             "|---:|---:|---:|---:|---:|---|---:|"]
+    columns = ["rewind iteration:", "test error copy 1 (%):", "test error copy 2 (%):", "max error on path (%):",
+               "error barrier (pp):", "stable (< 2 pp)", "stability to pruning (normalised L2):"]
+    cells = []
     for r in rows:
         e = r["test_error"]
         stp = r.get("stability_to_pruning")
         stp = f"{stp['normalised']:.3f}" if stp and stp.get("normalised") is not None else "-"
-        lines.append(f"| {r['rewind_iteration']} | {e[0]:.2f} | {e[-1]:.2f} | {max(e):.2f} | {r['barrier']:.2f} | "
-                     f"{'yes' if r['stable'] else 'no'} | {stp} |")
-    atomic_write(out / "table.md", ("\n".join(lines) + "\n").encode())
+        cells.append([str(r["rewind_iteration"]), f"{e[0]:.2f}", f"{e[-1]:.2f}", f"{max(e):.2f}", f"{r['barrier']:.2f}",
+                      "yes" if r["stable"] else "no", stp])
+    atomic_write(out / "table.md", markdown_table(title, columns, cells).encode())
 
 
 def write_plot(rows: list[dict], out: Path, title: str):
