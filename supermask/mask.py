@@ -297,7 +297,7 @@ def _candidate_threshold(s_flat: torch.Tensor, m: torch.Tensor, n_keep: int,
     # (Python-float bounds: torch rounds them to a's dtype the same way in every compare).
     v0 = state.value
     half = band_half_width(band_target(s_flat.numel()), state.density, state.shift, _BAND_SHIFT)
-    lo, hi = v0 - half, v0 + half
+    lo, hi = band_edges(v0, half)  # lo clamped at 0: the same compares, magnitudes are >= 0
     # float 0/1 compares into scratch buffers and a nonzero: bool masks are far slower on CPU
     inside = torch.ge(a, lo, out=_scratch(a.numel(), a.device, slot=3))
     over = torch.gt(a, hi, out=_scratch(a.numel(), a.device, slot=4))
@@ -338,7 +338,7 @@ def _draw_candidates(s_flat: torch.Tensor, n_keep: int, state: TopKWarmStart) ->
         return
     half = _CAND_FRACTION * n / (2 * state.density)
     v = state.value
-    lo, hi = _as_dtype(max(v - half, 0.0), s_flat.dtype), _as_dtype(v + half, s_flat.dtype)
+    lo, hi = (_as_dtype(edge, s_flat.dtype) for edge in band_edges(v, half))
     a = torch.abs(s_flat, out=_scratch(n, s_flat.device, s_flat.dtype, slot=1))
     above = torch.gt(a, hi, out=_scratch(n, s_flat.device, slot=2))
     c_above = above.sum(dtype=torch.float64)
